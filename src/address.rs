@@ -1,0 +1,309 @@
+//! Listen addresses: the LISTEN column of a config line, and what the daemon
+//! reads back from an inherited socket with `getsockname(2)`.
+//!
+//! Both sides print an address the same way (`127.0.0.1:2222`, `[::1]:8080`,
+//! `/run/user/1000/agent`, `@name`), so a journal line names a binding exactly
+//! as the user wrote it in the config (after `%t`/`%h` expansion).
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// Longest socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Where a binding listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddress {
+    /// A TCP address; IPv6 is written in brackets.
+    Inet(SocketAddr),
+    /// A Unix socket path: absolute, or starting with the systemd specifier
+    /// `%t/` (runtime dir) or `%h/` (home), kept unexpanded.
+    Path(String),
+    /// An abstract Unix socket, written `@name`.
+    Abstract(String),
+}
+
+impl ListenAddress {
+    /// Parses the LISTEN column of a config line.
+    pub fn parse(text: &str) -> Result<ListenAddress, AddressError> {
+        let bad = |why| Err(AddressError::new(text, why));
+        if text.is_empty() {
+            return bad(Why::Empty);
+        }
+        if let Some(c) = text.chars().find(|c| c.is_control() || c.is_whitespace()) {
+            return bad(Why::ControlCharacter(c));
+        }
+        if let Some(name) = text.strip_prefix('@') {
+            if name.is_empty() {
+                return bad(Why::EmptyAbstract);
+            }
+            if text.len() > MAX_SOCKET_PATH {
+                return bad(Why::PathTooLong);
+            }
+            return Ok(ListenAddress::Abstract(name.to_owned()));
+        }
+        if text.starts_with('/') || text.starts_with("%t/") || text.starts_with("%h/") {
+            if text.len() > MAX_SOCKET_PATH {
+                return bad(Why::PathTooLong);
+            }
+            if text.split('/').any(|part| part == "..") {
+                return bad(Why::DotDot);
+            }
+            if text.ends_with('/') {
+                return bad(Why::DirectoryPath);
+            }
+            return Ok(ListenAddress::Path(text.to_owned()));
+        }
+        if text.starts_with('%') {
+            return bad(Why::Specifier);
+        }
+        if text.parse::<u16>().is_ok() {
+            return bad(Why::BarePort);
+        }
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => bad(Why::PortZero),
+            Ok(SocketAddr::V6(v6)) if v6.scope_id() != 0 || v6.flowinfo() != 0 => bad(Why::ScopeId),
+            Ok(addr) => Ok(ListenAddress::Inet(addr)),
+            Err(_) => bad(Why::Unrecognised),
+        }
+    }
+
+    /// The value for `ListenStream=`: a leading `%t/` or `%h/` stays a
+    /// specifier, every other `%` is escaped so it stays literal.
+    pub fn to_listen_stream(&self) -> String {
+        match self {
+            ListenAddress::Inet(addr) => addr.to_string(),
+            ListenAddress::Path(path) => {
+                let (specifier, rest) = match path.get(..3) {
+                    Some(p @ ("%t/" | "%h/")) => (p, &path[3..]),
+                    _ => ("", path.as_str()),
+                };
+                format!("{specifier}{}", rest.replace('%', "%%"))
+            }
+            ListenAddress::Abstract(name) => format!("@{}", name.replace('%', "%%")),
+        }
+    }
+
+    /// Reads the local address of a socket inherited from systemd.
+    pub fn of_socket(fd: BorrowedFd<'_>) -> std::io::Result<ListenAddress> {
+        // SAFETY: sockaddr_storage is plain data; getsockname fills at most len bytes.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockname(
+                fd.as_raw_fd(),
+                (&mut storage as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        from_sockaddr(&storage, len).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!("socket family {} is not supported", storage.ss_family),
+            )
+        })
+    }
+}
+
+/// Converts a kernel socket address (from getsockname, getpeername or
+/// accept) into a printable address; `None` for families other than
+/// IPv4, IPv6 and Unix.
+pub fn from_sockaddr(
+    storage: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> Option<ListenAddress> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in.
+            let sin: &libc::sockaddr_in =
+                unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(ListenAddress::Inet(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            ))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6.
+            let sin6: &libc::sockaddr_in6 =
+                unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            Some(ListenAddress::Inet(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                u32::from_be(sin6.sin6_flowinfo),
+                sin6.sin6_scope_id,
+            ))))
+        }
+        libc::AF_UNIX => {
+            // SAFETY: the family says this is a sockaddr_un.
+            let sun: &libc::sockaddr_un =
+                unsafe { &*(storage as *const _ as *const libc::sockaddr_un) };
+            let offset = std::mem::size_of::<libc::sa_family_t>();
+            let path_len = (len as usize)
+                .saturating_sub(offset)
+                .min(sun.sun_path.len());
+            let bytes: Vec<u8> = sun.sun_path[..path_len].iter().map(|&c| c as u8).collect();
+            match bytes.split_first() {
+                None => Some(ListenAddress::Path(String::new())), // unnamed
+                Some((0, name)) => Some(ListenAddress::Abstract(
+                    String::from_utf8_lossy(name).into_owned(),
+                )),
+                Some(_) => {
+                    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+                    Some(ListenAddress::Path(
+                        OsStr::from_bytes(&bytes[..end])
+                            .to_string_lossy()
+                            .into_owned(),
+                    ))
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Inet(addr) => write!(f, "{addr}"),
+            ListenAddress::Path(path) => f.write_str(path),
+            ListenAddress::Abstract(name) => write!(f, "@{name}"),
+        }
+    }
+}
+
+/// A LISTEN value that was refused, with the reason and what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressError {
+    pub text: String,
+    why: Why,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Empty,
+    ControlCharacter(char),
+    EmptyAbstract,
+    PathTooLong,
+    Specifier,
+    DotDot,
+    DirectoryPath,
+    BarePort,
+    PortZero,
+    ScopeId,
+    Unrecognised,
+}
+
+impl AddressError {
+    fn new(text: &str, why: Why) -> AddressError {
+        AddressError {
+            text: text.to_owned(),
+            why,
+        }
+    }
+}
+
+impl fmt::Display for AddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = &self.text;
+        match self.why {
+            Why::Empty => f.write_str("empty listen address"),
+            Why::ControlCharacter(c) => {
+                write!(
+                    f,
+                    "listen address {text:?} contains the control or space character {c:?}"
+                )
+            }
+            Why::EmptyAbstract => f.write_str("abstract socket '@' needs a name after the '@'"),
+            Why::PathTooLong => write!(
+                f,
+                "socket path {text:?} is longer than {MAX_SOCKET_PATH} bytes, the kernel's limit"
+            ),
+            Why::Specifier => write!(
+                f,
+                "listen address {text:?} uses '%' where only a leading %t/ or %h/ is allowed"
+            ),
+            Why::DotDot => write!(f, "socket path {text:?} contains '..'"),
+            Why::DirectoryPath => write!(f, "socket path {text:?} ends with '/'"),
+            Why::BarePort => write!(
+                f,
+                "a bare port would listen on every interface of the qube: \
+                 write 127.0.0.1:{text} (or [::1]:{text})"
+            ),
+            Why::PortZero => write!(f, "listen address {text:?} has port 0"),
+            Why::ScopeId => write!(
+                f,
+                "listen address {text:?}: IPv6 scope ids are not supported"
+            ),
+            Why::Unrecognised => write!(
+                f,
+                "unrecognised listen address {text:?}: expected IPv4:PORT, [IPv6]:PORT, \
+                 an absolute path, %t/PATH, %h/PATH or @abstract-name"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AddressError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_every_form() {
+        for (text, shown) in [
+            ("127.0.0.1:2222", "127.0.0.1:2222"),
+            ("[::1]:8080", "[::1]:8080"),
+            ("/run/x/agent", "/run/x/agent"),
+            ("%t/qrexec-connect/agent", "%t/qrexec-connect/agent"),
+            ("%h/.agent", "%h/.agent"),
+            ("@container", "@container"),
+        ] {
+            let addr = ListenAddress::parse(text).unwrap();
+            assert_eq!(addr.to_string(), shown);
+        }
+    }
+
+    #[test]
+    fn only_a_leading_specifier_survives() {
+        let unit = |t: &str| ListenAddress::parse(t).unwrap().to_listen_stream();
+        assert_eq!(unit("%t/a%tb"), "%t/a%%tb");
+        assert_eq!(unit("/run/50%"), "/run/50%%");
+        assert_eq!(unit("@x%h"), "@x%%h");
+        assert_eq!(unit("[::1]:1"), "[::1]:1");
+    }
+
+    #[test]
+    fn refuses_what_would_surprise() {
+        for bad in [
+            "",
+            "22",
+            "localhost:22",
+            "127.0.0.1:0",
+            "%t",
+            "%x/a",
+            "%t",
+            "/a/../b",
+            "/a/",
+            "@",
+            "a b",
+            "/tab\there",
+            "1.2.3.4",
+            "[::1]",
+        ] {
+            assert!(
+                ListenAddress::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+        let err = ListenAddress::parse("2222").unwrap_err().to_string();
+        assert!(err.contains("127.0.0.1:2222"), "{err}");
+    }
+}

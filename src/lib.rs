@@ -1,0 +1,15 @@
+//! qrexec-connect: bind local sockets to Qubes qrexec services through systemd
+//! socket activation.
+//!
+//! The library holds everything the programs share and nothing that needs an
+//! async runtime, so the generator can link it without tokio:
+//!
+//! * [`binding`]: what a valid TARGET, SERVICE and `FileDescriptorName=` is,
+//!   shared by the generator (writer) and the daemon (reader);
+//! * [`address`]: listen addresses, as written in config and as read back
+//!   from an inherited socket.
+//!
+//! Design notes: `docs/design.md`.
+
+pub mod address;
+pub mod binding;
