@@ -13,3 +13,6 @@
 
 pub mod address;
 pub mod binding;
+pub mod listener;
+pub mod notify;
+pub mod spawn;

@@ -1,4 +1,143 @@
-fn main() {
-    eprintln!("qrexec-connect: not built yet");
-    std::process::exit(1);
+//! `qrexec-connect`: the socket-activated daemon, plus two small helpers
+//! that share its binary (`relay`, used for old qrexec clients, and
+//! `reconcile`, run by systemd after each daemon-reload).
+//!
+//! main only reads the command line and dispatches; the event loop is in
+//! `daemon.rs`, logging in `log.rs`.
+
+mod daemon;
+mod log;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use qrexec_connect::spawn::{self, ClientMode, DEFAULT_CLIENT};
+
+/// LSB exit status for "program is not configured".
+const EXIT_NOT_CONFIGURED: u8 = 6;
+/// LSB exit status for "invalid or excess argument(s)".
+const EXIT_INVALID_ARGUMENT: u8 = 2;
+
+/// Default cap on live connections per binding: systemd-socket-proxyd's
+/// default, and enough for any interactive use of a qube; each connection is
+/// a qrexec-client-vm process, so this also bounds memory.
+const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+const USAGE: &str = "\
+Usage: qrexec-connect [OPTIONS]
+Started by systemd socket activation: for each connection accepted on a
+socket named (FileDescriptorName=) \"TARGET SERVICE\", runs
+qrexec-client-vm TARGET SERVICE with the connection as its stdin/stdout.
+
+Options:
+  --qrexec-client-vm=PATH  the client to run (default /usr/bin/qrexec-client-vm)
+  --max-connections=N      live connections per binding (default 256); at the
+                           cap, new clients wait in the socket's backlog
+  --client-mode=MODE       auto (default: ask the client's --help),
+                           stdin-socket (--use-stdin-socket), or pipe (older
+                           clients: stdout through a pipe and a relay)
+  -d, --debug              log every connection, not only its end
+  -h, --help               show this help
+  --version                show the version
+
+Commands:
+  qrexec-connect reconcile  apply changed qrexec-connect-*.socket units after
+                            'systemctl --user daemon-reload' (run by
+                            qrexec-connect-reconcile.service)
+
+See qrexec-connect(8).
+";
+
+/// The daemon's settings from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub client: OsString,
+    pub max_connections: usize,
+    pub client_mode: Option<ClientMode>,
+    pub debug: bool,
+}
+
+fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
+    let mut options = Options {
+        client: DEFAULT_CLIENT.into(),
+        max_connections: DEFAULT_MAX_CONNECTIONS,
+        client_mode: None,
+        debug: false,
+    };
+    for arg in args {
+        let text = arg
+            .to_str()
+            .ok_or_else(|| format!("argument {arg:?} is not UTF-8"))?;
+        let (name, value) = match text.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (text, None),
+        };
+        match (name, value) {
+            ("--qrexec-client-vm", Some(path)) if !path.is_empty() => options.client = path.into(),
+            ("--max-connections", Some(n)) => {
+                options.max_connections = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    format!("--max-connections needs a positive number, not {n:?}")
+                })?
+            }
+            ("--client-mode", Some(mode)) => {
+                options.client_mode = match mode {
+                    "auto" => None,
+                    "stdin-socket" => Some(ClientMode::StdinSocket),
+                    "pipe" => Some(ClientMode::Pipe),
+                    other => {
+                        return Err(format!(
+                            "--client-mode is auto, stdin-socket or pipe, not {other:?}"
+                        ))
+                    }
+                }
+            }
+            ("-d" | "--debug", None) => options.debug = true,
+            _ => return Err(format!("unknown option {text:?}")),
+        }
+    }
+    Ok(options)
+}
+
+fn main() -> ExitCode {
+    // Claim what systemd handed us before anything else runs: this scrubs
+    // LISTEN_* and NOTIFY_SOCKET from the environment while there is only
+    // one thread, so no child ever inherits them.
+    let sockets = qrexec_connect::listener::take_from_systemd();
+    let notifier = qrexec_connect::notify::Notifier::from_env();
+
+    let mut args = std::env::args_os().skip(1);
+    let first = args.next();
+    match first.as_ref().and_then(|a| a.to_str()) {
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("--version") => {
+            println!("qrexec-connect {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some("relay") => {
+            let client = args.next().unwrap_or_else(|| DEFAULT_CLIENT.into());
+            let rest: Vec<OsString> = args.collect();
+            return ExitCode::from(spawn::run_relay(&client, &rest).clamp(0, 255) as u8);
+        }
+        _ => {}
+    }
+    let options = match parse_options(first.into_iter().chain(args).collect()) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("qrexec-connect: {message}\nTry 'qrexec-connect --help'.");
+            return ExitCode::from(EXIT_INVALID_ARGUMENT);
+        }
+    };
+    if sockets.is_empty() {
+        eprintln!(
+            "qrexec-connect: must be started by systemd socket activation (through a \
+             qrexec-connect-*.socket unit, or systemd-socket-activate to try it): no listening \
+             sockets were passed"
+        );
+        return ExitCode::from(EXIT_NOT_CONFIGURED);
+    }
+    log::init(options.debug);
+    daemon::run(options, sockets, notifier)
 }
