@@ -15,4 +15,5 @@ pub mod address;
 pub mod binding;
 pub mod listener;
 pub mod notify;
+pub mod reconcile;
 pub mod spawn;

@@ -121,6 +121,15 @@ fn main() -> ExitCode {
             let rest: Vec<OsString> = args.collect();
             return ExitCode::from(spawn::run_relay(&client, &rest).clamp(0, 255) as u8);
         }
+        Some("reconcile") => {
+            return match qrexec_connect::reconcile::run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("qrexec-connect reconcile: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         _ => {}
     }
     let options = match parse_options(first.into_iter().chain(args).collect()) {
