@@ -1,0 +1,446 @@
+//! Test harness: real systemd, real sockets, the qrexec-client-vm double.
+//!
+//! * [`Activate`] runs the daemon under `systemd-socket-activate`, which
+//!   listens and passes fds exactly as the manager does.
+//! * [`UserManager`] runs a real `systemd --user` and `systemd-journald` in a
+//!   private mount namespace (recipe: shared/reference/systemd-facts.md),
+//!   with the project installed by `make install-client` and overlaid on
+//!   /usr inside that namespace only.
+//! * [`EchoServer`] stands in for the service in the "service qube".
+//!
+//! Waiting is always for a condition (a socket that answers, a file that
+//! appears, a unit state), polled with a deadline; never a bare sleep.
+
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_qrexec-connect");
+pub const GENERATOR: &str = env!("CARGO_BIN_EXE_qrexec-connect-generator");
+pub const DOUBLE: &str = env!("CARGO_BIN_EXE_qrexec-client-vm-double");
+
+/// Polls `check` every few milliseconds until it returns Some or `limit` passes.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "qrexec-connect-test-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel's pick, released at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// A TCP server on 127.0.0.1 that echoes each connection until EOF, then
+/// half-closes. With `reply_then_close`, it sends a fixed reply and closes
+/// at once without reading (a service that ends first).
+pub struct EchoServer {
+    pub port: u16,
+    pub connections: std::sync::Arc<AtomicUsize>,
+}
+
+impl EchoServer {
+    pub fn start() -> EchoServer {
+        Self::start_with(None)
+    }
+
+    pub fn start_replying(reply: &'static [u8]) -> EchoServer {
+        Self::start_with(Some(reply))
+    }
+
+    fn start_with(reply: Option<&'static [u8]>) -> EchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || match reply {
+                    Some(reply) => {
+                        let _ = stream.write_all(reply);
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                    None => {
+                        let mut buf = vec![0; 1 << 16];
+                        loop {
+                            match stream.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if stream.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = stream.shutdown(Shutdown::Write);
+                    }
+                });
+            }
+        });
+        EchoServer { port, connections }
+    }
+}
+
+/// Any stream a test talks through.
+pub trait Stream: Read + Write + Send + 'static {
+    fn half_close(&self) -> io::Result<()>;
+    fn set_timeout(&self, limit: Option<Duration>) -> io::Result<()>;
+    fn duplicate(&self) -> Box<dyn Stream>;
+}
+
+impl Stream for TcpStream {
+    fn half_close(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn set_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
+    fn duplicate(&self) -> Box<dyn Stream> {
+        Box::new(self.try_clone().unwrap())
+    }
+}
+
+impl Stream for UnixStream {
+    fn half_close(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn set_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
+    fn duplicate(&self) -> Box<dyn Stream> {
+        Box::new(self.try_clone().unwrap())
+    }
+}
+
+/// Where a test connects: the forms a binding can listen on.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Path(PathBuf),
+    Abstract(String),
+}
+
+impl Endpoint {
+    /// The form `systemd-socket-activate -l` and `ListenStream=` take.
+    pub fn listen_arg(&self) -> String {
+        match self {
+            Endpoint::Tcp(addr) => addr.to_string(),
+            Endpoint::Path(path) => path.display().to_string(),
+            Endpoint::Abstract(name) => format!("@{name}"),
+        }
+    }
+
+    pub fn connect(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(match self {
+            Endpoint::Tcp(addr) => Box::new(TcpStream::connect(addr)?),
+            Endpoint::Path(path) => Box::new(UnixStream::connect(path)?),
+            Endpoint::Abstract(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+                Box::new(UnixStream::connect_addr(&addr)?)
+            }
+        })
+    }
+}
+
+/// Sends `data`, half-closes, and reads everything back until EOF, with
+/// writing and reading at the same time (a full buffer must not deadlock).
+pub fn round_trip(stream: Box<dyn Stream>, data: Vec<u8>, limit: Duration) -> io::Result<Vec<u8>> {
+    stream.set_timeout(Some(limit))?;
+    let mut writer = stream.duplicate();
+    let sender = std::thread::spawn(move || -> io::Result<()> {
+        writer.write_all(&data)?;
+        writer.half_close()
+    });
+    let mut reader = stream;
+    let mut received = Vec::new();
+    reader.read_to_end(&mut received)?;
+    sender.join().unwrap()?;
+    Ok(received)
+}
+
+/// The qrexec-connect daemon under `systemd-socket-activate`.
+pub struct Activate {
+    pub child: Child,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    log_changed: std::sync::Arc<std::sync::Condvar>,
+}
+
+/// Builder: sockets with their fd names, daemon options, double environment.
+pub struct ActivateBuilder {
+    listens: Vec<(String, String, bool)>,
+    daemon_args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Activate {
+    pub fn builder() -> ActivateBuilder {
+        ActivateBuilder {
+            listens: Vec::new(),
+            daemon_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Waits until the daemon's log contains `needle`; returns the log.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        let mut log = self.log.lock().unwrap();
+        loop {
+            if log.contains(needle) {
+                return log.clone();
+            }
+            let now = Instant::now();
+            if now > deadline {
+                panic!("timed out waiting for {needle:?} in the daemon's log:\n{log}");
+            }
+            log = self
+                .log_changed
+                .wait_timeout(log, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The pid of the daemon (systemd-socket-activate execs it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Activate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ActivateBuilder {
+    /// Listens on `endpoint` with `FileDescriptorName=fd_name`.
+    pub fn listen(mut self, endpoint: &Endpoint, fd_name: &str) -> Self {
+        self.listens
+            .push((endpoint.listen_arg(), fd_name.to_owned(), false));
+        self
+    }
+
+    /// Listens on a datagram socket (which the daemon must refuse).
+    pub fn listen_datagram(mut self, endpoint: &Endpoint, fd_name: &str) -> Self {
+        self.listens
+            .push((endpoint.listen_arg(), fd_name.to_owned(), true));
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.daemon_args.push(arg.to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts systemd-socket-activate and waits until every socket listens.
+    /// systemd-socket-activate only execs the daemon on the first
+    /// connection; the caller's first connect triggers it.
+    pub fn start(self) -> Activate {
+        let mut command = Command::new("systemd-socket-activate");
+        let names: Vec<&str> = self.listens.iter().map(|l| l.1.as_str()).collect();
+        for (listen, _, datagram) in &self.listens {
+            if *datagram {
+                command.arg("--datagram");
+            }
+            command.arg(format!("--listen={listen}"));
+        }
+        command.arg(format!("--fdname={}", names.join(":")));
+        command.arg(DAEMON);
+        if !self
+            .daemon_args
+            .iter()
+            .any(|a| a.starts_with("--qrexec-client-vm"))
+        {
+            command.arg(format!("--qrexec-client-vm={DOUBLE}"));
+        }
+        command.args(&self.daemon_args);
+        command.env_remove("JOURNAL_STREAM");
+        command.env_remove("NOTIFY_SOCKET");
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("systemd-socket-activate runs");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log_changed = std::sync::Arc::new(std::sync::Condvar::new());
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            let changed = log_changed.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                    changed.notify_all();
+                }
+            });
+        }
+        let activate = Activate {
+            child,
+            log,
+            log_changed,
+        };
+        let count = self.listens.len();
+        for index in 0..count {
+            activate.wait_log(&format!("as {}.", index + 3), Duration::from_secs(10));
+        }
+        activate
+    }
+}
+
+/// Runs a command and returns its output, panicking with context on spawn failure.
+pub fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+/// The open fds of a process (numbers), from /proc.
+pub fn open_fds(pid: u32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    fds
+}
+
+/// The direct children of a process, from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if parent_of(child) == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// The parent pid of a process, if it exists.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The state letter of a process (R, S, Z, ...).
+pub fn state_of(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// Every descendant of a process, deepest last.
+pub fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        for child in children_of(p) {
+            all.push(child);
+            queue.push(child);
+        }
+    }
+    all
+}
+
+/// The environment of a process, from /proc.
+pub fn environment_of(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|bytes| {
+            bytes
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub mod user_manager;

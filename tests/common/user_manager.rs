@@ -1,0 +1,300 @@
+//! A real `systemd --user` (with a real journald) in a private mount
+//! namespace, following the recipe in shared/reference/systemd-facts.md:
+//! a tmpfs on /run holding /run/systemd/system (so the manager believes the
+//! system was booted with systemd), and the project installed with
+//! `make install-client DESTDIR=...` overlaid on /usr for that namespace
+//! only. The qrexec-client-vm double is installed as
+//! /usr/bin/qrexec-client-vm, so the daemon runs with its default path.
+//!
+//! Processes in the namespace are ordinary host processes; Drop kills the
+//! manager's whole process tree, journald and the namespace holder.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{descendants_of, run, wait_for, TempDir, DOUBLE};
+
+pub const RUNTIME_DIR: &str = "/run/user/0";
+
+/// A running user manager in its own mount namespace.
+pub struct UserManager {
+    holder: Child,
+    journald: Option<Child>,
+    manager: Option<Child>,
+    pub home: TempDir,
+    /// Files for the test (double policy, services), visible on both sides.
+    pub scratch: TempDir,
+}
+
+/// Installs the project once per test binary into a DESTDIR (debug build).
+fn installed_tree() -> &'static Path {
+    static TREE: OnceLock<PathBuf> = OnceLock::new();
+    TREE.get_or_init(|| {
+        let dest = std::env::temp_dir().join(format!(
+            "qrexec-connect-test-install-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dest);
+        let target_dir = Path::new(super::DAEMON)
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .to_path_buf();
+        let output = run(Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .arg("install-client")
+            .arg(format!("DESTDIR={}", dest.display()))
+            .arg("PREFIX=/usr")
+            .arg("PROFILE=debug")
+            .arg(format!("TARGET_DIR={}", target_dir.display())));
+        assert!(
+            output.status.success(),
+            "make install-client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // The double stands where Qubes puts the real client.
+        std::fs::copy(DOUBLE, dest.join("usr/bin/qrexec-client-vm")).unwrap();
+        dest
+    })
+}
+
+impl UserManager {
+    /// Starts the namespace, journald and the manager, with the files of
+    /// `home` (relative paths under $HOME) written before the manager starts.
+    pub fn start(home_files: &[(&str, &str)]) -> UserManager {
+        Self::start_with(home_files, &[])
+    }
+
+    /// Like [`start`], plus unit files or drop-ins written under
+    /// /run/systemd/user (e.g. Environment= for the double).
+    pub fn start_with(home_files: &[(&str, &str)], run_units: &[(&str, &str)]) -> UserManager {
+        let tree = installed_tree();
+        let home = TempDir::new("home");
+        let scratch = TempDir::new("scratch");
+        for (path, text) in home_files {
+            let path = home.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let script = format!(
+            "set -e
+             mount -t tmpfs tmpfs /run
+             mkdir -p /run/systemd/system {rt} /run/systemd/user
+             chmod 700 {rt}
+             mount -t overlay overlay -o lowerdir={tree}/usr:/usr /usr
+             echo ready
+             exec sleep infinity",
+            rt = RUNTIME_DIR,
+            tree = tree.display()
+        );
+        let mut holder = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("unshare runs (tests need root)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready", "namespace setup failed");
+        let mut manager = UserManager {
+            holder,
+            journald: None,
+            manager: None,
+            home,
+            scratch,
+        };
+        for (name, text) in run_units {
+            manager.write_file(&format!("/run/systemd/user/{name}"), text);
+        }
+        let journald = manager
+            .command("/usr/lib/systemd/systemd-journald")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        manager.journald = Some(journald);
+        let socket = manager.ns_path("/run/systemd/journal/socket");
+        wait_for("journald's socket", Duration::from_secs(10), || {
+            socket.exists().then_some(())
+        });
+        let user_manager = manager
+            .command("/usr/lib/systemd/systemd")
+            .arg("--user")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        manager.manager = Some(user_manager);
+        wait_for("the user manager", Duration::from_secs(20), || {
+            let out = manager.systemctl(&["is-system-running"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            matches!(state.as_str(), "running" | "degraded").then_some(())
+        });
+        manager
+    }
+
+    /// The pid of `systemd --user`.
+    pub fn manager_pid(&self) -> u32 {
+        self.manager.as_ref().map_or(0, |m| m.id())
+    }
+
+    /// The pid whose mount namespace the test uses.
+    pub fn ns_pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// A path inside the namespace, reachable from the host through /proc.
+    pub fn ns_path(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{path}", self.ns_pid()))
+    }
+
+    /// Writes a file inside the namespace (e.g. under /run).
+    pub fn write_file(&self, path: &str, text: &str) {
+        let path = self.ns_path(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+    }
+
+    /// Writes an executable file on the host side (scratch dir).
+    pub fn write_executable(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.scratch.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// A command run inside the namespace with the user session's environment.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg("-t")
+            .arg(self.ns_pid().to_string())
+            .arg("-m")
+            .arg("--")
+            .arg("env")
+            .arg("-i")
+            .arg("PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .arg(format!("HOME={}", self.home.path().display()))
+            .arg(format!("XDG_RUNTIME_DIR={RUNTIME_DIR}"))
+            .arg("USER=root")
+            .arg("LANG=C.UTF-8")
+            .arg(program);
+        command
+    }
+
+    /// `systemctl --user ARGS`.
+    pub fn systemctl(&self, args: &[&str]) -> Output {
+        run(self
+            .command("systemctl")
+            .arg("--user")
+            .arg("--no-pager")
+            .args(args))
+    }
+
+    /// `systemctl --user ARGS`, which must succeed; returns stdout.
+    pub fn systemctl_ok(&self, args: &[&str]) -> String {
+        let out = self.systemctl(args);
+        assert!(
+            out.status.success(),
+            "systemctl --user {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// One property of a unit (`systemctl show -p NAME --value`).
+    pub fn property(&self, unit: &str, name: &str) -> String {
+        self.systemctl_ok(&["show", "-p", name, "--value", unit])
+            .trim()
+            .to_owned()
+    }
+
+    /// `journalctl` with the given match arguments, as JSON lines.
+    pub fn journal(&self, matches: &[&str]) -> String {
+        let out = run(self
+            .command("journalctl")
+            .args(["--no-pager", "-o", "json"])
+            .args(matches));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until journal entries matching `matches` contain `needle`.
+    pub fn wait_journal(&self, matches: &[&str], needle: &str, limit: Duration) -> String {
+        wait_for(
+            &format!("{needle:?} in journal entries {matches:?}"),
+            limit,
+            || {
+                let text = self.journal(matches);
+                text.contains(needle).then_some(text)
+            },
+        )
+    }
+
+    /// The main pid of a unit, if it runs.
+    pub fn main_pid(&self, unit: &str) -> Option<u32> {
+        self.property(unit, "MainPID")
+            .parse()
+            .ok()
+            .filter(|&pid| pid != 0)
+    }
+
+    /// Runs `systemctl --user daemon-reload`.
+    pub fn daemon_reload(&self) {
+        self.systemctl_ok(&["daemon-reload"]);
+    }
+}
+
+impl Drop for UserManager {
+    fn drop(&mut self) {
+        if let Some(manager) = &mut self.manager {
+            let pid = manager.id();
+            let mut doomed = descendants_of(pid);
+            doomed.push(pid);
+            for pid in doomed {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            let _ = manager.wait();
+        }
+        // Children re-parented away from the manager (e.g. live clients
+        // after a daemon restart) carry our namespace: find them by it.
+        let ours = std::fs::read_link(format!("/proc/{}/ns/mnt", self.ns_pid())).ok();
+        if let Some(ours) = ours {
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                if pid as u32 == self.ns_pid() {
+                    continue;
+                }
+                if std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                    .ok()
+                    .as_ref()
+                    == Some(&ours)
+                {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        if let Some(journald) = &mut self.journald {
+            let _ = journald.kill();
+            let _ = journald.wait();
+        }
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}

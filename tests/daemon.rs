@@ -1,0 +1,341 @@
+//! The daemon under `systemd-socket-activate` (real socket passing), with
+//! the qrexec-client-vm double behind it: what a user of a binding sees.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// The two ways the daemon runs a client: a current client with
+/// `--use-stdin-socket`, and an old one (R4.2 before qrexec 4.2.19) whose
+/// output goes through the splice relay.
+#[derive(Debug, Clone, Copy)]
+enum Client {
+    Current,
+    Old,
+}
+
+const CLIENTS: [Client; 2] = [Client::Current, Client::Old];
+
+fn activate(client: Client) -> ActivateBuilder {
+    let builder = Activate::builder();
+    match client {
+        Client::Current => builder,
+        Client::Old => builder.env("QREXEC_DOUBLE_VERSION", "old"),
+    }
+}
+
+fn tcp4() -> Endpoint {
+    Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], free_port())))
+}
+
+fn tcp6() -> Endpoint {
+    let port = TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Endpoint::Tcp(format!("[::1]:{port}").parse().unwrap())
+}
+
+fn unix_path(dir: &TempDir, name: &str) -> Endpoint {
+    Endpoint::Path(dir.path().join(name))
+}
+
+fn abstract_name(tag: &str) -> Endpoint {
+    Endpoint::Abstract(format!("qrexec-connect-test-{tag}-{}", std::process::id()))
+}
+
+fn connect_tcp(port: u16) -> String {
+    format!("'' qubes.ConnectTCP+{port}")
+}
+
+#[test]
+fn every_listen_family_forwards_4_mib_each_way_intact() {
+    let echo = EchoServer::start();
+    for client in CLIENTS {
+        let dir = TempDir::new("families");
+        let endpoints = [
+            tcp4(),
+            tcp6(),
+            unix_path(&dir, "agent.sock"),
+            abstract_name(&format!("{client:?}")),
+        ];
+        let mut builder = activate(client);
+        for endpoint in &endpoints {
+            builder = builder.listen(endpoint, &connect_tcp(echo.port));
+        }
+        let daemon = builder.start();
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            let data = random_bytes(4 << 20, index as u64 + 1);
+            let received = round_trip(endpoint.connect().unwrap(), data.clone(), LIMIT)
+                .unwrap_or_else(|e| panic!("{client:?} {endpoint:?}: {e}\n{}", daemon.log_text()));
+            assert!(
+                received == data,
+                "{client:?} {endpoint:?}: {} bytes came back, not the 4 MiB sent",
+                received.len()
+            );
+        }
+        let log = daemon.wait_log("closed normally", LIMIT);
+        match client {
+            Client::Current => assert!(log.contains("supports --use-stdin-socket"), "{log}"),
+            Client::Old => assert!(log.contains("goes through a relay"), "{log}"),
+        }
+    }
+}
+
+#[test]
+fn service_that_closes_first_gives_the_client_eof_promptly() {
+    let service = EchoServer::start_replying(b"bye\n");
+    for client in CLIENTS {
+        let endpoint = tcp4();
+        let daemon = activate(client)
+            .listen(&endpoint, &connect_tcp(service.port))
+            .start();
+        let mut stream = endpoint.connect().unwrap();
+        // The client keeps its own write side open: only the service's EOF
+        // can end this read (qubes-issues #9169 hung here).
+        stream.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reply = Vec::new();
+        let result = stream.read_to_end(&mut reply);
+        assert!(
+            result.is_ok(),
+            "{client:?}: no EOF after the service closed ({result:?}); got {reply:?}\n{}",
+            daemon.log_text()
+        );
+        assert_eq!(reply, b"bye\n", "{client:?}");
+    }
+}
+
+#[test]
+fn client_half_close_still_gets_the_whole_reply() {
+    let echo = EchoServer::start();
+    for client in CLIENTS {
+        let endpoint = tcp4();
+        let _daemon = activate(client)
+            .listen(&endpoint, &connect_tcp(echo.port))
+            .start();
+        let mut stream = endpoint.connect().unwrap();
+        stream.write_all(b"first and last words").unwrap();
+        stream.half_close().unwrap();
+        stream.set_timeout(Some(LIMIT)).unwrap();
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"first and last words", "{client:?}");
+    }
+}
+
+#[test]
+fn policy_refusal_closes_that_connection_and_others_keep_serving() {
+    let echo = EchoServer::start();
+    let dir = TempDir::new("policy");
+    let policy = dir.path().join("policy");
+    std::fs::write(
+        &policy,
+        format!(
+            "qubes.ConnectTCP +{0} client secret-qube deny\n\
+             qubes.ConnectTCP * @anyvm @anyvm allow\n",
+            echo.port
+        ),
+    )
+    .unwrap();
+    let denied = tcp4();
+    let allowed = tcp4();
+    let daemon = Activate::builder()
+        .listen(
+            &denied,
+            &format!("secret-qube qubes.ConnectTCP+{}", echo.port),
+        )
+        .listen(
+            &allowed,
+            &format!("open-qube qubes.ConnectTCP+{}", echo.port),
+        )
+        .env("QREXEC_DOUBLE_POLICY", policy.to_str().unwrap())
+        .start();
+    let received = round_trip(denied.connect().unwrap(), b"hello".to_vec(), LIMIT).unwrap();
+    assert!(received.is_empty(), "a refused call must just close");
+    let log = daemon.wait_log("refused by qrexec policy", LIMIT);
+    assert!(
+        log.contains("Request refused"),
+        "the client's stderr reaches the log:\n{log}"
+    );
+    assert!(log.contains("secret-qube"), "{log}");
+    let received = round_trip(allowed.connect().unwrap(), b"hello".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"hello");
+}
+
+#[test]
+fn invalid_bindings_are_closed_at_once_and_the_rest_serve() {
+    let echo = EchoServer::start();
+    let good = tcp4();
+    let one_word = tcp4();
+    let three_words = tcp4();
+    let bad_target = tcp4();
+    let datagram = Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let daemon = Activate::builder()
+        .listen(&one_word, "qubes.ConnectTCP+1")
+        .listen(&good, &connect_tcp(echo.port))
+        .listen(&three_words, "a b c")
+        .listen(&bad_target, "1bad-name qubes.ConnectTCP+1")
+        .listen_datagram(&datagram, "'' qubes.ConnectTCP+1")
+        .start();
+    for bad in [&one_word, &three_words, &bad_target] {
+        let mut stream = bad.connect().unwrap();
+        stream.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reply = Vec::new();
+        let result = stream.read_to_end(&mut reply);
+        assert!(
+            result.is_ok() && reply.is_empty(),
+            "{bad:?}: expected an immediate EOF, got {result:?}\n{}",
+            daemon.log_text()
+        );
+    }
+    let received = round_trip(good.connect().unwrap(), b"still here".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"still here");
+    let log = daemon.wait_log("not a stream socket", LIMIT);
+    for needle in [
+        &format!(
+            "{}: invalid FileDescriptorName=\"qubes.ConnectTCP+1\"",
+            one_word.listen_arg()
+        ),
+        &format!(
+            "{}: invalid FileDescriptorName=\"a b c\"",
+            three_words.listen_arg()
+        ),
+        &format!(
+            "{}: invalid FileDescriptorName=\"1bad-name",
+            bad_target.listen_arg()
+        ),
+        &datagram.listen_arg(),
+    ] {
+        assert!(
+            log.contains(needle.as_str()),
+            "missing {needle:?} in:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn missing_client_is_logged_and_recovers_when_it_appears() {
+    let echo = EchoServer::start();
+    let dir = TempDir::new("missing");
+    let client = dir.path().join("qrexec-client-vm");
+    let endpoint = tcp4();
+    let daemon = Activate::builder()
+        .listen(&endpoint, &connect_tcp(echo.port))
+        .arg(&format!("--qrexec-client-vm={}", client.display()))
+        .start();
+    let received = round_trip(endpoint.connect().unwrap(), b"x".to_vec(), LIMIT).unwrap();
+    assert!(received.is_empty());
+    daemon.wait_log("cannot run", LIMIT);
+    assert!(std::path::Path::new(&format!("/proc/{}", daemon.pid())).exists());
+    std::os::unix::fs::symlink(DOUBLE, &client).unwrap();
+    let received = round_trip(endpoint.connect().unwrap(), b"back".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"back");
+}
+
+#[test]
+fn a_client_inherits_only_its_stdio_and_no_listen_variables() {
+    let echo = EchoServer::start();
+    let dir = TempDir::new("fds");
+    let log = dir.path().join("double.log");
+    let first = tcp4();
+    let second = tcp4();
+    let daemon = Activate::builder()
+        .listen(&first, &connect_tcp(echo.port))
+        .listen(&second, &connect_tcp(echo.port))
+        .env("QREXEC_DOUBLE_LOG", log.to_str().unwrap())
+        .start();
+    // Keep one connection open while the next client starts: it must not
+    // inherit that connection either.
+    let mut held = first.connect().unwrap();
+    held.write_all(b"ping").unwrap();
+    let mut buf = [0; 4];
+    held.read_exact(&mut buf).unwrap();
+    let received = round_trip(second.connect().unwrap(), b"pong".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"pong");
+    let children = wait_for("one live client for the held connection", LIMIT, || {
+        let live: Vec<u32> = children_of(daemon.pid())
+            .into_iter()
+            .filter(|&pid| state_of(pid) != Some('Z'))
+            .collect();
+        (live.len() == 1).then_some(live)
+    });
+    let environment = environment_of(children[0]);
+    for variable in [
+        "LISTEN_FDS=",
+        "LISTEN_PID=",
+        "LISTEN_FDNAMES=",
+        "NOTIFY_SOCKET=",
+    ] {
+        assert!(
+            !environment.iter().any(|e| e.starts_with(variable)),
+            "client sees {variable}"
+        );
+    }
+    drop(held);
+    let text = wait_for("two finished calls in the double's log", LIMIT, || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.lines().filter(|l| l.contains("exit=")).count() >= 2).then_some(text)
+    });
+    for line in text.lines() {
+        assert!(
+            line.contains("fds=0,1,2 "),
+            "a client inherited more than stdio: {line}"
+        );
+        assert!(
+            line.contains("\"--use-stdin-socket\",\"--\",\"\",\"qubes.ConnectTCP+"),
+            "unexpected client arguments: {line}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_exits_within_a_second_and_live_connections_go_on() {
+    let echo = EchoServer::start();
+    let endpoint = tcp4();
+    let mut daemon = Activate::builder()
+        .listen(&endpoint, &connect_tcp(echo.port))
+        .arg("--max-connections=200")
+        .start();
+    let mut live: Vec<Box<dyn Stream>> = Vec::new();
+    for i in 0..100u32 {
+        let mut stream = endpoint.connect().unwrap();
+        stream.set_timeout(Some(LIMIT)).unwrap();
+        stream.write_all(&i.to_be_bytes()).unwrap();
+        let mut buf = [0; 4];
+        stream.read_exact(&mut buf).unwrap();
+        assert_eq!(u32::from_be_bytes(buf), i);
+        live.push(stream);
+    }
+    let started = Instant::now();
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) };
+    let status = wait_for("the daemon to exit", Duration::from_secs(10), || {
+        daemon.child.try_wait().unwrap()
+    });
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?} to exit");
+    for (i, stream) in live.into_iter().enumerate() {
+        let data = format!("still alive {i}").into_bytes();
+        let received = round_trip(stream, data.clone(), LIMIT).unwrap();
+        assert_eq!(received, data);
+    }
+}
+
+#[test]
+fn without_sockets_it_says_how_to_start_it_and_exits_6() {
+    let output = run(std::process::Command::new(DAEMON).env_remove("LISTEN_FDS"));
+    assert_eq!(output.status.code(), Some(6));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("must be started by systemd socket activation"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

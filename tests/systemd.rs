@@ -1,0 +1,131 @@
+//! The installed project under a real `systemd --user` and journald (in a
+//! private mount namespace): hand-written socket units, status, journal
+//! fields, restarts that keep connections.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::user_manager::UserManager;
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn socket_unit(port: u16, fd_name: &str) -> String {
+    format!(
+        "[Socket]\nListenStream=127.0.0.1:{port}\nFileDescriptorName={fd_name}\n\n\
+         [Install]\nWantedBy=sockets.target\n"
+    )
+}
+
+#[test]
+fn hand_written_socket_unit_forwards_and_reports_to_systemd_and_the_journal() {
+    let echo = EchoServer::start();
+    let port = free_port();
+    let manager = UserManager::start(&[(
+        ".config/systemd/user/qrexec-connect-echo.socket",
+        &socket_unit(port, &format!("@default qubes.ConnectTCP+{}", echo.port)),
+    )]);
+    // The classic systemd steps a user of the original project knows.
+    manager.daemon_reload();
+    manager.systemctl_ok(&["enable", "--now", "qrexec-connect-echo.socket"]);
+    assert_eq!(
+        manager.property("qrexec-connect-echo.socket", "Triggers"),
+        "qrexec-connect.service",
+        "the drop-in points the socket at the shared daemon"
+    );
+
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let received = round_trip(Box::new(stream), b"over qrexec".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"over qrexec");
+
+    // STATUS= from sd_notify shows in systemctl status.
+    let mut live = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    live.write_all(b"1").unwrap();
+    let mut one = [0; 1];
+    live.read_exact(&mut one).unwrap();
+    wait_for("STATUS with one live connection", LIMIT, || {
+        let status = manager.property("qrexec-connect.service", "StatusText");
+        (status == "1 binding(s), 1 live connection(s)").then_some(())
+    });
+    let status = String::from_utf8_lossy(
+        &manager
+            .systemctl(&["status", "qrexec-connect.service"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        status.contains("Status: \"1 binding(s), 1 live connection(s)\""),
+        "{status}"
+    );
+
+    // The journal holds the start line and the connection's fields.
+    let start = manager.wait_journal(
+        &["SYSLOG_IDENTIFIER=qrexec-connect"],
+        &format!(
+            "127.0.0.1:{port} (target @default, service qubes.ConnectTCP+{})",
+            echo.port
+        ),
+        LIMIT,
+    );
+    assert!(
+        start.contains(&format!("\"LISTEN\":\"127.0.0.1:{port}\"")),
+        "{start}"
+    );
+    let service = format!("QREXEC_SERVICE=qubes.ConnectTCP+{}", echo.port);
+    let ended = manager.wait_journal(
+        &["QREXEC_TARGET=@default", &service],
+        "\"EXIT_STATUS\":\"0\"",
+        LIMIT,
+    );
+    assert!(ended.contains("\"PEER\":\"127.0.0.1:"), "{ended}");
+    assert!(ended.contains("closed normally"), "{ended}");
+
+    // A restart of the daemon keeps the live connection.
+    let before = manager.main_pid("qrexec-connect.service").unwrap();
+    manager.systemctl_ok(&["restart", "qrexec-connect.service"]);
+    let after = wait_for("the restarted daemon", LIMIT, || {
+        manager
+            .main_pid("qrexec-connect.service")
+            .filter(|&pid| pid != before)
+    });
+    assert_ne!(before, after);
+    live.write_all(b"2").unwrap();
+    live.read_exact(&mut one).unwrap();
+    assert_eq!(&one, b"2", "the connection outlived the restart");
+    let received = round_trip(Box::new(live), b"and ends cleanly".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"and ends cleanly");
+
+    // And new connections are served by the new daemon.
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let received = round_trip(Box::new(stream), b"new daemon".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"new daemon");
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify_without_a_word() {
+    let manager = UserManager::start(&[]);
+    for unit in [
+        "qrexec-connect.service",
+        "qrexec-connect-handover.service",
+        "qrexec-connect-reconcile.service",
+        "qrexec-connect-reconcile.path",
+    ] {
+        let out = run(manager.command("systemd-analyze").args([
+            "--user",
+            "verify",
+            &format!("/usr/lib/systemd/user/{unit}"),
+        ]));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{unit}: {said}"
+        );
+    }
+}
