@@ -1,5 +1,5 @@
 //! Integration tests of the qrexec-client-vm test double
-//! (`tests/double/main.rs`): the double is run as a program with sockets,
+//! (`tests/doubles/qrexec-client-vm/main.rs`): the double is run as a program with sockets,
 //! pipes and real TCP connections as its stdio, against TCP and Unix servers
 //! and executables set up by each test.
 //!

@@ -29,18 +29,22 @@ fn exchange(port: u16, data: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn wait_forwarding(port: u16, expect: &[u8], send: &[u8]) {
-    wait_for(&format!("127.0.0.1:{port} to answer {expect:?}"), SETTLE, || {
-        (exchange(port, send)? == expect).then_some(())
-    });
+    wait_for(
+        &format!("127.0.0.1:{port} to answer {expect:?}"),
+        SETTLE,
+        || (exchange(port, send)? == expect).then_some(()),
+    );
 }
 
 fn wait_refused(port: u16) {
-    wait_for(&format!("127.0.0.1:{port} to refuse"), SETTLE, || {
-        match TcpStream::connect(("127.0.0.1", port)) {
+    wait_for(
+        &format!("127.0.0.1:{port} to refuse"),
+        SETTLE,
+        || match TcpStream::connect(("127.0.0.1", port)) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
             _ => None,
-        }
-    });
+        },
+    );
 }
 
 /// A connection that is open and has echoed once.
@@ -124,7 +128,9 @@ fn reload_adds_changes_and_removes_bindings_without_cutting_connections() {
 
     // 1. A new line listens while the daemon runs and serves a live connection.
     let held_a = held_connection(a);
-    let daemon = manager.main_pid("qrexec-connect.service").expect("daemon runs");
+    let daemon = manager
+        .main_pid("qrexec-connect.service")
+        .expect("daemon runs");
     write_config(
         &manager,
         &(line(a, "@default", echo.port) + &line(b, "@default", echo.port)),
@@ -179,7 +185,12 @@ fn a_reload_without_changes_restarts_nothing_and_logs_nothing() {
     });
     let entered = manager.property(&unit_for(a), "ActiveEnterTimestampMonotonic");
     let before = manager.journal(&[]).lines().count();
-    let runs = |m: &UserManager| m.property("qrexec-connect-reconcile.service", "InactiveEnterTimestampMonotonic");
+    let runs = |m: &UserManager| {
+        m.property(
+            "qrexec-connect-reconcile.service",
+            "InactiveEnterTimestampMonotonic",
+        )
+    };
     let last_run = runs(&manager);
     manager.daemon_reload();
     // The reconcile still runs after the reload: wait for that, then check.
@@ -187,12 +198,17 @@ fn a_reload_without_changes_restarts_nothing_and_logs_nothing() {
         (runs(&manager) != last_run).then_some(())
     });
     assert_eq!(manager.main_pid("qrexec-connect.service"), Some(daemon));
-    assert_eq!(manager.property(&unit_for(a), "ActiveEnterTimestampMonotonic"), entered);
+    assert_eq!(
+        manager.property(&unit_for(a), "ActiveEnterTimestampMonotonic"),
+        entered
+    );
     let journal = manager.journal(&[]);
     let new_lines: Vec<&str> = journal.lines().skip(before).collect();
     let noisy: Vec<&&str> = new_lines
         .iter()
-        .filter(|l| l.contains("qrexec-connect") && !l.contains("Reloading") && !l.contains("Reloaded"))
+        .filter(|l| {
+            l.contains("qrexec-connect") && !l.contains("Reloading") && !l.contains("Reloaded")
+        })
         .collect();
     assert!(noisy.is_empty(), "a no-op reload logged: {noisy:#?}");
     wait_forwarding(a, b"a", b"a");
@@ -228,8 +244,13 @@ fn enable_now_of_a_hand_written_socket_works_while_the_daemon_serves() {
 
     // And removing the hand-written unit is applied by a reload too.
     manager.systemctl_ok(&["disable", "qrexec-connect-foo.socket"]);
-    std::fs::remove_file(manager.home.path().join(".config/systemd/user/qrexec-connect-foo.socket"))
-        .unwrap();
+    std::fs::remove_file(
+        manager
+            .home
+            .path()
+            .join(".config/systemd/user/qrexec-connect-foo.socket"),
+    )
+    .unwrap();
     manager.daemon_reload();
     wait_refused(hand);
 }

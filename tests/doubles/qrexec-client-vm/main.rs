@@ -91,8 +91,9 @@
 //!
 //! `QREXEC_DOUBLE_LOG=FILE`: one line appended per invocation, in one
 //! O_APPEND write, when the double exits (refusals and usage errors too):
-//! `pid=123 argv=["--use-stdin-socket","--","vm","qubes.ConnectTCP+22"] exit=0`
-//! (argv without argv[0], as JSON strings). A failed call (exit status not
+//! `pid=123 fds=0,1,2 argv=["--use-stdin-socket","--","vm","qubes.ConnectTCP+22"] exit=0`
+//! (`fds`: the descriptors open when the double started, i.e. what it
+//! inherited; argv without argv[0], as JSON strings). A failed call (exit status not
 //! 0) may get ` note="..."` after `exit=N`, saying why (the policy line that
 //! refused it, the connect error, ...): the double's only diagnostics, since
 //! the real client prints nothing (or exactly `Request refused`).
@@ -129,6 +130,25 @@ pub enum Mode {
 const EXIT_REFUSED: i32 = 126;
 
 static ARGS: OnceLock<Vec<OsString>> = OnceLock::new();
+/// The fds open when the double started (what its parent let it inherit).
+static INHERITED_FDS: OnceLock<String> = OnceLock::new();
+
+/// Lists the open fds from /proc/self/fd, leaving out the one used to read it.
+fn open_fds() -> String {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return "unknown".to_owned();
+    };
+    let mut fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| {
+            // The directory handle itself shows up as a dangling entry.
+            std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok()
+        })
+        .collect();
+    fds.sort_unstable();
+    let list: Vec<String> = fds.iter().map(i32::to_string).collect();
+    list.join(",")
+}
 static FINISHING: AtomicBool = AtomicBool::new(false);
 
 /// Ends the process: writes the log line, then exits with `code`. The first
@@ -145,8 +165,9 @@ fn finish(code: i32, note: Option<String>) -> ! {
             .iter()
             .map(|a| json_string(&a.to_string_lossy()))
             .collect();
+        let fds = INHERITED_FDS.get().map_or("unknown", String::as_str);
         let mut line = format!(
-            "pid={} argv=[{}] exit={code}",
+            "pid={} fds={fds} argv=[{}] exit={code}",
             std::process::id(),
             argv.join(",")
         );
@@ -240,6 +261,7 @@ fn check_stdin_socket() -> Result<(), String> {
 }
 
 fn main() {
+    INHERITED_FDS.get_or_init(open_fds);
     // SAFETY: setting a signal disposition before any thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
