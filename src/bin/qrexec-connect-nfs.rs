@@ -346,22 +346,20 @@ fn connect(source: SourceAddress, port: u16) -> Result<TcpStream, ConnectError> 
     }
 
     let to = sockaddr(NFS_HOST, port);
-    loop {
-        // SAFETY: `to` is a valid sockaddr_in of the length given.
-        let connected = unsafe {
-            libc::connect(
-                fd,
-                (&to as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if connected == 0 {
-            break;
-        }
+    // One attempt: this program installs no signal handler, so connect(2)
+    // cannot fail with EINTR (and retrying an interrupted connect would be
+    // wrong anyway: the first attempt carries on in the kernel).
+    // SAFETY: `to` is a valid sockaddr_in of the length given.
+    let connected = unsafe {
+        libc::connect(
+            fd,
+            (&to as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if connected < 0 {
         let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(ConnectError::Connect(source, port, error));
-        }
+        return Err(ConnectError::Connect(source, port, error));
     }
     let stream = TcpStream::from(socket);
     // NFS is request/response: a record split across two reads must not wait
