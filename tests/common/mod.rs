@@ -272,6 +272,84 @@ impl Activate {
     }
 }
 
+impl Activate {
+    /// Starts `command` with its stdout and stderr collected into the log.
+    fn capture(mut command: Command) -> Activate {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the daemon's launcher runs");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log_changed = std::sync::Arc::new(std::sync::Condvar::new());
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            let changed = log_changed.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                    changed.notify_all();
+                }
+            });
+        }
+        Activate {
+            child,
+            log,
+            log_changed,
+        }
+    }
+
+    /// Starts the daemon with sockets the test made itself, passed the way
+    /// the manager does (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES):
+    /// for kinds systemd-socket-activate cannot mix, such as a datagram
+    /// socket beside stream sockets.
+    pub fn with_sockets(sockets: Vec<(std::os::fd::OwnedFd, &str)>, args: &[&str]) -> Activate {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let names: Vec<&str> = sockets.iter().map(|s| s.1).collect();
+        let raw: Vec<i32> = sockets.iter().map(|s| s.0.as_raw_fd()).collect();
+        let mut command = Command::new("sh");
+        // $$ is the shell's pid, which exec hands on to the daemon.
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(DAEMON)
+            .arg(format!("--qrexec-client-vm={DOUBLE}"))
+            .args(args)
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET");
+        // SAFETY: only dup2 and close, which are async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let base = 100 + raw.len() as i32;
+                for (i, &fd) in raw.iter().enumerate() {
+                    if libc::dup2(fd, base + i as i32) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                for i in 0..raw.len() as i32 {
+                    if libc::dup2(base + i, 3 + i) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(base + i);
+                }
+                Ok(())
+            });
+        }
+        let activate = Activate::capture(command);
+        drop(sockets); // the daemon holds its own copies now
+        activate
+    }
+}
+
 impl Drop for Activate {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -317,6 +395,10 @@ impl ActivateBuilder {
             command.arg(format!("--listen={listen}"));
         }
         command.arg(format!("--fdname={}", names.join(":")));
+        // systemd-socket-activate passes on only the variables named with -E.
+        for (key, value) in &self.env {
+            command.arg(format!("--setenv={key}={value}"));
+        }
         command.arg(DAEMON);
         if !self
             .daemon_args
@@ -326,39 +408,7 @@ impl ActivateBuilder {
             command.arg(format!("--qrexec-client-vm={DOUBLE}"));
         }
         command.args(&self.daemon_args);
-        command.env_remove("JOURNAL_STREAM");
-        command.env_remove("NOTIFY_SOCKET");
-        for (key, value) in &self.env {
-            command.env(key, value);
-        }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("systemd-socket-activate runs");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let log_changed = std::sync::Arc::new(std::sync::Condvar::new());
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            let changed = log_changed.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                    changed.notify_all();
-                }
-            });
-        }
-        let activate = Activate {
-            child,
-            log,
-            log_changed,
-        };
+        let activate = Activate::capture(command);
         let count = self.listens.len();
         for index in 0..count {
             activate.wait_log(&format!("as {}.", index + 3), Duration::from_secs(10));

@@ -138,11 +138,13 @@ fn open_fds() -> String {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return "unknown".to_owned();
     };
+    // The directory handle itself is listed, as a link to /proc/PID/fd.
+    let own_listing = PathBuf::from(format!("/proc/{}/fd", std::process::id()));
     let mut fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| {
-            // The directory handle itself shows up as a dangling entry.
-            std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            (std::fs::read_link(e.path()).ok()? != own_listing).then_some(fd)
         })
         .collect();
     fds.sort_unstable();
