@@ -45,14 +45,23 @@ CARGO_PROFILE_FLAG :=
 endif
 
 CLIENT_BINARIES := $(OUT)/qrexec-connect $(OUT)/qrexec-connect-generator
+SCDOC ?= scdoc
+CLIENT_MAN := man/qrexec-connect.8 man/qrexec-connect-generator.8 man/qrexec-connect.conf.5
+NFS_MAN := man/qubes.ConnectNFS.8
 NFS_BINARY := $(OUT)/qrexec-connect-nfs
 
 .PHONY: all build test demo bench man install install-client install-connectnfs uninstall clean
 
 all: build
 
-build:
+build: man
 	$(CARGO) build $(CARGO_PROFILE_FLAG) --locked
+
+# Man pages are written in scdoc (Debian/Fedora package scdoc).
+man: $(CLIENT_MAN) $(NFS_MAN)
+
+man/%: man/%.scd
+	$(SCDOC) < $< > $@
 
 $(CLIENT_BINARIES) $(NFS_BINARY):
 	$(CARGO) build $(CARGO_PROFILE_FLAG) --locked
@@ -69,7 +78,10 @@ bench:
 
 install: install-client
 
-install-client: $(CLIENT_BINARIES)
+install-client: $(CLIENT_BINARIES) $(CLIENT_MAN)
+	install -d $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8
+	install -m 0644 man/qrexec-connect.8 man/qrexec-connect-generator.8 $(DESTDIR)$(MANDIR)/man8/
+	install -m 0644 man/qrexec-connect.conf.5 $(DESTDIR)$(MANDIR)/man5/
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(USERGENERATORDIR) \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d \
 		$(DESTDIR)$(USERUNITDIR)/paths.target.wants
@@ -89,8 +101,9 @@ install-client: $(CLIENT_BINARIES)
 	ln -sf ../qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/paths.target.wants/qrexec-connect-reconcile.path
 
-install-connectnfs: $(NFS_BINARY)
-	install -d $(DESTDIR)$(QUBESRPCDIR) $(DESTDIR)$(RPCCONFIGDIR)
+install-connectnfs: $(NFS_BINARY) $(NFS_MAN)
+	install -d $(DESTDIR)$(QUBESRPCDIR) $(DESTDIR)$(RPCCONFIGDIR) $(DESTDIR)$(MANDIR)/man8
+	install -m 0644 $(NFS_MAN) $(DESTDIR)$(MANDIR)/man8/
 	install -m 0755 $(NFS_BINARY) $(DESTDIR)$(QUBESRPCDIR)/qubes.ConnectNFS
 	install -m 0644 qubes-rpc/rpc-config/qubes.ConnectNFS $(DESTDIR)$(RPCCONFIGDIR)/qubes.ConnectNFS
 
@@ -103,8 +116,11 @@ uninstall:
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/paths.target.wants/qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d/10-qrexec-connect.conf \
-		$(DESTDIR)$(QUBESRPCDIR)/qubes.ConnectNFS $(DESTDIR)$(RPCCONFIGDIR)/qubes.ConnectNFS
+		$(DESTDIR)$(QUBESRPCDIR)/qubes.ConnectNFS $(DESTDIR)$(RPCCONFIGDIR)/qubes.ConnectNFS \
+		$(DESTDIR)$(MANDIR)/man8/qrexec-connect.8 $(DESTDIR)$(MANDIR)/man8/qrexec-connect-generator.8 \
+		$(DESTDIR)$(MANDIR)/man5/qrexec-connect.conf.5 $(DESTDIR)$(MANDIR)/man8/qubes.ConnectNFS.8
 	-rmdir $(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d
 
 clean:
 	$(CARGO) clean
+	rm -f $(CLIENT_MAN) $(NFS_MAN)
