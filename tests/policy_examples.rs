@@ -106,6 +106,42 @@ fn files_in(dir: &str, suffix: &str) -> Vec<String> {
 // The shipped examples
 // ---------------------------------------------------------------------------
 
+/// The README shows every example's config lines and policy rules verbatim,
+/// so a user copying from it gets exactly what the tests check.
+#[test]
+fn the_readme_shows_each_example_exactly() {
+    let readme = read(&root().join("README.md"));
+    let readme_lines: Vec<&str> = readme.lines().map(str::trim).collect();
+    for example in &EXAMPLES {
+        for binding in config_bindings(example.config) {
+            assert!(
+                readme_lines.contains(&binding.line.as_str()),
+                "README.md does not show the config line {:?} of examples/{}",
+                binding.line,
+                example.config
+            );
+        }
+        let text = read(&root().join("policy-examples").join(example.policy));
+        for rule in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            assert!(
+                readme_lines.contains(&rule),
+                "README.md does not show the rule {rule:?} of policy-examples/{}",
+                example.policy
+            );
+        }
+        assert!(
+            readme.contains(example.client) && readme.contains(example.service_qube),
+            "README.md does not name {} and {}",
+            example.client,
+            example.service_qube
+        );
+    }
+}
+
 #[test]
 fn every_policy_example_is_valid_policy() {
     let names = files_in("policy-examples", "");
