@@ -7,9 +7,13 @@
 //! * [`binding`]: what a valid TARGET, SERVICE and `FileDescriptorName=` is,
 //!   shared by the generator (writer) and the daemon (reader);
 //! * [`address`]: listen addresses, as written in config and as read back
-//!   from an inherited socket.
+//!   from an inherited socket;
+//! * [`config`]: the binding config files and their line grammar;
+//! * [`unit`]: socket unit names and text, as the generator writes them.
 //!
 //! Design notes: `docs/design.md`.
 
 pub mod address;
 pub mod binding;
+pub mod config;
+pub mod unit;
