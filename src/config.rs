@@ -385,8 +385,8 @@ fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
     fs::read(path).map_err(|e| format!("cannot read: {e}"))
 }
 
-/// Makes bytes safe for a one-line message: control characters, `\` and
-/// bytes that are not UTF-8 are written as `\xNN` (or `\u{N}`); tabs stay.
+/// Makes bytes safe for a one-line message: control characters and bytes
+/// that are not UTF-8 are written as `\xNN` (or `\u{N}`); tabs stay.
 pub fn printable(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     let mut rest = bytes;
@@ -404,7 +404,6 @@ pub fn printable(bytes: &[u8]) -> String {
         };
         for c in good.chars() {
             match c {
-                '\\' => out.push_str("\\\\"),
                 '\t' => out.push(c),
                 c if c.is_ascii_control() => {
                     let _ = write!(out, "\\x{:02x}", u32::from(c));
@@ -487,7 +486,7 @@ mod tests {
 
     #[test]
     fn printable_escapes() {
-        assert_eq!(printable(b"a\tb\x1b\\\xff\xc3\xbc"), "a\tb\\x1b\\\\\\xffü");
+        assert_eq!(printable(b"a\tb\x1b\\\xff\xc3\xbc"), "a\tb\\x1b\\\\xffü");
         assert_eq!(printable("\u{85}x".as_bytes()), "\\u{85}x");
         assert_eq!(printable(b"\xe2\x82"), "\\xe2\\x82");
     }
