@@ -198,6 +198,8 @@ impl fmt::Display for Problem {
     }
 }
 
+const BAD_FILE_NAME: &str = "file name is not valid UTF-8 or contains control characters, skipped";
+
 /// All bindings and problems, in file-name then line order.
 #[derive(Debug, Default)]
 pub struct Config {
@@ -226,11 +228,8 @@ impl Config {
             path: printable(path.as_os_str().as_bytes()),
             what,
         };
-        // The path goes into a comment and SourcePath=: it must be a clean line.
-        let Some(file) = path.to_str().filter(|p| !p.chars().any(char::is_control)) else {
-            self.problems.push(file_problem(
-                "file name is not valid UTF-8 or contains control characters, skipped".into(),
-            ));
+        let Some(file) = path.to_str() else {
+            self.problems.push(file_problem(BAD_FILE_NAME.into()));
             return;
         };
         match read_config_file(path) {
@@ -241,6 +240,14 @@ impl Config {
 
     /// Parses the text of one file; `file` names it in locations.
     pub fn add_text(&mut self, file: &str, text: &[u8]) {
+        // The path goes into a comment and SourcePath=: it must be a clean line.
+        if file.chars().any(char::is_control) {
+            self.problems.push(Problem::File {
+                path: printable(file.as_bytes()),
+                what: BAD_FILE_NAME.into(),
+            });
+            return;
+        }
         for (index, line) in text.split(|&b| b == b'\n').enumerate() {
             let at = || Location {
                 file: file.to_owned(),
@@ -481,6 +488,35 @@ mod tests {
             config.problems[0].to_string(),
             "/a.conf:3: the same LISTEN is already bound at /a.conf:1 \
              (unit qrexec-connect-path-run-a.socket): /run//a vm2 s2"
+        );
+    }
+
+    #[test]
+    fn odd_files_are_refused_not_read() {
+        let dir =
+            std::env::temp_dir().join(format!("qrexec-connect-config-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.conf");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let bad_name = dir.join(std::ffi::OsStr::from_bytes(b"\xff.conf"));
+        fs::write(&bad_name, "127.0.0.1:1 vm svc\n").unwrap();
+        let mut config = Config::default();
+        config.add_file(&fifo); // would block forever if it were opened
+        config.add_file(&bad_name);
+        config.add_text("/new\nline.conf", b"127.0.0.1:2 vm svc\n");
+        let _ = fs::remove_dir_all(&dir);
+        assert!(config.bindings.is_empty());
+        let messages: Vec<String> = config.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                format!("{}: not a regular file, skipped", fifo.display()),
+                format!("{}/\\xff.conf: {BAD_FILE_NAME}", dir.display()),
+                format!("/new\\x0aline.conf: {BAD_FILE_NAME}"),
+            ]
         );
     }
 
