@@ -10,6 +10,7 @@
 mod run;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitCode;
@@ -36,18 +37,19 @@ fn main() -> ExitCode {
     let first = args.first().map(|a| a.as_bytes());
     match (first, args.len()) {
         (Some(b"--help" | b"-h"), 1) => {
-            print!("{USAGE}");
+            let _ = std::io::stdout().write_all(USAGE.as_bytes());
             ExitCode::SUCCESS
         }
         (Some(b"--version"), 1) => {
-            println!("qrexec-connect-generator {}", env!("CARGO_PKG_VERSION"));
+            let version = concat!("qrexec-connect-generator ", env!("CARGO_PKG_VERSION"), "\n");
+            let _ = std::io::stdout().write_all(version.as_bytes());
             ExitCode::SUCCESS
         }
         (Some(b"--check"), 1) => run::check(),
         // systemd passes three directories; with one, that one is used.
         (Some(dir), 1..=3) if !dir.starts_with(b"-") => run::generate(Path::new(&args[0])),
         _ => {
-            eprint!("{USAGE}");
+            let _ = std::io::stderr().write_all(USAGE.as_bytes());
             ExitCode::from(2)
         }
     }

@@ -6,7 +6,12 @@
 //! file name and read in byte order of the names. A user file replaces the
 //! `/etc` file of the same name; an empty one, or a symlink to `/dev/null`,
 //! just disables it (the systemd convention). Names starting with `.` are
-//! ignored (editor lock and backup files).
+//! ignored (editor lock and backup files). To change one binding of an
+//! `/etc` file, copy the whole file to the user directory and edit it there:
+//! a user line with a LISTEN already bound in `/etc` is a duplicate.
+//!
+//! A LISTEN may be bound once: a later line (in name, then line order) that
+//! maps to the same socket unit is refused and names the earlier `FILE:LINE`.
 //!
 //! Lines: `LISTEN TARGET SERVICE[+ARG]`, fields separated by spaces or tabs;
 //! a `#` at the start of a field starts a comment that runs to the end of the

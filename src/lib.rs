@@ -9,7 +9,7 @@
 //! * [`address`]: listen addresses, as written in config and as read back
 //!   from an inherited socket;
 //! * [`config`]: the binding config files and their line grammar;
-//! * [`unit`]: socket unit names and text, as the generator writes them.
+//! * [`unit`](mod@unit): socket unit names and text, as the generator writes them.
 //!
 //! Design notes: `docs/design.md`.
 

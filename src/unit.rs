@@ -29,8 +29,20 @@
 //! (paths are compared after the same simplification systemd applies, so
 //! `/run//a` and `/run/a`, the same socket, get the same name).
 //!
-//! A KEY that would make the name longer than 255 bytes is cut and ends in
-//! `-` and the 16 hex digits of the FNV-1a 64 hash of the full KEY.
+//! A KEY that would make the name longer than 255 bytes is cut (never inside
+//! a `\xNN`) and ends in `-` and the 16 hex digits of the FNV-1a 64 hash of
+//! the full KEY. Such a name could in theory equal the plain name of another
+//! LISTEN; [`crate::config`] refuses the later line of any two lines that map
+//! to one unit name, so a collision is reported, never silently merged.
+//!
+//! # What wins over a generated unit
+//!
+//! systemd searches `~/.config/systemd/user/` (and `/etc/systemd/user/`)
+//! before the generator's output directory, so a hand-written unit with the
+//! same name replaces the generated one entirely; `systemctl --user edit`
+//! drop-ins add to it instead. Since names are split at `-` for drop-in
+//! lookup, `qrexec-connect-.socket.d/` applies to every generated socket and,
+//! e.g., `qrexec-connect-path-.socket.d/` to all absolute-path ones.
 
 use std::fmt;
 use std::io;
