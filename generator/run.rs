@@ -50,16 +50,18 @@ pub fn check() -> ExitCode {
     for problem in &config.problems {
         report(&describe(problem));
     }
-    let mut text = String::new();
+    let mut stdout = io::BufWriter::new(io::stdout().lock());
     for (i, binding) in config.bindings.iter().enumerate() {
-        if i > 0 {
-            text.push('\n');
+        let separator = if i > 0 { "\n" } else { "" };
+        let name = binding.unit_name();
+        let text = unit::socket_unit(binding);
+        // A closed stdout (e.g. `| head`) is not worth a panic.
+        if write!(stdout, "{separator}==> {name} <==\n{text}").is_err() {
+            break;
         }
-        text.push_str(&format!("==> {} <==\n", binding.unit_name()));
-        text.push_str(&unit::socket_unit(binding));
     }
-    // A closed stdout (e.g. `| head`) is not worth a panic.
-    let _ = io::stdout().lock().write_all(text.as_bytes());
+    let _ = stdout.flush();
+    drop(stdout);
     let (units, problems) = (config.bindings.len(), config.problems.len());
     report(&format!(
         "{ME}: {units} socket unit{}, {problems} problem{}",

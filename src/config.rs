@@ -30,6 +30,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use walkdir::WalkDir;
 
@@ -78,8 +79,8 @@ impl ConfigDirs {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Location {
     /// The file's path; valid UTF-8 without control characters, so it can
-    /// go into a unit.
-    pub file: String,
+    /// go into a unit. Shared by all the lines of a file.
+    pub file: Arc<str>,
     /// 1-based.
     pub line: usize,
 }
@@ -253,9 +254,10 @@ impl Config {
             });
             return;
         }
+        let file: Arc<str> = Arc::from(file);
         for (index, line) in text.split(|&b| b == b'\n').enumerate() {
             let at = || Location {
-                file: file.to_owned(),
+                file: Arc::clone(&file),
                 line: index + 1,
             };
             let problem = |error| Problem::Line {
