@@ -2,6 +2,8 @@
 # Times the release build of qrexec-connect-generator as systemd runs it
 # (output into a tmpfs dir, like $XDG_RUNTIME_DIR/systemd/generator), on a
 # 10,000-line config and on an empty one. A measurement, not a test.
+# With hyperfine it also times --check on the big config: parsing and unit
+# text without creating any file, i.e. the part that is not kernel work.
 #
 #   bench/generator.sh [LINES]      (default 10000; needs bash, uses hyperfine
 #                                    when installed, else a plain timing loop)
@@ -52,6 +54,7 @@ echo "$lines lines -> $units units (output on $(stat -f -c %T "$work"))"
 if command -v hyperfine >/dev/null; then
     hyperfine --shell=none --warmup 3 --runs 30 --prepare "$work/prepare" \
         --command-name "$lines lines" "env HOME=$work/big $bin $work/out $work/out $work/out" \
+        --command-name "$lines lines, --check (parse and render, no files)" "env HOME=$work/big $bin --check" \
         --command-name "empty config" "env HOME=$work/empty $bin $work/out $work/out $work/out"
 else
     for case in big empty; do
