@@ -204,7 +204,8 @@ impl fmt::Display for Problem {
     }
 }
 
-const BAD_FILE_NAME: &str = "file name is not valid UTF-8 or contains control characters, skipped";
+const BAD_FILE_NAME: &str =
+    "file name is not an absolute path in UTF-8 without control characters, skipped";
 
 /// All bindings and problems, in file-name then line order.
 #[derive(Debug, Default)]
@@ -244,16 +245,20 @@ impl Config {
         }
     }
 
-    /// Parses the text of one file; `file` names it in locations.
+    /// Parses the text of one file; `file`, its absolute path, names it in
+    /// locations and in `SourcePath=`. A leading UTF-8 byte order mark is
+    /// ignored.
     pub fn add_text(&mut self, file: &str, text: &[u8]) {
-        // The path goes into a comment and SourcePath=: it must be a clean line.
-        if file.chars().any(char::is_control) {
+        // The path goes into a comment and SourcePath=: it must be a clean
+        // line, and SourcePath= takes only absolute paths.
+        if file.chars().any(char::is_control) || !file.starts_with('/') {
             self.problems.push(Problem::File {
                 path: printable(file.as_bytes()),
                 what: BAD_FILE_NAME.into(),
             });
             return;
         }
+        let text = text.strip_prefix(b"\xef\xbb\xbf").unwrap_or(text);
         let file: Arc<str> = Arc::from(file);
         for (index, line) in text.split(|&b| b == b'\n').enumerate() {
             let at = || Location {
