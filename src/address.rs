@@ -36,6 +36,11 @@ impl ListenAddress {
         if let Some(c) = text.chars().find(|c| c.is_control() || c.is_whitespace()) {
             return bad(Why::ControlCharacter(c));
         }
+        if text.ends_with('\\') {
+            // A unit file line ending in a backslash continues on the next
+            // line, so `ListenStream=` would swallow the line after it.
+            return bad(Why::TrailingBackslash);
+        }
         if let Some(name) = text.strip_prefix('@') {
             if name.is_empty() {
                 return bad(Why::EmptyAbstract);
@@ -189,6 +194,7 @@ pub struct AddressError {
 enum Why {
     Empty,
     ControlCharacter(char),
+    TrailingBackslash,
     EmptyAbstract,
     PathTooLong,
     Specifier,
@@ -220,6 +226,11 @@ impl fmt::Display for AddressError {
                     "listen address {text:?} contains the control or space character {c:?}"
                 )
             }
+            Why::TrailingBackslash => write!(
+                f,
+                "listen address {text:?} ends with a backslash, which systemd reads as a \
+                 line continuation"
+            ),
             Why::EmptyAbstract => f.write_str("abstract socket '@' needs a name after the '@'"),
             Why::PathTooLong => write!(
                 f,
@@ -297,6 +308,8 @@ mod tests {
             "/tab\there",
             "1.2.3.4",
             "[::1]",
+            "/run/a\\",
+            "@x\\",
         ] {
             assert!(
                 ListenAddress::parse(bad).is_err(),

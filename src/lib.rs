@@ -7,13 +7,21 @@
 //! * [`binding`]: what a valid TARGET, SERVICE and `FileDescriptorName=` is,
 //!   shared by the generator (writer) and the daemon (reader);
 //! * [`address`]: listen addresses, as written in config and as read back
-//!   from an inherited socket.
+//!   from an inherited socket;
+//! * [`config`]: the binding config files and their line grammar;
+//! * [`unit`](mod@unit): socket unit names and text, as the generator writes them;
+//! * [`listener`], [`spawn`], [`notify`]: the daemon's sockets, children and
+//!   service-manager notifications (plain syscalls; the event loop is in the
+//!   daemon binary);
+//! * [`reconcile`]: making `daemon-reload` apply binding changes.
 //!
 //! Design notes: `docs/design.md`.
 
 pub mod address;
 pub mod binding;
+pub mod config;
 pub mod listener;
 pub mod notify;
 pub mod reconcile;
 pub mod spawn;
+pub mod unit;

@@ -29,10 +29,15 @@ use std::process::Command;
 
 /// The daemon every binding socket feeds.
 pub const SERVICE: &str = "qrexec-connect.service";
-/// Flag file the generator creates, relative to `$XDG_RUNTIME_DIR`.
-pub const FLAG: &str = "qrexec-connect/reload-requested";
-/// What the last run applied, relative to `$XDG_RUNTIME_DIR`.
-pub const STATE: &str = "qrexec-connect/applied";
+/// Our directory under `$XDG_RUNTIME_DIR` (`%t`).
+pub const RUNTIME_SUBDIR: &str = "qrexec-connect";
+/// Flag file the generator creates in [`RUNTIME_SUBDIR`], outside its output
+/// directory on purpose: a `.path` unit with `PathExists=` on it fires after
+/// every daemon-reload, which a path in the output directory does not. The
+/// path unit spells it `%t/qrexec-connect/reload-requested`.
+pub const FLAG_FILE: &str = "reload-requested";
+/// What the last run applied, in [`RUNTIME_SUBDIR`].
+pub const STATE_FILE: &str = "applied";
 
 /// What matters of one socket unit for the daemon: its addresses and name.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -195,7 +200,8 @@ pub fn run() -> io::Result<()> {
         .ok_or_else(|| io::Error::other("XDG_RUNTIME_DIR is not set"))?;
     // Lower the flag first: a reload while we work raises it again and the
     // path unit runs us once more.
-    match std::fs::remove_file(runtime_dir.join(FLAG)) {
+    let dir = runtime_dir.join(RUNTIME_SUBDIR);
+    match std::fs::remove_file(dir.join(FLAG_FILE)) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
@@ -226,7 +232,7 @@ pub fn run() -> io::Result<()> {
         .collect();
     let daemon_active =
         systemctl(&["show", "-p", "ActiveState", "--value", SERVICE])?.trim() == "active";
-    let state_path = runtime_dir.join(STATE);
+    let state_path = dir.join(STATE_FILE);
     let applied = match std::fs::read_to_string(&state_path) {
         Ok(text) => parse_state(&text),
         Err(_) => BTreeMap::new(),

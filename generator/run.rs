@@ -1,0 +1,121 @@
+//! The generator's two modes: writing units (as systemd runs it) and
+//! `--check` (a dry run for people).
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use qrexec_connect::config::{Config, ConfigDirs, Problem};
+use qrexec_connect::unit;
+
+/// Prefix for messages that do not start with a config file's path.
+const ME: &str = "qrexec-connect-generator";
+
+// The flag that asks `qrexec-connect reconcile` to apply the new units: one
+// definition, shared with the reconcile step (see its module docs).
+use qrexec_connect::reconcile::{FLAG_FILE as RELOAD_FLAG, RUNTIME_SUBDIR as RELOAD_FLAG_DIR};
+
+/// Normal run: units into `out`, then the reload flag. Fails only when
+/// there were units to write and not one could be written.
+pub fn generate(out: &Path) -> ExitCode {
+    let config = Config::load(&ConfigDirs::from_env());
+    for problem in &config.problems {
+        report(&describe(problem));
+    }
+    let (written, errors) = unit::write_units(out, &config.bindings);
+    for error in &errors {
+        report(&format!("{ME}: {error}"));
+    }
+    if let Err(why) = request_reload() {
+        report(&format!(
+            "{ME}: cannot request a reload of the daemon: {why}"
+        ));
+    }
+    if written == 0 && !config.bindings.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Dry run: the units on stdout, problems and a summary on stderr; exit 1
+/// if there is any problem.
+pub fn check() -> ExitCode {
+    let config = Config::load(&ConfigDirs::from_env());
+    for problem in &config.problems {
+        report(&describe(problem));
+    }
+    let mut stdout = io::BufWriter::new(io::stdout().lock());
+    for (i, binding) in config.bindings.iter().enumerate() {
+        let separator = if i > 0 { "\n" } else { "" };
+        let name = binding.unit_name();
+        let text = unit::socket_unit(binding);
+        // A closed stdout (e.g. `| head`) is not worth a panic.
+        if write!(stdout, "{separator}==> {name} <==\n{text}").is_err() {
+            break;
+        }
+    }
+    let _ = stdout.flush();
+    drop(stdout);
+    let (units, problems) = (config.bindings.len(), config.problems.len());
+    report(&format!(
+        "{ME}: {units} socket unit{}, {problems} problem{}",
+        plural(units),
+        plural(problems)
+    ));
+    if problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Messages about a config file start with its path (which names the
+/// program well enough in the journal); others get the program name.
+fn describe(problem: &Problem) -> String {
+    match problem {
+        Problem::NoUserDir => format!("{ME}: {problem}"),
+        _ => problem.to_string(),
+    }
+}
+
+/// One message, one line, one write: lines never interleave.
+fn report(message: &str) {
+    let _ = io::stderr()
+        .lock()
+        .write_all(format!("{message}\n").as_bytes());
+}
+
+/// Creates `$XDG_RUNTIME_DIR/qrexec-connect/reload-requested` (directory
+/// 0700, empty file 0600).
+fn request_reload() -> Result<(), String> {
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or("XDG_RUNTIME_DIR is not set to an absolute path")?;
+    let dir = runtime.join(RELOAD_FLAG_DIR);
+    if let Err(e) = DirBuilder::new().mode(0o700).create(&dir) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(format!("{}: {e}", dir.display()));
+        }
+    }
+    let flag = dir.join(RELOAD_FLAG);
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&flag)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", flag.display()))
+}

@@ -1,0 +1,552 @@
+//! The binding config (`qrexec-connect.conf(5)`): which files are read, and
+//! the line grammar, turned once into typed [`Binding`]s and [`Problem`]s.
+//!
+//! Files: every `*.conf` in `/etc/qrexec-connect/` and in
+//! `$XDG_CONFIG_HOME/qrexec-connect/` (default `$HOME/.config/...`), merged by
+//! file name and read in byte order of the names. A user file replaces the
+//! `/etc` file of the same name; an empty one, or a symlink to `/dev/null`,
+//! just disables it (the systemd convention). Names starting with `.` are
+//! ignored (editor lock and backup files). To change one binding of an
+//! `/etc` file, copy the whole file to the user directory and edit it there:
+//! a user line with a LISTEN already bound in `/etc` is a duplicate.
+//!
+//! A LISTEN may be bound once: a later line (in name, then line order) that
+//! maps to the same socket unit is refused and names the earlier `FILE:LINE`.
+//!
+//! Lines: `LISTEN TARGET SERVICE[+ARG]`, fields separated by spaces or tabs;
+//! a `#` at the start of a field starts a comment that runs to the end of the
+//! line. None of the valid values contains whitespace or quotes, so there is
+//! no quoting: the only special field is `''` (or `""`) as TARGET, meaning the
+//! empty target (policy decides). A trailing `\r` is ignored.
+//!
+//! Every bad line becomes one [`Problem`] and is skipped; the good lines are
+//! all kept. Nothing here panics, whatever the bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fmt::{self, Write as _};
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use walkdir::WalkDir;
+
+use crate::address::{AddressError, ListenAddress};
+use crate::binding::{BindingError, Destination, Service, Target};
+use crate::unit::socket_unit_name;
+
+/// Template-wide config directory.
+pub const SYSTEM_DIR: &str = "/etc/qrexec-connect";
+/// Directory name under `$XDG_CONFIG_HOME`.
+pub const USER_SUBDIR: &str = "qrexec-connect";
+/// Only files with this suffix are read.
+pub const SUFFIX: &str = ".conf";
+
+/// The directories config files are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigDirs {
+    pub system: PathBuf,
+    /// `None` when neither `XDG_CONFIG_HOME` nor `HOME` is usable.
+    pub user: Option<PathBuf>,
+}
+
+impl ConfigDirs {
+    /// The directories for this process's environment.
+    pub fn from_env() -> ConfigDirs {
+        ConfigDirs::from_vars(
+            std::env::var_os("XDG_CONFIG_HOME"),
+            std::env::var_os("HOME"),
+        )
+    }
+
+    /// `$XDG_CONFIG_HOME/qrexec-connect`, else `$HOME/.config/qrexec-connect`.
+    /// Relative or empty values are ignored, as the XDG base directory spec
+    /// asks (a generator's working directory means nothing).
+    pub fn from_vars(xdg_config_home: Option<OsString>, home: Option<OsString>) -> ConfigDirs {
+        let absolute = |v: Option<OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+        let base = absolute(xdg_config_home).or_else(|| absolute(home).map(|h| h.join(".config")));
+        ConfigDirs {
+            system: PathBuf::from(SYSTEM_DIR),
+            user: base.map(|b| b.join(USER_SUBDIR)),
+        }
+    }
+}
+
+/// A line of a config file, printed `FILE:LINE`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Location {
+    /// The file's path; valid UTF-8 without control characters, so it can
+    /// go into a unit. Shared by all the lines of a file.
+    pub file: Arc<str>,
+    /// 1-based.
+    pub line: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+/// What one config line asks for, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub listen: ListenAddress,
+    pub destination: Destination,
+    /// `destination` as `FileDescriptorName=` carries it.
+    pub fd_name: String,
+}
+
+/// A valid binding with where it came from and the unit it becomes. Only
+/// [`Config`] makes them, so every one is safe to write into a unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub(crate) listen: ListenAddress,
+    pub(crate) destination: Destination,
+    pub(crate) fd_name: String,
+    pub(crate) unit_name: String,
+    pub(crate) source: Location,
+}
+
+impl Binding {
+    pub fn listen(&self) -> &ListenAddress {
+        &self.listen
+    }
+    pub fn destination(&self) -> &Destination {
+        &self.destination
+    }
+    pub fn fd_name(&self) -> &str {
+        &self.fd_name
+    }
+    /// `qrexec-connect-KEY.socket`, see [`crate::unit`].
+    pub fn unit_name(&self) -> &str {
+        &self.unit_name
+    }
+    pub fn source(&self) -> &Location {
+        &self.source
+    }
+}
+
+/// Why a line was skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineError {
+    NotUtf8,
+    ControlCharacter(char),
+    FieldCount(usize),
+    Address(AddressError),
+    Binding(BindingError),
+    /// Maps to the unit of an earlier line: the same LISTEN.
+    Duplicate {
+        earlier: Location,
+        unit: String,
+    },
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LineError::NotUtf8 => f.write_str("not valid UTF-8"),
+            LineError::ControlCharacter(c) => {
+                write!(
+                    f,
+                    "control character U+{:04X} is not allowed",
+                    u32::from(*c)
+                )
+            }
+            LineError::FieldCount(2) => f.write_str(
+                "expected 3 fields, LISTEN TARGET SERVICE, found 2 \
+                 (write '' or @default for the default target)",
+            ),
+            LineError::FieldCount(n) => {
+                write!(f, "expected 3 fields, LISTEN TARGET SERVICE, found {n}")
+            }
+            LineError::Address(e) => e.fmt(f),
+            LineError::Binding(e) => e.fmt(f),
+            LineError::Duplicate { earlier, unit } => write!(
+                f,
+                "the same LISTEN is already bound at {earlier} (unit {unit})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LineError {}
+
+/// Something that was skipped, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// A line; `text` is the line without its comment, made printable.
+    Line {
+        at: Location,
+        error: LineError,
+        text: String,
+    },
+    /// A file or directory (path made printable).
+    File { path: String, what: String },
+    /// No user config directory could be worked out.
+    NoUserDir,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Line { at, error, text } => write!(f, "{at}: {error}: {text}"),
+            Problem::File { path, what } => write!(f, "{path}: {what}"),
+            Problem::NoUserDir => write!(
+                f,
+                "neither XDG_CONFIG_HOME nor HOME is an absolute path: \
+                 reading only {SYSTEM_DIR}"
+            ),
+        }
+    }
+}
+
+const BAD_FILE_NAME: &str =
+    "file name is not an absolute path in UTF-8 without control characters, skipped";
+
+/// All bindings and problems, in file-name then line order.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub bindings: Vec<Binding>,
+    pub problems: Vec<Problem>,
+    /// Unit name to index in `bindings`, to find duplicates.
+    by_unit: HashMap<String, usize>,
+}
+
+impl Config {
+    /// Reads every config file of `dirs`.
+    pub fn load(dirs: &ConfigDirs) -> Config {
+        let mut config = Config::default();
+        if dirs.user.is_none() {
+            config.problems.push(Problem::NoUserDir);
+        }
+        for path in config_files(dirs, &mut config.problems) {
+            config.add_file(&path);
+        }
+        config
+    }
+
+    /// Reads one file; a problem with the file is recorded, not returned.
+    pub fn add_file(&mut self, path: &Path) {
+        let file_problem = |what: String| Problem::File {
+            path: printable(path.as_os_str().as_bytes()),
+            what,
+        };
+        let Some(file) = path.to_str() else {
+            self.problems.push(file_problem(BAD_FILE_NAME.into()));
+            return;
+        };
+        match read_config_file(path) {
+            Ok(text) => self.add_text(file, &text),
+            Err(what) => self.problems.push(file_problem(what)),
+        }
+    }
+
+    /// Parses the text of one file; `file`, its absolute path, names it in
+    /// locations and in `SourcePath=`. A leading UTF-8 byte order mark is
+    /// ignored.
+    pub fn add_text(&mut self, file: &str, text: &[u8]) {
+        // The path goes into a comment and SourcePath=: it must be a clean
+        // line, and SourcePath= takes only absolute paths.
+        if file.chars().any(char::is_control) || !file.starts_with('/') {
+            self.problems.push(Problem::File {
+                path: printable(file.as_bytes()),
+                what: BAD_FILE_NAME.into(),
+            });
+            return;
+        }
+        let text = text.strip_prefix(b"\xef\xbb\xbf").unwrap_or(text);
+        let file: Arc<str> = Arc::from(file);
+        for (index, line) in text.split(|&b| b == b'\n').enumerate() {
+            let at = || Location {
+                file: Arc::clone(&file),
+                line: index + 1,
+            };
+            let problem = |error| Problem::Line {
+                at: at(),
+                error,
+                text: printable(content(line)),
+            };
+            match parse_line(line) {
+                Ok(None) => {}
+                Ok(Some(entry)) => {
+                    let unit_name = socket_unit_name(&entry.listen);
+                    if let Some(&earlier) = self.by_unit.get(&unit_name) {
+                        self.problems.push(problem(LineError::Duplicate {
+                            earlier: self.bindings[earlier].source.clone(),
+                            unit: unit_name,
+                        }));
+                        continue;
+                    }
+                    self.by_unit.insert(unit_name.clone(), self.bindings.len());
+                    self.bindings.push(Binding {
+                        listen: entry.listen,
+                        destination: entry.destination,
+                        fd_name: entry.fd_name,
+                        unit_name,
+                        source: at(),
+                    });
+                }
+                Err(error) => self.problems.push(problem(error)),
+            }
+        }
+    }
+}
+
+/// Parses one line (without its `\n`); `Ok(None)` for a blank or comment line.
+pub fn parse_line(line: &[u8]) -> Result<Option<Entry>, LineError> {
+    let content = content(line);
+    if content.is_empty() {
+        return Ok(None);
+    }
+    let content = std::str::from_utf8(content).map_err(|_| LineError::NotUtf8)?;
+    if let Some(c) = content.chars().find(|&c| c.is_control() && c != '\t') {
+        return Err(LineError::ControlCharacter(c));
+    }
+    let fields: Vec<&str> = content
+        .split([' ', '\t'])
+        .filter(|f| !f.is_empty())
+        .collect();
+    let [listen, target, service] = fields[..] else {
+        return Err(LineError::FieldCount(fields.len()));
+    };
+    let listen = ListenAddress::parse(listen).map_err(LineError::Address)?;
+    let target = match target {
+        "''" | "\"\"" => "",
+        other => other,
+    };
+    let destination = Destination {
+        target: Target::parse(target).map_err(LineError::Binding)?,
+        service: Service::parse(service).map_err(LineError::Binding)?,
+    };
+    let fd_name = destination.to_fd_name().map_err(LineError::Binding)?;
+    Ok(Some(Entry {
+        listen,
+        destination,
+        fd_name,
+    }))
+}
+
+/// The part of a line before its comment, without surrounding blanks.
+fn content(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let end = line
+        .iter()
+        .enumerate()
+        .position(|(i, &b)| b == b'#' && (i == 0 || matches!(line[i - 1], b' ' | b'\t')))
+        .unwrap_or(line.len());
+    let blank = |b: &u8| matches!(b, b' ' | b'\t');
+    let line = &line[..end];
+    let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
+    let end = line
+        .iter()
+        .rposition(|b| !blank(b))
+        .map_or(start, |i| i + 1);
+    &line[start..end]
+}
+
+/// The config files to read, in order, after user files replaced system
+/// files of the same name. Unreadable directories become problems.
+pub fn config_files(dirs: &ConfigDirs, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
+    let mut files: BTreeMap<OsString, PathBuf> = BTreeMap::new();
+    for dir in std::iter::once(&dirs.system).chain(dirs.user.as_ref()) {
+        let dir_problem = |what: String| Problem::File {
+            path: printable(dir.as_os_str().as_bytes()),
+            what,
+        };
+        match fs::metadata(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                problems.push(dir_problem(format!("cannot read directory: {e}")));
+                continue;
+            }
+            Ok(meta) if !meta.is_dir() => {
+                problems.push(dir_problem("not a directory, skipped".into()));
+                continue;
+            }
+            Ok(_) => {}
+        }
+        for entry in WalkDir::new(dir).min_depth(1).max_depth(1) {
+            match entry {
+                Ok(entry) => {
+                    let name = entry.file_name().as_bytes();
+                    if name.ends_with(SUFFIX.as_bytes()) && !name.starts_with(b".") {
+                        files.insert(entry.file_name().to_owned(), entry.into_path());
+                    }
+                }
+                Err(e) => {
+                    let what = match e.io_error() {
+                        Some(io) => format!("cannot read directory: {io}"),
+                        None => format!("cannot read directory: {e}"),
+                    };
+                    problems.push(dir_problem(what));
+                }
+            }
+        }
+    }
+    files.into_values().collect()
+}
+
+/// A config file's bytes; `/dev/null` (a masked file) reads as empty, and
+/// anything but a regular file is refused (a FIFO would hang the boot).
+fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    let file_type = meta.file_type();
+    if file_type.is_char_device() && meta.rdev() == libc::makedev(1, 3) {
+        return Ok(Vec::new());
+    }
+    if !file_type.is_file() {
+        return Err("not a regular file, skipped".into());
+    }
+    fs::read(path).map_err(|e| format!("cannot read: {e}"))
+}
+
+/// Makes bytes safe for a one-line message: control characters and bytes
+/// that are not UTF-8 are written as `\xNN` (or `\u{N}`); tabs stay.
+pub fn printable(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    loop {
+        let (good, bad) = match std::str::from_utf8(rest) {
+            Ok(all) => (all, &[][..]),
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                let bad_len = e.error_len().unwrap_or(bad.len());
+                (
+                    std::str::from_utf8(good).unwrap_or_default(),
+                    &bad[..bad_len],
+                )
+            }
+        };
+        for c in good.chars() {
+            match c {
+                '\t' => out.push(c),
+                c if c.is_ascii_control() => {
+                    let _ = write!(out, "\\x{:02x}", u32::from(c));
+                }
+                c if c.is_control() => {
+                    let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+                }
+                c => out.push(c),
+            }
+        }
+        for b in bad {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+        if good.len() + bad.len() >= rest.len() {
+            return out;
+        }
+        rest = &rest[good.len() + bad.len()..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(line: &str) -> Entry {
+        parse_line(line.as_bytes()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn grammar() {
+        let e = entry("127.0.0.1:2222  ssh-server\tqubes.ConnectTCP+22 # ssh");
+        assert_eq!(e.listen.to_string(), "127.0.0.1:2222");
+        assert_eq!(e.fd_name, "ssh-server qubes.ConnectTCP+22");
+        assert_eq!(entry("@c '' svc").fd_name, "'' svc");
+        assert_eq!(entry("@c \"\" svc\r").fd_name, "'' svc");
+        assert_eq!(
+            entry("/run/a#b @default svc").listen.to_string(),
+            "/run/a#b"
+        );
+        for blank in ["", "  ", "# x", "   # 1 2 3", "\r", "#"] {
+            assert_eq!(parse_line(blank.as_bytes()), Ok(None), "{blank:?}");
+        }
+    }
+
+    #[test]
+    fn rejections() {
+        let err = |line: &[u8]| parse_line(line).unwrap_err();
+        assert_eq!(err(b"a b"), LineError::FieldCount(2));
+        assert_eq!(err(b"a b c d"), LineError::FieldCount(4));
+        assert_eq!(err(b"@x vm svc\x1b"), LineError::ControlCharacter('\x1b'));
+        assert_eq!(err(b"@x vm\x0bsvc"), LineError::ControlCharacter('\x0b'));
+        assert_eq!(err(b"@x\xff vm svc"), LineError::NotUtf8);
+        assert!(matches!(err(b"22 vm svc"), LineError::Address(_)));
+        assert!(matches!(err(b"@x 1vm svc"), LineError::Binding(_)));
+        assert!(matches!(
+            err(b"@x @dispvm:t svc"),
+            LineError::Binding(BindingError::ColonInTarget(_))
+        ));
+        // A control character in a comment is harmless; bad UTF-8 too.
+        assert_eq!(
+            parse_line(b"@x vm svc # \x1b\xff")
+                .unwrap()
+                .unwrap()
+                .fd_name,
+            "vm svc"
+        );
+    }
+
+    #[test]
+    fn duplicates_name_the_first_line() {
+        let mut config = Config::default();
+        config.add_text("/a.conf", b"/run/a vm s\n\n/run//a vm2 s2\n");
+        assert_eq!(config.bindings.len(), 1);
+        assert_eq!(
+            config.problems[0].to_string(),
+            "/a.conf:3: the same LISTEN is already bound at /a.conf:1 \
+             (unit qrexec-connect-path-run-a.socket): /run//a vm2 s2"
+        );
+    }
+
+    #[test]
+    fn odd_files_are_refused_not_read() {
+        let dir =
+            std::env::temp_dir().join(format!("qrexec-connect-config-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.conf");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let bad_name = dir.join(std::ffi::OsStr::from_bytes(b"\xff.conf"));
+        fs::write(&bad_name, "127.0.0.1:1 vm svc\n").unwrap();
+        let mut config = Config::default();
+        config.add_file(&fifo); // would block forever if it were opened
+        config.add_file(&bad_name);
+        config.add_text("/new\nline.conf", b"127.0.0.1:2 vm svc\n");
+        let _ = fs::remove_dir_all(&dir);
+        assert!(config.bindings.is_empty());
+        let messages: Vec<String> = config.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                format!("{}: not a regular file, skipped", fifo.display()),
+                format!("{}/\\xff.conf: {BAD_FILE_NAME}", dir.display()),
+                format!("/new\\x0aline.conf: {BAD_FILE_NAME}"),
+            ]
+        );
+    }
+
+    #[test]
+    fn printable_escapes() {
+        assert_eq!(printable(b"a\tb\x1b\\\xff\xc3\xbc"), "a\tb\\x1b\\\\xffü");
+        assert_eq!(printable("\u{85}x".as_bytes()), "\\u{85}x");
+        assert_eq!(printable(b"\xe2\x82"), "\\xe2\\x82");
+    }
+
+    #[test]
+    fn user_dir_from_environment() {
+        let dirs = ConfigDirs::from_vars(Some("/x".into()), Some("/h".into()));
+        assert_eq!(dirs.user, Some(PathBuf::from("/x/qrexec-connect")));
+        let dirs = ConfigDirs::from_vars(Some("rel".into()), Some("/h".into()));
+        assert_eq!(dirs.user, Some(PathBuf::from("/h/.config/qrexec-connect")));
+        let dirs = ConfigDirs::from_vars(Some("".into()), Some("h".into()));
+        assert_eq!(dirs.user, None);
+        assert_eq!(dirs.system, PathBuf::from("/etc/qrexec-connect"));
+    }
+}
