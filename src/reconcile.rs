@@ -247,13 +247,13 @@ pub fn run() -> io::Result<()> {
 fn apply(plan: &Plan) -> io::Result<()> {
     let mut done = Vec::new();
     if plan.stop_daemon {
-        systemctl(&["stop", SERVICE])?;
+        systemctl(&["--quiet", "stop", SERVICE])?;
         done.push(format!(
             "stopped {SERVICE} so it picks up the change (live connections continue)"
         ));
     }
     if !plan.stop.is_empty() {
-        let mut args = vec!["stop", "--"];
+        let mut args = vec!["--quiet", "stop", "--"];
         args.extend(plan.stop.iter().map(String::as_str));
         systemctl(&args)?;
         done.push(format!("stopped {}", plan.stop.join(", ")));
@@ -274,9 +274,11 @@ fn apply(plan: &Plan) -> io::Result<()> {
         let mut args = vec!["reset-failed", "--"];
         args.extend(plan.start.iter().map(String::as_str));
         let _ = systemctl(&args); // only clears a failed state, if any
-        let mut args = vec!["start", "--"];
-        args.extend(plan.start.iter().map(String::as_str));
-        systemctl(&args)?;
+                                  // Through the target rather than by name: a socket the user started
+                                  // in the meantime (enable --now) is then left alone, whereas a start
+                                  // job on it would pull in the handover oneshot and stop the daemon
+                                  // again (systemd-facts.md, items 2 and 11).
+        systemctl(&["start", "sockets.target"])?;
         done.push(format!("started {}", plan.start.join(", ")));
     }
     // <5> is syslog "notice": above the unit's LogLevelMax= filter.

@@ -111,7 +111,7 @@ fn config_lines_listen_at_start_and_bad_lines_reach_the_journal() {
         });
         assert!(received == data, "{endpoint:?}");
     }
-    let journal = manager.wait_journal(&[], "2222", LIMIT);
+    let journal = manager.wait_journal(&[], "test.conf:6: ", LIMIT);
     assert!(
         journal.contains("test.conf:6: ") && journal.contains("127.0.0.1:2222"),
         "the bad line is reported with FILE:LINE and a suggestion:\n{journal}"
@@ -241,6 +241,11 @@ fn enable_now_of_a_hand_written_socket_works_while_the_daemon_serves() {
     wait_forwarding(hand, b"hand", b"hand");
     wait_forwarding(a, b"a", b"a");
     still_works(held, "binding a across enable --now of another socket");
+    let messages = manager.messages();
+    assert!(
+        !messages.contains("can still be activated"),
+        "the handover is not quiet:\n{messages}"
+    );
 
     // And removing the hand-written unit is applied by a reload too.
     manager.systemctl_ok(&["disable", "qrexec-connect-foo.socket"]);

@@ -31,6 +31,7 @@ fn hand_written_socket_unit_forwards_and_reports_to_systemd_and_the_journal() {
     // The classic systemd steps a user of the original project knows.
     manager.daemon_reload();
     manager.systemctl_ok(&["enable", "--now", "qrexec-connect-echo.socket"]);
+    manager.settle();
     assert_eq!(
         manager.property("qrexec-connect-echo.socket", "Triggers"),
         "qrexec-connect.service",
@@ -84,7 +85,9 @@ fn hand_written_socket_unit_forwards_and_reports_to_systemd_and_the_journal() {
     assert!(ended.contains("closed normally"), "{ended}");
 
     // A restart of the daemon keeps the live connection.
-    let before = manager.main_pid("qrexec-connect.service").unwrap();
+    let before = manager
+        .main_pid("qrexec-connect.service")
+        .unwrap_or_else(|| panic!("the daemon is not running:\n{}", manager.messages()));
     manager.systemctl_ok(&["restart", "qrexec-connect.service"]);
     let after = wait_for("the restarted daemon", LIMIT, || {
         manager

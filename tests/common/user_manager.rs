@@ -27,7 +27,14 @@ pub struct UserManager {
     pub home: TempDir,
     /// Files for the test (double policy, services), visible on both sides.
     pub scratch: TempDir,
+    /// Held while this manager lives (dropped last, after the cleanup).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One user manager at a time per test binary: on this cgroup-v1 machine
+/// every manager runs in the host's cgroup and would create the same unit
+/// cgroups as another manager running at the same moment.
+static ONE_MANAGER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Installs the project once per test binary into a DESTDIR (debug build).
 fn installed_tree() -> &'static Path {
@@ -73,6 +80,9 @@ impl UserManager {
     /// Like [`start`], plus unit files or drop-ins written under
     /// /run/systemd/user (e.g. Environment= for the double).
     pub fn start_with(home_files: &[(&str, &str)], run_units: &[(&str, &str)]) -> UserManager {
+        let guard = ONE_MANAGER
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let tree = installed_tree();
         let home = TempDir::new("home");
         let scratch = TempDir::new("scratch");
@@ -112,6 +122,7 @@ impl UserManager {
             manager: None,
             home,
             scratch,
+            _one_at_a_time: guard,
         };
         for (name, text) in run_units {
             manager.write_file(&format!("/run/systemd/user/{name}"), text);
@@ -127,9 +138,15 @@ impl UserManager {
         wait_for("journald's socket", Duration::from_secs(10), || {
             socket.exists().then_some(())
         });
+        // As under user@.service, the manager's stdout and stderr (and so
+        // its generators' messages) go to the journal.
         let user_manager = manager
-            .command("/usr/lib/systemd/systemd")
-            .arg("--user")
+            .command("systemd-cat")
+            .args([
+                "--identifier=systemd-user",
+                "/usr/lib/systemd/systemd",
+                "--user",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -229,6 +246,17 @@ impl UserManager {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The journal's messages as plain lines (for failure reports).
+    pub fn messages(&self) -> String {
+        let out = run(self
+            .command("journalctl")
+            .args(["--no-pager", "-o", "short-monotonic", "--no-hostname"])
+            .arg("_TRANSPORT=stdout")
+            .arg("+")
+            .arg("_TRANSPORT=journal"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Waits until journal entries matching `matches` contain `needle`.
     pub fn wait_journal(&self, matches: &[&str], needle: &str, limit: Duration) -> String {
         wait_for(
@@ -247,6 +275,20 @@ impl UserManager {
             .parse()
             .ok()
             .filter(|&pid| pid != 0)
+    }
+
+    /// Waits until the reconcile step triggered by the last reload has run:
+    /// the flag is gone and the reconcile service is not running.
+    pub fn settle(&self) {
+        let flag = self.ns_path("/run/user/0/qrexec-connect/reload-requested");
+        wait_for(
+            "the reconcile step to finish",
+            Duration::from_secs(20),
+            || {
+                let state = self.property("qrexec-connect-reconcile.service", "ActiveState");
+                (!flag.exists() && matches!(state.as_str(), "inactive" | "failed")).then_some(())
+            },
+        );
     }
 
     /// Runs `systemctl --user daemon-reload`.
