@@ -284,12 +284,13 @@ fn a_burst_of_reloads_ends_in_the_right_state() {
     wait_refused(ports[2]);
     let states = socket_states(&manager);
     assert!(!states.contains("failed"), "{states}");
-    let manager_pid = manager.manager_pid();
-    let daemons = children_of(manager_pid)
+    manager.settle();
+    let daemons = children_of(manager.manager_pid())
         .into_iter()
         .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "qrexec-connect")
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args[0].ends_with(b"/qrexec-connect") && !args.contains(&&b"reconcile"[..])
         })
         .count();
     assert!(daemons <= 1, "{daemons} daemons run under the manager");
