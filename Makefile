@@ -50,7 +50,7 @@ CLIENT_MAN := man/qrexec-connect.8 man/qrexec-connect-generator.8 man/qrexec-con
 NFS_MAN := man/qubes.ConnectNFS.8
 NFS_BINARY := $(OUT)/qrexec-connect-nfs
 
-.PHONY: all build test demo bench man install install-client install-connectnfs uninstall clean
+.PHONY: all build test demo bench bench-reload man install install-client install-connectnfs uninstall clean
 
 all: build
 
@@ -75,6 +75,10 @@ demo:
 
 bench:
 	./bench/run.sh
+
+# Time from daemon-reload to a new binding answering (real user manager; root).
+bench-reload:
+	$(CARGO) test --locked --test reload_latency -- --ignored --nocapture
 
 install: install-client
 
