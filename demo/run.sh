@@ -61,7 +61,7 @@ systemd-socket-activate \
     -E QREXEC_DOUBLE_POLICY="$work/policy" \
     "$bin/qrexec-connect" --qrexec-client-vm="$bin/qrexec-client-vm-double" &
 pids+=($!)
-wait_listening "$web_port"
+wait_listening "$web_port" # this first connection starts the daemon, as socket activation does
 
 cat <<TEXT
 
@@ -70,7 +70,7 @@ qrexec-connect is listening (log lines start with "qrexec-connect:").
   127.0.0.1:$web_port  ->  web-server qubes.ConnectTCP+$service_port   (allowed)
   127.0.0.1:$deny_port  ->  web-server qubes.ConnectTCP+22     (refused by policy)
 
-First connection (starts the daemon, like socket activation does):
+Two requests through it (the second is refused by the policy, so the connection just closes):
 TEXT
 echo "  curl http://127.0.0.1:$web_port/  =>  $(fetch "http://127.0.0.1:$web_port/")"
 echo "  curl http://127.0.0.1:$deny_port/  =>  $(fetch "http://127.0.0.1:$deny_port/")"
