@@ -40,7 +40,9 @@ fn reload_to_new_binding_latency() {
     let echo = EchoServer::start();
     let first = free_port();
     let manager = UserManager::start(&[(CONFIG, &line(first, echo.port))]);
-    wait_for("the first binding", Duration::from_secs(10), || answers(first).then_some(()));
+    wait_for("the first binding", Duration::from_secs(10), || {
+        answers(first).then_some(())
+    });
     let mut config = line(first, echo.port);
     let mut samples = Vec::new();
     for round in 0..20 {
@@ -76,10 +78,16 @@ fn reload_to_new_binding_latency() {
     std::fs::write(manager.home.path().join(CONFIG), &config).unwrap();
     manager.daemon_reload();
     manager.settle();
-    println!("journal, one remove (19 bindings):\n{}\n", new_messages(&manager, before));
+    println!(
+        "journal, one remove (19 bindings):\n{}\n",
+        new_messages(&manager, before)
+    );
 
     let before = manager.messages().lines().count();
     manager.daemon_reload();
     manager.settle();
-    println!("journal, one no-op reload:\n{}\n", new_messages(&manager, before));
+    println!(
+        "journal, one no-op reload:\n{}\n",
+        new_messages(&manager, before)
+    );
 }

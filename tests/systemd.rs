@@ -132,3 +132,51 @@ fn units_pass_systemd_analyze_verify_without_a_word() {
         );
     }
 }
+
+#[test]
+fn a_client_keeps_logging_to_the_journal_after_the_daemon_restarts() {
+    // A stand-in client that answers one line, writing to stderr only when
+    // the line arrives, i.e. after the daemon has been restarted.
+    let port = free_port();
+    let manager = UserManager::start_with(
+        &[(
+            ".config/systemd/user/qrexec-connect-late.socket",
+            &socket_unit(port, "@default qubes.Late"),
+        )],
+        &[],
+    );
+    let client = manager.write_executable(
+        "late-client",
+        "#!/bin/sh\n\
+         [ \"$1\" = --help ] && { echo '--use-stdin-socket'; exit 0; }\n\
+         read -r line\n\
+         echo \"late stderr: $line\" >&2\n\
+         echo \"$line\"\n",
+    );
+    manager.write_file(
+        "/run/systemd/user/qrexec-connect.service.d/client.conf",
+        &format!(
+            "[Service]\nExecStart=\nExecStart=/usr/bin/qrexec-connect --qrexec-client-vm={}\n",
+            client.display()
+        ),
+    );
+    manager.daemon_reload();
+    manager.systemctl_ok(&["enable", "--now", "qrexec-connect-late.socket"]);
+    manager.settle();
+    let mut live = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let before = wait_for("the daemon", LIMIT, || {
+        manager.main_pid("qrexec-connect.service")
+    });
+    manager.systemctl_ok(&["restart", "qrexec-connect.service"]);
+    wait_for("the restarted daemon", LIMIT, || {
+        manager
+            .main_pid("qrexec-connect.service")
+            .filter(|&pid| pid != before)
+    });
+    live.write_all(b"after the restart\n").unwrap();
+    live.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut reply = String::new();
+    live.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "after the restart\n");
+    manager.wait_journal(&[], "late stderr: after the restart", LIMIT);
+}
