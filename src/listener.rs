@@ -32,14 +32,19 @@ pub struct InheritedSocket {
 ///
 /// Must run before any other thread starts: it changes the environment.
 pub fn take_from_systemd() -> Vec<InheritedSocket> {
-    let names = std::env::var("LISTEN_FDNAMES").ok();
+    // Raw bytes, not `var()`: one name that is not UTF-8 must cost only its
+    // own binding (it becomes an invalid name), not every name.
+    let names = std::env::var_os("LISTEN_FDNAMES");
     // listenfd checks LISTEN_PID against our pid and removes LISTEN_FDS and
     // LISTEN_PID; it does not know about names, so we read those ourselves.
     let mut fds = listenfd::ListenFd::from_env();
     std::env::remove_var("LISTEN_FDNAMES");
-    let names: Vec<&str> = names
-        .as_deref()
-        .map_or(Vec::new(), |n| n.split(':').collect());
+    let names: Vec<std::borrow::Cow<str>> = names.as_ref().map_or(Vec::new(), |n| {
+        n.as_encoded_bytes()
+            .split(|&b| b == b':')
+            .map(String::from_utf8_lossy)
+            .collect()
+    });
     (0..fds.len())
         .filter_map(|index| {
             let raw = fds.take_raw_fd(index).ok().flatten()?;
@@ -47,7 +52,7 @@ pub fn take_from_systemd() -> Vec<InheritedSocket> {
             // SAFETY: systemd handed this fd to us, and listenfd gives each
             // index out only once, so nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let name = names.get(index).copied().unwrap_or("unknown").to_owned();
+            let name = names.get(index).map_or("unknown", |n| n).to_owned();
             Some(InheritedSocket { fd, name })
         })
         .collect()

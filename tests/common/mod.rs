@@ -494,3 +494,134 @@ pub fn environment_of(pid: u32) -> Vec<String> {
 }
 
 pub mod user_manager;
+
+/// CPU time a process has used so far (user + system, all its threads),
+/// from fields 14 and 15 of /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // fields[0] is field 3 (state): utime is field 14, stime field 15.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// The children of a process that are still running (not zombies).
+pub fn live_children_of(pid: u32) -> Vec<u32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|&child| state_of(child).is_some_and(|s| s != 'Z'))
+        .collect()
+}
+
+/// What a daemon holds when no connection is live: its open fd count.
+/// Waits until it has no child at all (running or zombie) and its fd count
+/// has not changed for 50 ms (a child is reaped a moment before the daemon
+/// closes the pidfd it waited on).
+pub fn idle_fd_count(daemon: &Activate, limit: Duration) -> usize {
+    let pid = daemon.pid();
+    let mut last: Option<(usize, Instant)> = None;
+    wait_for("the daemon to settle with no child", limit, || {
+        let count = open_fds(pid).len();
+        if !children_of(pid).is_empty() {
+            last = None;
+            return None;
+        }
+        match last {
+            Some((before, since)) if before == count => {
+                (since.elapsed() >= Duration::from_millis(50)).then_some(count)
+            }
+            _ => {
+                last = Some((count, Instant::now()));
+                None
+            }
+        }
+    })
+}
+
+/// Waits until a daemon is back to `idle_fds` open fds with no child left,
+/// running or zombie; on timeout, panics with what it still holds.
+pub fn wait_until_idle(daemon: &Activate, idle_fds: usize, limit: Duration) {
+    let pid = daemon.pid();
+    let deadline = Instant::now() + limit;
+    loop {
+        let children = children_of(pid);
+        let fds = open_fds(pid);
+        if children.is_empty() && fds.len() == idle_fds {
+            return;
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = children
+                .iter()
+                .map(|&c| format!("{c}:{}", state_of(c).unwrap_or('?')))
+                .collect();
+            let links: Vec<String> = fds
+                .iter()
+                .map(|fd| {
+                    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"));
+                    format!(
+                        "{fd}->{}",
+                        target.map_or("?".into(), |t| t.display().to_string())
+                    )
+                })
+                .collect();
+            panic!(
+                "after {limit:?} the daemon still holds {} fds (idle: {idle_fds}): {links:?}; \
+                 children {states:?}\n{}",
+                fds.len(),
+                daemon.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Activate {
+    /// Like [`Activate::with_sockets`], but `LISTEN_FDNAMES` is given whole
+    /// and as raw bytes: fewer names than sockets, names that are not UTF-8,
+    /// anything a launcher other than systemd could pass.
+    pub fn with_raw_fd_names(
+        sockets: Vec<std::os::fd::OwnedFd>,
+        fd_names: &std::ffi::OsStr,
+        args: &[&str],
+    ) -> Activate {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let raw: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(DAEMON)
+            .arg(format!("--qrexec-client-vm={DOUBLE}"))
+            .args(args)
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", fd_names)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET");
+        // SAFETY: only dup2 and close, which are async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let base = 100 + raw.len() as i32;
+                for (i, &fd) in raw.iter().enumerate() {
+                    if libc::dup2(fd, base + i as i32) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                for i in 0..raw.len() as i32 {
+                    if libc::dup2(base + i, 3 + i) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(base + i);
+                }
+                Ok(())
+            });
+        }
+        let activate = Activate::capture(command);
+        drop(sockets); // the daemon holds its own copies now
+        activate
+    }
+}

@@ -192,15 +192,20 @@ async fn wait_for_stop_signal() {
 async fn serve(binding: Rc<Binding>, shared: Rc<Shared>) {
     let max = shared.options.max_connections;
     let mut backoff = BACKOFF_MIN;
+    // From the limit warning until no client is left waiting: one episode,
+    // one warning and one all-clear, however many slots free up in between.
+    let mut saturated = false;
     loop {
         if binding.live.get() >= max {
-            warn!(listen = %binding.listen,
-                "{}: {max} live connections, the --max-connections limit; new clients wait \
-                 until one ends", binding.listen);
+            if !saturated {
+                warn!(listen = %binding.listen,
+                    "{}: {max} live connections, the --max-connections limit; new clients \
+                     wait until one ends", binding.listen);
+                saturated = true;
+            }
             while binding.live.get() >= max {
                 binding.slot_freed.notified().await;
             }
-            info!(listen = %binding.listen, "{}: below the limit again, accepting", binding.listen);
         }
         let mut ready = match binding.socket.readable().await {
             Ok(ready) => ready,
@@ -212,7 +217,15 @@ async fn serve(binding: Rc<Binding>, shared: Rc<Shared>) {
         };
         let accepted = match ready.try_io(|socket| listener::accept(socket.get_ref().as_fd())) {
             Ok(result) => result,
-            Err(_would_block) => continue,
+            Err(_would_block) => {
+                // The backlog is empty while below the limit: nobody waits.
+                if saturated {
+                    info!(listen = %binding.listen, "{}: below the limit again, accepting",
+                        binding.listen);
+                    saturated = false;
+                }
+                continue;
+            }
         };
         match accepted {
             Ok(connection) => {
