@@ -9,7 +9,7 @@
 //! * [`ClientMode::Pipe`]: older clients. Giving them the same socket as stdin
 //!   and stdout loses the service's EOF (qubes-issues #9169), so stdout is a
 //!   pipe whose bytes are moved to the socket with `splice(2)`, followed by
-//!   `shutdown(SHUT_WR)`. That mover is [`run_relay`], run as a small process
+//!   `shutdown(SHUT_WR)`. That mover is [`relay`], run as a small process
 //!   of its own (`qrexec-connect relay ...`) rather than inside the daemon:
 //!   the socket must stay in blocking mode for the client, which would block
 //!   the daemon's loop, and a relay in the daemon would die with it and cut
@@ -99,14 +99,33 @@ pub fn client_command(
 
 /// Runs the client with fd 0 (the connection) as stdin and a pipe as stdout,
 /// moves the pipe's bytes to fd 0 with `splice(2)`, half-closes fd 0 when
-/// the client's output ends, and returns the client's exit status as an exit
-/// code (128+N for a signal, like a shell).
-pub fn run_relay(client: &OsStr, args: &[OsString]) -> i32 {
+/// the client's output ends, and ends the way the client ended: the same
+/// exit code, or the same signal (so the daemon's log line does not depend
+/// on the client mode). Never returns.
+pub fn relay(client: &OsStr, args: &[OsString]) -> ! {
+    let code = match run_relay(client, args) {
+        Ok(status) => match status.signal() {
+            Some(signal) => {
+                // SAFETY: default action, then the same signal, at our own pid.
+                unsafe {
+                    libc::signal(signal, libc::SIG_DFL);
+                    libc::raise(signal);
+                }
+                128 + signal // only if the signal did not end us
+            }
+            None => status.code().unwrap_or(125),
+        },
+        Err(code) => code,
+    };
+    std::process::exit(code)
+}
+
+fn run_relay(client: &OsStr, args: &[OsString]) -> Result<ExitStatus, i32> {
     let (pipe_read, pipe_write) = match pipe() {
         Ok(ends) => ends,
         Err(e) => {
             eprintln!("qrexec-connect relay: cannot create a pipe: {e}");
-            return 125;
+            return Err(125);
         }
     };
     let mut child = match Command::new(client)
@@ -122,7 +141,7 @@ pub fn run_relay(client: &OsStr, args: &[OsString]) -> i32 {
                 "qrexec-connect relay: cannot run {}: {e}",
                 client.to_string_lossy()
             );
-            return 125;
+            return Err(125);
         }
     };
     // The Command dropped its copy of the write end, so the pipe ends when
@@ -151,10 +170,7 @@ pub fn run_relay(client: &OsStr, args: &[OsString]) -> i32 {
     // SAFETY: shutdown on fd 0, which is our connection.
     unsafe { libc::shutdown(socket, libc::SHUT_WR) };
     drop(pipe_read); // a client still writing now gets EPIPE, not a hang
-    match child.wait() {
-        Ok(status) => exit_code(status),
-        Err(_) => 125,
-    }
+    child.wait().map_err(|_| 125)
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {

@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         Some("relay") => {
             let client = args.next().unwrap_or_else(|| DEFAULT_CLIENT.into());
             let rest: Vec<OsString> = args.collect();
-            return ExitCode::from(spawn::run_relay(&client, &rest).clamp(0, 255) as u8);
+            spawn::relay(&client, &rest);
         }
         Some("reconcile") => {
             return match qrexec_connect::reconcile::run() {
