@@ -128,6 +128,10 @@ fn run_relay(client: &OsStr, args: &[OsString]) -> Result<ExitStatus, i32> {
             return Err(125);
         }
     };
+    // A bigger pipe means fewer, larger splices per GiB (1 MiB is the
+    // default limit for unprivileged processes; failure only costs speed).
+    // SAFETY: fcntl on a pipe we own.
+    unsafe { libc::fcntl(pipe_read.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     let mut child = match Command::new(client)
         .args(args)
         .stdin(Stdio::inherit())
