@@ -25,7 +25,9 @@
 //! is PATH (the qrexec-client-vm double) and the descendants of such a
 //! process. CPU is utime+stime from /proc/PID/stat (all threads, including
 //! ended ones; a process that starts during a measurement counts in full),
-//! memory is VmRSS from /proc/PID/status and Pss from smaps_rollup.
+//! memory is VmRSS from /proc/PID/status and Pss from smaps_rollup. `up` and
+//! `down` also report the doubles' CPU, so that the whole chain's cost can be
+//! compared between designs that split the work differently.
 //!
 //! Every socket has a 30 s send/receive timeout (10 s for connect), every
 //! loop is bounded, `serve` exits by itself after `--lifetime` seconds.
@@ -508,16 +510,16 @@ fn is_excluded(pid: i32, exclude: &Path) -> bool {
 }
 
 impl Forwarder {
-    /// (forwarder processes, number of excluded processes under them).
-    fn processes(&self) -> (Vec<i32>, usize) {
+    /// (forwarder processes, excluded processes (doubles) directly under them).
+    fn processes(&self) -> (Vec<i32>, Vec<i32>) {
         let children = parents();
         let mut mine = vec![self.root];
-        let mut excluded = 0;
+        let mut excluded = Vec::new();
         let mut todo = vec![self.root];
         while let Some(pid) = todo.pop() {
             for &child in children.get(&pid).map(Vec::as_slice).unwrap_or_default() {
                 if is_excluded(child, &self.exclude) {
-                    excluded += 1;
+                    excluded.push(child);
                 } else {
                     mine.push(child);
                     todo.push(child);
@@ -527,24 +529,18 @@ impl Forwarder {
         (mine, excluded)
     }
 
-    /// utime+stime in clock ticks of each forwarder process.
-    fn cpu(&self) -> HashMap<i32, u64> {
-        let (pids, _) = self.processes();
-        pids.into_iter()
-            .filter_map(|pid| {
-                let f = stat_fields(pid)?;
-                // After the name: state=0, ppid=1, ... utime=11, stime=12.
-                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-                Some((pid, ticks))
-            })
-            .collect()
+    /// utime+stime in clock ticks of each forwarder process, and of each
+    /// double under it.
+    fn cpu(&self) -> (HashMap<i32, u64>, HashMap<i32, u64>) {
+        let (mine, doubles) = self.processes();
+        (ticks_of(mine), ticks_of(doubles))
     }
 
     fn memory(&self) -> Memory {
         let (pids, excluded) = self.processes();
         let mut m = Memory {
             procs: pids.len(),
-            excluded,
+            excluded: excluded.len(),
             ..Memory::default()
         };
         for pid in pids {
@@ -557,6 +553,17 @@ impl Forwarder {
         }
         m
     }
+}
+
+fn ticks_of(pids: Vec<i32>) -> HashMap<i32, u64> {
+    pids.into_iter()
+        .filter_map(|pid| {
+            let f = stat_fields(pid)?;
+            // After the name: state=0, ppid=1, ... utime=11, stime=12.
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((pid, ticks))
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -618,7 +625,7 @@ fn cpu_seconds(before: &HashMap<i32, u64>, after: &HashMap<i32, u64>) -> f64 {
 fn drain(fwd: &Forwarder, timeout: Duration) -> Res<Duration> {
     let t0 = Instant::now();
     loop {
-        let (_, left) = fwd.processes();
+        let left = fwd.processes().1.len();
         if left == 0 {
             return Ok(t0.elapsed());
         }
@@ -699,10 +706,13 @@ fn bulk(opts: &Opts, upload: bool) -> Res<()> {
     println!("secs={secs:.4}");
     println!("mib_s={:.1}", bytes as f64 / (1u64 << 20) as f64 / secs);
     if fwd.is_some() {
-        let cpu = cpu_seconds(&before, &after);
+        let cpu = cpu_seconds(&before.0, &after.0);
+        let double = cpu_seconds(&before.1, &after.1);
         println!("fwd_cpu_s={cpu:.3}");
         println!("fwd_cpu_s_per_gib={:.4}", cpu / gib);
-        println!("fwd_procs={}", after.len());
+        println!("fwd_procs={}", after.0.len());
+        println!("double_cpu_s_per_gib={:.4}", double / gib);
+        println!("chain_cpu_s_per_gib={:.4}", (cpu + double) / gib);
     }
     Ok(())
 }
@@ -872,12 +882,17 @@ const LATENCY: &[Column] = &[
 const RESOURCES: &[Column] = &[
     Column { metric: "up_mib_s", heading: "upload MiB/s", scale: 1.0, decimals: 0 },
     Column { metric: "down_mib_s", heading: "download MiB/s", scale: 1.0, decimals: 0 },
-    Column { metric: "up_cpu_s_per_gib", heading: "fwd CPU s/GiB up", scale: 1.0, decimals: 3 },
-    Column { metric: "down_cpu_s_per_gib", heading: "fwd CPU s/GiB down", scale: 1.0, decimals: 3 },
     Column { metric: "idle_rss_kib", heading: "fwd RSS idle MiB", scale: 1.0 / 1024.0, decimals: 2 },
     Column { metric: "root_rss1000_kib", heading: "main process RSS @{HOLD} live MiB", scale: 1.0 / 1024.0, decimals: 2 },
     Column { metric: "rss1000_kib", heading: "fwd RSS @{HOLD} live MiB (sum)", scale: 1.0 / 1024.0, decimals: 1 },
     Column { metric: "pss1000_kib", heading: "fwd PSS @{HOLD} live MiB", scale: 1.0 / 1024.0, decimals: 1 },
+];
+
+const CPU: &[Column] = &[
+    Column { metric: "up_cpu_s_per_gib", heading: "forwarder s/GiB up", scale: 1.0, decimals: 3 },
+    Column { metric: "down_cpu_s_per_gib", heading: "forwarder s/GiB down", scale: 1.0, decimals: 3 },
+    Column { metric: "up_chain_cpu_s_per_gib", heading: "forwarder + double s/GiB up", scale: 1.0, decimals: 3 },
+    Column { metric: "down_chain_cpu_s_per_gib", heading: "forwarder + double s/GiB down", scale: 1.0, decimals: 3 },
 ];
 
 struct Stats {
@@ -1069,21 +1084,30 @@ fn report(opts: &Opts) -> Res<()> {
     println!("### Connections\n");
     let hold = opts.opt("hold").unwrap_or("1000");
     println!("{}", table(&raw, &order, floor, LATENCY, hold));
-    println!("### Throughput, CPU and memory\n");
+    println!("### Throughput and memory\n");
     println!("{}", table(&raw, &order, floor, RESOURCES, hold));
+    println!("### CPU seconds per GiB moved (during the bulk transfers)\n");
+    println!("{}", table(&raw, &order, floor, CPU, hold));
     println!("### Targets (medians; reported, not asserted)\n");
     println!("{}", targets(&raw, floor, &daemons, hold));
     let errors: Vec<String> = order
         .iter()
         .filter_map(|c| {
-            let n: f64 = get(&raw, c, "errors").iter().sum();
-            (n > 0.0).then(|| format!("{c}: {n}"))
+            let tests: Vec<String> = raw
+                .iter()
+                .filter(|((who, metric), _)| who == c && metric.starts_with("errors_"))
+                .filter_map(|((_, metric), v)| {
+                    let n: f64 = v.iter().sum();
+                    (n > 0.0).then(|| format!("{} {n}", &metric["errors_".len()..]))
+                })
+                .collect();
+            (!tests.is_empty()).then(|| format!("{c} ({})", tests.join(", ")))
         })
         .collect();
     if errors.is_empty() {
         println!("Failed connections: none.");
     } else {
-        println!("Failed connections: {}.", errors.join(", "));
+        println!("Failed connections, summed over rounds: {}.", errors.join("; "));
     }
     Ok(())
 }

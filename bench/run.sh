@@ -137,7 +137,7 @@ measure() {
     fi
     local errors
     errors=$(kv errors "$OUT")
-    [ -n "$errors" ] && record "$contender" errors "$errors"
+    [ -n "$errors" ] && record "$contender" "errors_$test" "$errors"
     return 0
 }
 
@@ -308,7 +308,10 @@ run_round() {
                 use "$c"
                 if measure "$c" "$dir" "$dir" --port="$PORT" --bytes="$BULK_BYTES" "${FWD_ARGS[@]}"; then
                     record "$c" "${dir}_mib_s" "$(kv mib_s "$OUT")"
-                    [ -n "$FWD" ] && record "$c" "${dir}_cpu_s_per_gib" "$(kv fwd_cpu_s_per_gib "$OUT")"
+                    if [ -n "$FWD" ]; then
+                        record "$c" "${dir}_cpu_s_per_gib" "$(kv fwd_cpu_s_per_gib "$OUT")"
+                        record "$c" "${dir}_chain_cpu_s_per_gib" "$(kv chain_cpu_s_per_gib "$OUT")"
+                    fi
                 fi
                 drain
             done
