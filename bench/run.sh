@@ -50,7 +50,7 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
     ROUNDS=${BENCH_ROUNDS:-1}
     WARM_N=300 BULK_BYTES=$((256 << 20)) BULK_REPS=1 WARM_CHUNKS=2 HOLD_N=200 RATE_SECS=3 BURST_N=200 COLD_N=2
 else
-    WARM_N=2000 BULK_BYTES=$((1 << 30)) BULK_REPS=2 WARM_CHUNKS=4 HOLD_N=1000 RATE_SECS=10 BURST_N=200 COLD_N=5
+    WARM_N=2000 BULK_BYTES=$((1 << 30)) BULK_REPS=3 WARM_CHUNKS=4 HOLD_N=1000 RATE_SECS=10 BURST_N=200 COLD_N=5
 fi
 RATE_CONC=50
 ECHO_PORT=9000
@@ -82,13 +82,26 @@ cleanup() {
     for dir in /proc/[0-9]*; do
         pid=${dir#/proc/}
         [ "$pid" = $$ ] && continue
+        [ "$pid" = "${WATCHDOG:-}" ] && continue
         [ "$(readlink "$dir/ns/net" 2>/dev/null)" = "$NETNS" ] && kill -KILL "$pid" 2>/dev/null
     done
-    wait 2>/dev/null
+    [ "${#STARTED[@]}" -gt 0 ] && wait "${!STARTED[@]}" 2>/dev/null
     umount /run 2>/dev/null
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
+
+# Should this script be killed outright (no trap runs), a watchdog outside its
+# process group ends everything in the namespace once the script is gone.
+MAIN=$$
+setsid bash -c '
+    while kill -0 '"$MAIN"' 2>/dev/null; do sleep 1; done
+    for dir in /proc/[0-9]*; do
+        pid=${dir#/proc/}
+        [ "$pid" = $$ ] && continue
+        [ "$(readlink "$dir/ns/net" 2>/dev/null)" = "'"$NETNS"'" ] && kill -KILL "$pid" 2>/dev/null
+    done' </dev/null >/dev/null 2>&1 &
+WATCHDOG=$!
 
 ip link set lo up
 # 1,000 live connections: the load tool, the echo server and the manager each
@@ -375,7 +388,7 @@ run_round() {
 START=$(date +%s)
 log "bench: $ROUNDS round(s); warm $WARM_N, bulk $BULK_REPS x $((BULK_BYTES >> 20)) MiB," \
     "hold $HOLD_N, rate ${RATE_SECS}s x $RATE_CONC, burst $BURST_N, cold x$COLD_N per round"
-start_bg "$WORK/echo.log" "$LG" serve --port=$ECHO_PORT --lifetime=3600
+start_bg "$WORK/echo.log" "$LG" serve --port=$ECHO_PORT --lifetime=$((1200 + ROUNDS * 600))
 ECHO=$BG
 "$LG" wait-listen --port=$ECHO_PORT
 start_manager
