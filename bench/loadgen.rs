@@ -132,7 +132,9 @@ impl Opts {
     }
     fn num<T: std::str::FromStr>(&self, key: &str, default: Option<T>) -> Res<T> {
         match self.0.get(key) {
-            Some(v) => v.parse().map_err(|_| format!("--{key}: not a number: {v:?}")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{key}: not a number: {v:?}")),
             None => default.ok_or_else(|| format!("--{key}= is required")),
         }
     }
@@ -190,9 +192,8 @@ fn set_timeout(fd: RawFd, option: libc::c_int, limit: Duration) -> io::Result<()
 /// bounds connect(2) too), then 30 s send/receive timeouts.
 fn connect(port: u16) -> io::Result<TcpStream> {
     // SAFETY: plain socket(2).
-    let fd = cvt(unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
-    })?;
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd was just created and is owned by nobody else.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     set_timeout(fd, libc::SO_SNDTIMEO, CONNECT_TIMEOUT)?;
@@ -249,10 +250,8 @@ fn serve(opts: &Opts) -> Res<()> {
     let port: u16 = opts.num("port", None)?;
     let lifetime: u64 = opts.num("lifetime", Some(3600))?;
     // SAFETY: plain socket(2).
-    let fd = cvt(unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
-    })
-    .map_err(|e| format!("socket: {e}"))?;
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })
+        .map_err(|e| format!("socket: {e}"))?;
     // SAFETY: fd is ours.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     let one: libc::c_int = 1;
@@ -399,7 +398,9 @@ fn wait_listen(opts: &Opts) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs_f64(timeout);
     while !listening(port) {
         if Instant::now() > deadline {
-            return Err(format!("nothing listens on 127.0.0.1:{port} after {timeout} s"));
+            return Err(format!(
+                "nothing listens on 127.0.0.1:{port} after {timeout} s"
+            ));
         }
         thread::sleep(Duration::from_millis(2));
     }
@@ -486,7 +487,11 @@ fn parents() -> HashMap<i32, Vec<i32>> {
         return children;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Some(fields) = stat_fields(pid) {
@@ -593,7 +598,10 @@ fn kib_line(text: &str, key: &str) -> Option<u64> {
 }
 
 fn status_kib(pid: i32, key: &str) -> Option<u64> {
-    kib_line(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?, key)
+    kib_line(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
 }
 
 fn rollup_kib(pid: i32, key: &str) -> Option<u64> {
@@ -667,7 +675,8 @@ fn bulk(opts: &Opts, upload: bool) -> Res<()> {
     header.extend_from_slice(&bytes.to_be_bytes());
     s.write_all(&header).map_err(io_err("header"))?;
     let mut ready = [0u8; 1];
-    s.read_exact(&mut ready).map_err(io_err("waiting for the server"))?;
+    s.read_exact(&mut ready)
+        .map_err(io_err("waiting for the server"))?;
     // The whole chain is up: take the forwarder's CPU now.
     let before = fwd.as_ref().map(Forwarder::cpu).unwrap_or_default();
     let t0 = Instant::now();
@@ -855,7 +864,10 @@ fn burst(opts: &Opts) -> Res<()> {
     }
     println!("served={}", lat.len());
     println!("errors={errors}");
-    println!("all_ms={:.2}", last.duration_since(t0).as_secs_f64() * 1000.0);
+    println!(
+        "all_ms={:.2}",
+        last.duration_since(t0).as_secs_f64() * 1000.0
+    );
     println!("p50_ms={:.2}", percentile(&lat, 50.0) as f64 / 1000.0);
     Ok(())
 }
@@ -872,27 +884,102 @@ struct Column {
 }
 
 const LATENCY: &[Column] = &[
-    Column { metric: "warm_p50_us", heading: "warm p50 ms", scale: 1e-3, decimals: 2 },
-    Column { metric: "warm_p99_us", heading: "warm p99 ms", scale: 1e-3, decimals: 2 },
-    Column { metric: "cold_us", heading: "cold first conn ms", scale: 1e-3, decimals: 1 },
-    Column { metric: "rate_per_s", heading: "conn/s, 50 concurrent", scale: 1.0, decimals: 0 },
-    Column { metric: "burst_ms", heading: "burst: all served ms", scale: 1.0, decimals: 0 },
+    Column {
+        metric: "warm_p50_us",
+        heading: "warm p50 ms",
+        scale: 1e-3,
+        decimals: 2,
+    },
+    Column {
+        metric: "warm_p99_us",
+        heading: "warm p99 ms",
+        scale: 1e-3,
+        decimals: 2,
+    },
+    Column {
+        metric: "cold_us",
+        heading: "cold first conn ms",
+        scale: 1e-3,
+        decimals: 1,
+    },
+    Column {
+        metric: "rate_per_s",
+        heading: "conn/s, 50 concurrent",
+        scale: 1.0,
+        decimals: 0,
+    },
+    Column {
+        metric: "burst_ms",
+        heading: "burst: all served ms",
+        scale: 1.0,
+        decimals: 0,
+    },
 ];
 
 const RESOURCES: &[Column] = &[
-    Column { metric: "up_mib_s", heading: "upload MiB/s", scale: 1.0, decimals: 0 },
-    Column { metric: "down_mib_s", heading: "download MiB/s", scale: 1.0, decimals: 0 },
-    Column { metric: "idle_rss_kib", heading: "fwd RSS idle MiB", scale: 1.0 / 1024.0, decimals: 2 },
-    Column { metric: "root_rss1000_kib", heading: "main process RSS @{HOLD} live MiB", scale: 1.0 / 1024.0, decimals: 2 },
-    Column { metric: "rss1000_kib", heading: "fwd RSS @{HOLD} live MiB (sum)", scale: 1.0 / 1024.0, decimals: 1 },
-    Column { metric: "pss1000_kib", heading: "fwd PSS @{HOLD} live MiB", scale: 1.0 / 1024.0, decimals: 1 },
+    Column {
+        metric: "up_mib_s",
+        heading: "upload MiB/s",
+        scale: 1.0,
+        decimals: 0,
+    },
+    Column {
+        metric: "down_mib_s",
+        heading: "download MiB/s",
+        scale: 1.0,
+        decimals: 0,
+    },
+    Column {
+        metric: "idle_rss_kib",
+        heading: "fwd RSS idle MiB",
+        scale: 1.0 / 1024.0,
+        decimals: 2,
+    },
+    Column {
+        metric: "root_rss1000_kib",
+        heading: "main process RSS @{HOLD} live MiB",
+        scale: 1.0 / 1024.0,
+        decimals: 2,
+    },
+    Column {
+        metric: "rss1000_kib",
+        heading: "fwd RSS @{HOLD} live MiB (sum)",
+        scale: 1.0 / 1024.0,
+        decimals: 1,
+    },
+    Column {
+        metric: "pss1000_kib",
+        heading: "fwd PSS @{HOLD} live MiB",
+        scale: 1.0 / 1024.0,
+        decimals: 1,
+    },
 ];
 
 const CPU: &[Column] = &[
-    Column { metric: "up_cpu_s_per_gib", heading: "forwarder s/GiB up", scale: 1.0, decimals: 3 },
-    Column { metric: "down_cpu_s_per_gib", heading: "forwarder s/GiB down", scale: 1.0, decimals: 3 },
-    Column { metric: "up_chain_cpu_s_per_gib", heading: "forwarder + double s/GiB up", scale: 1.0, decimals: 3 },
-    Column { metric: "down_chain_cpu_s_per_gib", heading: "forwarder + double s/GiB down", scale: 1.0, decimals: 3 },
+    Column {
+        metric: "up_cpu_s_per_gib",
+        heading: "forwarder s/GiB up",
+        scale: 1.0,
+        decimals: 3,
+    },
+    Column {
+        metric: "down_cpu_s_per_gib",
+        heading: "forwarder s/GiB down",
+        scale: 1.0,
+        decimals: 3,
+    },
+    Column {
+        metric: "up_chain_cpu_s_per_gib",
+        heading: "forwarder + double s/GiB up",
+        scale: 1.0,
+        decimals: 3,
+    },
+    Column {
+        metric: "down_chain_cpu_s_per_gib",
+        heading: "forwarder + double s/GiB down",
+        scale: 1.0,
+        decimals: 3,
+    },
 ];
 
 struct Stats {
@@ -933,7 +1020,9 @@ fn read_raw(path: &str) -> Res<Raw> {
             continue;
         }
         if let Ok(v) = f[3].parse::<f64>() {
-            raw.entry((f[1].to_owned(), f[2].to_owned())).or_default().push(v);
+            raw.entry((f[1].to_owned(), f[2].to_owned()))
+                .or_default()
+                .push(v);
         }
     }
     Ok(raw)
@@ -1024,8 +1113,13 @@ fn targets(raw: &Raw, floor: &str, daemons: &[(&str, bool)], hold: &str) -> Stri
         };
         for (metric, label) in [("up_mib_s", "upload"), ("down_mib_s", "download")] {
             if let Some((v, f, r, o)) = ratio(metric) {
-                row(d, &format!("{label} throughput ≥ 0.97× floor"),
-                    format!("{v:.0} vs {f:.0} MiB/s = ×{r:.3}"), Some(r >= 0.97), o);
+                row(
+                    d,
+                    &format!("{label} throughput ≥ 0.97× floor"),
+                    format!("{v:.0} vs {f:.0} MiB/s = ×{r:.3}"),
+                    Some(r >= 0.97),
+                    o,
+                );
             }
         }
         let limit = if pipe { 0.05 } else { 0.01 };
@@ -1042,36 +1136,75 @@ fn targets(raw: &Raw, floor: &str, daemons: &[(&str, bool)], hold: &str) -> Stri
             row(d, what, format!("{c:.3} s/GiB"), Some(c <= limit), false);
         }
         if let Some((v, f, r, o)) = ratio("warm_p50_us") {
-            row(d, "warm p50 ≤ 1.10× floor",
-                format!("{:.2} vs {:.2} ms = ×{r:.2}", v / 1e3, f / 1e3), Some(r <= 1.10), o);
+            row(
+                d,
+                "warm p50 ≤ 1.10× floor",
+                format!("{:.2} vs {:.2} ms = ×{r:.2}", v / 1e3, f / 1e3),
+                Some(r <= 1.10),
+                o,
+            );
         }
         if let Some((v, f, r, o)) = ratio("warm_p99_us") {
-            row(d, "warm p99 ≤ 1.25× floor",
-                format!("{:.2} vs {:.2} ms = ×{r:.2}", v / 1e3, f / 1e3), Some(r <= 1.25), o);
+            row(
+                d,
+                "warm p99 ≤ 1.25× floor",
+                format!("{:.2} vs {:.2} ms = ×{r:.2}", v / 1e3, f / 1e3),
+                Some(r <= 1.25),
+                o,
+            );
         }
-        if let (Some(v), Some(f)) = (median_of(raw, d, "cold_us"), median_of(raw, floor, "cold_us")) {
+        if let (Some(v), Some(f)) = (
+            median_of(raw, d, "cold_us"),
+            median_of(raw, floor, "cold_us"),
+        ) {
             let diff = (v - f) / 1e3;
-            row(d, "cold first connection ≤ floor + 10 ms",
-                format!("{:.1} vs {:.1} ms = {diff:+.1} ms", v / 1e3, f / 1e3), Some(diff <= 10.0),
-                false);
+            row(
+                d,
+                "cold first connection ≤ floor + 10 ms",
+                format!("{:.1} vs {:.1} ms = {diff:+.1} ms", v / 1e3, f / 1e3),
+                Some(diff <= 10.0),
+                false,
+            );
         }
         if let Some((v, f, r, o)) = ratio("burst_ms") {
-            row(d, "200-burst ≤ 1.2× floor",
-                format!("{v:.0} vs {f:.0} ms = ×{r:.3}"), Some(r <= 1.2), o);
+            row(
+                d,
+                "200-burst ≤ 1.2× floor",
+                format!("{v:.0} vs {f:.0} ms = ×{r:.3}"),
+                Some(r <= 1.2),
+                o,
+            );
         }
         if let Some(v) = median_of(raw, d, "idle_rss_kib") {
-            row(d, "daemon RSS idle ≤ 4 MiB", format!("{:.2} MiB", v / 1024.0), Some(v <= 4096.0),
-                false);
+            row(
+                d,
+                "daemon RSS idle ≤ 4 MiB",
+                format!("{:.2} MiB", v / 1024.0),
+                Some(v <= 4096.0),
+                false,
+            );
         }
         if let Some(v) = median_of(raw, d, "root_rss1000_kib") {
-            row(d, &format!("daemon RSS @{hold} live ≤ 16 MiB (daemon process)"),
-                format!("{:.2} MiB", v / 1024.0), Some(v <= 16384.0), false);
+            row(
+                d,
+                &format!("daemon RSS @{hold} live ≤ 16 MiB (daemon process)"),
+                format!("{:.2} MiB", v / 1024.0),
+                Some(v <= 16384.0),
+                false,
+            );
         }
         if pipe {
-            if let (Some(v), Some(p)) = (median_of(raw, d, "rss1000_kib"), median_of(raw, d, "pss1000_kib")) {
-                row(d, &format!("(info) daemon + {hold} relays @{hold} live"),
-                    format!("VmRSS sum {:.1} MiB, PSS {:.1} MiB", v / 1024.0, p / 1024.0), None,
-                    false);
+            if let (Some(v), Some(p)) = (
+                median_of(raw, d, "rss1000_kib"),
+                median_of(raw, d, "pss1000_kib"),
+            ) {
+                row(
+                    d,
+                    &format!("(info) daemon + {hold} relays @{hold} live"),
+                    format!("VmRSS sum {:.1} MiB, PSS {:.1} MiB", v / 1024.0, p / 1024.0),
+                    None,
+                    false,
+                );
             }
         }
     }
@@ -1118,7 +1251,10 @@ fn report(opts: &Opts) -> Res<()> {
     if errors.is_empty() {
         println!("Failed connections: none.");
     } else {
-        println!("Failed connections, summed over rounds: {}.", errors.join("; "));
+        println!(
+            "Failed connections, summed over rounds: {}.",
+            errors.join("; ")
+        );
     }
     Ok(())
 }

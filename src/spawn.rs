@@ -9,16 +9,18 @@
 //! * [`ClientMode::Pipe`]: older clients. Giving them the same socket as stdin
 //!   and stdout loses the service's EOF (qubes-issues #9169), so stdout is a
 //!   pipe whose bytes are moved to the socket with `splice(2)`, followed by
-//!   `shutdown(SHUT_WR)`. That mover is [`relay`], run as a small process
-//!   of its own (`qrexec-connect relay ...`) rather than inside the daemon:
+//!   `shutdown(SHUT_WR)`. That mover is a [`Splicer`]: a forked copy of the
+//!   daemon that keeps only the pipe and the socket. Not the daemon itself:
 //!   the socket must stay in blocking mode for the client, which would block
-//!   the daemon's loop, and a relay in the daemon would die with it and cut
-//!   live connections on `systemctl restart`.
+//!   the daemon's loop, and a mover inside the daemon would die with it and
+//!   cut live connections on `systemctl restart`. Forked, not exec'd: an
+//!   exec costs about a millisecond per connection; a fork of the small,
+//!   single-threaded daemon costs a fraction of that.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 
 use crate::binding::Destination;
@@ -31,7 +33,7 @@ pub const DEFAULT_CLIENT: &str = "/usr/bin/qrexec-client-vm";
 pub enum ClientMode {
     /// `--use-stdin-socket`: the socket is fd 0 for both directions.
     StdinSocket,
-    /// stdin is the socket, stdout a pipe moved by a relay process.
+    /// stdin is the socket, stdout a pipe moved by a [`Splicer`].
     Pipe,
 }
 
@@ -64,117 +66,125 @@ pub fn client_arguments(mode: ClientMode, destination: &Destination) -> Vec<OsSt
     args
 }
 
-/// Builds the command for one connection. The caller spawns it.
-///
-/// `relay_program` is this program itself (`/proc/self/exe`), used in
-/// [`ClientMode::Pipe`] as `relay_program relay CLIENT ARGS...`.
+/// Builds the command for one connection; in [`ClientMode::Pipe`] also the
+/// [`Splicer`] to start once the client runs. The caller spawns the command
+/// and drops it (it holds the pipe's write end) before starting the splicer.
 pub fn client_command(
     mode: ClientMode,
     client: &OsStr,
-    relay_program: &OsStr,
     destination: &Destination,
     socket: OwnedFd,
-) -> io::Result<Command> {
-    let args = client_arguments(mode, destination);
-    let mut command = match mode {
+) -> io::Result<(Command, Option<Splicer>)> {
+    let mut command = Command::new(client);
+    command.args(client_arguments(mode, destination));
+    let splicer = match mode {
         ClientMode::StdinSocket => {
-            let mut command = Command::new(client);
             // stdout is the socket as well, as with systemd's
             // StandardInput=socket in Qubes' own forwarder units.
             command.stdout(Stdio::from(socket.try_clone()?));
-            command.args(args);
-            command
+            None
         }
         ClientMode::Pipe => {
-            let mut command = Command::new(relay_program);
-            command.arg0("qrexec-connect");
-            command.arg("relay").arg(client).args(args);
-            command.stdout(Stdio::null());
-            command
+            let (pipe_read, pipe_write) = pipe()?;
+            // A bigger pipe means fewer, larger splices per GiB (1 MiB is the
+            // default limit for unprivileged processes; failure only costs
+            // speed). SAFETY: fcntl on a pipe we own.
+            unsafe { libc::fcntl(pipe_read.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+            command.stdout(Stdio::from(pipe_write));
+            Some(Splicer {
+                pipe_read,
+                socket: socket.try_clone()?,
+            })
         }
     };
     command.stdin(Stdio::from(socket)).stderr(Stdio::inherit());
-    Ok(command)
+    Ok((command, splicer))
 }
 
-/// Runs the client with fd 0 (the connection) as stdin and a pipe as stdout,
-/// moves the pipe's bytes to fd 0 with `splice(2)`, half-closes fd 0 when
-/// the client's output ends, and ends the way the client ended: the same
-/// exit code, or the same signal (so the daemon's log line does not depend
-/// on the client mode). Never returns.
-pub fn relay(client: &OsStr, args: &[OsString]) -> ! {
-    let code = match run_relay(client, args) {
-        Ok(status) => match status.signal() {
-            Some(signal) => {
-                // SAFETY: default action, then the same signal, at our own pid.
-                unsafe {
-                    libc::signal(signal, libc::SIG_DFL);
-                    libc::raise(signal);
+/// Moves a pipe's bytes into a socket, then half-closes the socket.
+#[derive(Debug)]
+pub struct Splicer {
+    pipe_read: OwnedFd,
+    socket: OwnedFd,
+}
+
+impl Splicer {
+    /// Forks the mover and returns once it runs on its own. It is forked
+    /// twice so that it is nobody's child here: the daemon only reaps the
+    /// short-lived middle process, and the mover is reaped by the service
+    /// manager (or init) when it ends, even after the daemon is gone.
+    ///
+    /// Must be called from a single-threaded process: between fork and
+    /// `_exit` the children only make async-signal-safe system calls.
+    pub fn start(self) -> io::Result<()> {
+        let (pipe_read, socket) = (self.pipe_read.as_raw_fd(), self.socket.as_raw_fd());
+        // SAFETY: the children only call fork, close_range/close, splice,
+        // shutdown and _exit on descriptors they own.
+        match unsafe { libc::fork() } {
+            -1 => Err(io::Error::last_os_error()),
+            0 => unsafe {
+                if libc::fork() != 0 {
+                    libc::_exit(0);
                 }
-                128 + signal // only if the signal did not end us
+                close_all_except(pipe_read, socket);
+                splice_to_end(pipe_read, socket);
+                libc::shutdown(socket, libc::SHUT_WR);
+                libc::_exit(0)
+            },
+            middle => {
+                let mut status = 0;
+                // SAFETY: waiting for our own child, which exits at once.
+                while unsafe { libc::waitpid(middle, &mut status, 0) } < 0
+                    && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+                {
+                }
+                Ok(())
             }
-            None => status.code().unwrap_or(125),
-        },
-        Err(code) => code,
-    };
-    std::process::exit(code)
+        }
+    }
 }
 
-fn run_relay(client: &OsStr, args: &[OsString]) -> Result<ExitStatus, i32> {
-    let (pipe_read, pipe_write) = match pipe() {
-        Ok(ends) => ends,
-        Err(e) => {
-            eprintln!("qrexec-connect relay: cannot create a pipe: {e}");
-            return Err(125);
-        }
-    };
-    // A bigger pipe means fewer, larger splices per GiB (1 MiB is the
-    // default limit for unprivileged processes; failure only costs speed).
-    // SAFETY: fcntl on a pipe we own.
-    unsafe { libc::fcntl(pipe_read.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-    let mut child = match Command::new(client)
-        .args(args)
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::from(pipe_write))
-        .stderr(Stdio::inherit())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) => {
-            eprintln!(
-                "qrexec-connect relay: cannot run {}: {e}",
-                client.to_string_lossy()
-            );
-            return Err(125);
-        }
-    };
-    // The Command dropped its copy of the write end, so the pipe ends when
-    // the client closes its stdout or exits.
-    let socket = 0;
-    loop {
-        // SAFETY: plain splice between two fds we hold.
-        let moved = unsafe {
-            libc::splice(
-                pipe_read.as_raw_fd(),
-                std::ptr::null_mut(),
-                socket,
-                std::ptr::null_mut(),
-                1 << 20,
-                libc::SPLICE_F_MOVE,
-            )
-        };
-        if moved > 0 {
-            continue;
-        }
-        if moved < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        break; // end of the client's output, or the peer is gone
+/// Closes every descriptor but two (the listening sockets and every other
+/// connection must not stay open in a mover that may outlive the daemon).
+unsafe fn close_all_except(a: i32, b: i32) {
+    let (low, high) = (a.min(b) as u32, a.max(b) as u32);
+    let mut ranges = [
+        (0, low.wrapping_sub(1)),
+        (low + 1, high.wrapping_sub(1)),
+        (high + 1, u32::MAX),
+    ];
+    if low == 0 {
+        ranges[0] = (1, 0); // empty
     }
-    // SAFETY: shutdown on fd 0, which is our connection.
-    unsafe { libc::shutdown(socket, libc::SHUT_WR) };
-    drop(pipe_read); // a client still writing now gets EPIPE, not a hang
-    child.wait().map_err(|_| 125)
+    for (first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        if libc::syscall(libc::SYS_close_range, first, last, 0) != 0 {
+            // Kernels before 5.9: close one by one, up to a sane bound.
+            for fd in first..=last.min(65_535) {
+                libc::close(fd as i32);
+            }
+        }
+    }
+}
+
+/// Splices until the pipe ends or the peer is gone.
+unsafe fn splice_to_end(pipe_read: i32, socket: i32) {
+    loop {
+        let moved = libc::splice(
+            pipe_read,
+            std::ptr::null_mut(),
+            socket,
+            std::ptr::null_mut(),
+            1 << 20,
+            libc::SPLICE_F_MOVE,
+        );
+        if moved > 0 || (moved < 0 && *libc::__errno_location() == libc::EINTR) {
+            continue;
+        }
+        return;
+    }
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {

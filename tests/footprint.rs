@@ -16,6 +16,10 @@ fn the_generator_does_not_link_tokio() {
     // The daemon does use tokio: this shows the check can see it.
     assert!(symbols(env!("CARGO_BIN_EXE_qrexec-connect")).contains("tokio::"));
     let generator = symbols(env!("CARGO_BIN_EXE_qrexec-connect-generator"));
-    let found: Vec<&str> = generator.lines().filter(|l| l.contains("tokio::")).take(5).collect();
+    let found: Vec<&str> = generator
+        .lines()
+        .filter(|l| l.contains("tokio::"))
+        .take(5)
+        .collect();
     assert!(found.is_empty(), "the generator links tokio: {found:#?}");
 }

@@ -30,7 +30,7 @@ const QUIET: Duration = Duration::from_millis(300);
 enum Client {
     /// qrexec-client-vm with `--use-stdin-socket`: the daemon's child is the double.
     Current,
-    /// Old qrexec-client-vm: the daemon's child is the relay, the double its child.
+    /// Old qrexec-client-vm: the daemon's child is the double, its stdout a pipe.
     Old,
 }
 
@@ -577,14 +577,9 @@ fn killing_the_client_mid_transfer_closes_the_connection_and_leaks_nothing() {
         }
         let children = live_children_of(daemon.pid());
         assert_eq!(children.len(), 1, "{client:?}");
-        let victim = match client {
-            Client::Current => children[0],
-            Client::Old => {
-                let below_relay = live_children_of(children[0]);
-                assert_eq!(below_relay.len(), 1, "the relay runs one client");
-                below_relay[0]
-            }
-        };
+        // In both modes the client is the daemon's only child (the splicer of
+        // the pipe mode is forked away from it).
+        let victim = children[0];
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(victim as i32, libc::SIGKILL) };
         let started = Instant::now();
@@ -610,7 +605,6 @@ fn killing_the_client_mid_transfer_closes_the_connection_and_leaks_nothing() {
         );
         // The writer stops too: the connection is gone (EPIPE or a reset).
         let _ = sender.join().unwrap();
-        // The relay dies of its client's signal, so both modes read the same.
         daemon.wait_log("killed by signal SIGKILL", LIMIT);
         wait_until_idle(&daemon, idle, LIMIT);
     }

@@ -14,7 +14,6 @@
 //! LocalSet): the daemon only accepts and spawns, it never moves data.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
@@ -54,7 +53,6 @@ struct Binding {
 /// State every task shares.
 struct Shared {
     options: Options,
-    relay_program: OsString,
     mode: Cell<Option<ClientMode>>,
     notifier: Notifier,
     status_changed: Notify,
@@ -127,7 +125,6 @@ async fn serve_all(
     }
 
     let shared = Rc::new(Shared {
-        relay_program: "/proc/self/exe".into(),
         mode: Cell::new(options.client_mode),
         notifier,
         status_changed: Notify::new(),
@@ -332,7 +329,8 @@ impl Shared {
             client.to_string_lossy(),
             match mode {
                 ClientMode::StdinSocket => "supports --use-stdin-socket",
-                ClientMode::Pipe => "has no --use-stdin-socket; its output goes through a relay",
+                ClientMode::Pipe =>
+                    "has no --use-stdin-socket; its output goes through a pipe and a splicer",
             }
         );
         self.mode.set(Some(mode));
@@ -350,15 +348,16 @@ impl Shared {
             },
         };
         let destination = &binding.destination;
-        let command = spawn::client_command(
-            mode,
-            &self.options.client,
-            &self.relay_program,
-            destination,
-            socket,
-        );
-        let child = command.and_then(|command| tokio::process::Command::from(command).spawn());
-        let child = match child {
+        let started = spawn::client_command(mode, &self.options.client, destination, socket)
+            .and_then(|(command, splicer)| {
+                let child = tokio::process::Command::from(command).spawn()?;
+                // The command held the pipe's write end; it is dropped by now.
+                if let Some(splicer) = splicer {
+                    splicer.start()?;
+                }
+                Ok(child)
+            });
+        let child = match started {
             Ok(child) => child,
             Err(e) => {
                 if e.kind() == io::ErrorKind::NotFound && self.options.client_mode.is_none() {

@@ -1,6 +1,5 @@
-//! `qrexec-connect`: the socket-activated daemon, plus two small helpers
-//! that share its binary (`relay`, used for old qrexec clients, and
-//! `reconcile`, run by systemd after each daemon-reload).
+//! `qrexec-connect`: the socket-activated daemon, plus `reconcile`, run by
+//! systemd after each daemon-reload.
 //!
 //! main only reads the command line and dispatches; the event loop is in
 //! `daemon.rs`, logging in `log.rs`.
@@ -11,7 +10,7 @@ mod log;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use qrexec_connect::spawn::{self, ClientMode, DEFAULT_CLIENT};
+use qrexec_connect::spawn::{ClientMode, DEFAULT_CLIENT};
 
 /// LSB exit status for "program is not configured".
 const EXIT_NOT_CONFIGURED: u8 = 6;
@@ -35,7 +34,7 @@ Options:
                            cap, new clients wait in the socket's backlog
   --client-mode=MODE       auto (default: ask the client's --help),
                            stdin-socket (--use-stdin-socket), or pipe (older
-                           clients: stdout through a pipe and a relay)
+                           clients: stdout through a pipe and a splicer)
   -d, --debug              log every connection, not only its end
   -h, --help               show this help
   --version                show the version
@@ -115,11 +114,6 @@ fn main() -> ExitCode {
         Some("--version") => {
             println!("qrexec-connect {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
-        }
-        Some("relay") => {
-            let client = args.next().unwrap_or_else(|| DEFAULT_CLIENT.into());
-            let rest: Vec<OsString> = args.collect();
-            spawn::relay(&client, &rest);
         }
         Some("reconcile") => {
             return match qrexec_connect::reconcile::run() {
