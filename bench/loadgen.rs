@@ -20,10 +20,11 @@
 //! chain (forwarder, double, server) is up, and the closing EOF lets the
 //! forwarder's processes be read from /proc while they are still alive.
 //!
-//! Forwarder accounting (`--fwd PID --exclude PATH`): the forwarder is the
-//! process PID and all its descendants, except any process whose executable
-//! is PATH (the qrexec-client-vm double) and the descendants of such a
-//! process. CPU is utime+stime from /proc/PID/stat (all threads, including
+//! Forwarder accounting (`--fwd PID --exclude PATH [--also-comm NAME]`): the
+//! forwarder is the process PID and all its descendants, except any process
+//! whose executable is PATH (the qrexec-client-vm double) and the
+//! descendants of such a process, plus any process named NAME (qrexec-connect
+//! forks its pipe-mode splicers away from the daemon). CPU is utime+stime from /proc/PID/stat (all threads, including
 //! ended ones; a process that starts during a measurement counts in full),
 //! memory is VmRSS from /proc/PID/status and Pss from smaps_rollup. `up` and
 //! `down` also report the doubles' CPU, so that the whole chain's cost can be
@@ -145,6 +146,7 @@ impl Opts {
                 root: pid.parse().map_err(|_| format!("--fwd: bad pid {pid:?}"))?,
                 exclude: std::fs::canonicalize(exclude)
                     .map_err(|e| format!("--exclude {exclude}: {e}"))?,
+                also_comm: self.opt("also-comm").map(str::to_owned),
             })),
             (Some(_), None) => Err("--fwd needs --exclude".into()),
         }
@@ -478,6 +480,9 @@ fn percentiles(opts: &Opts) -> Res<()> {
 struct Forwarder {
     root: i32,
     exclude: PathBuf,
+    /// Processes of the forwarder that are not its descendants, by name:
+    /// qrexec-connect's pipe mode forks its splicers away from the daemon.
+    also_comm: Option<String>,
 }
 
 /// Parent of every process, from /proc/PID/stat.
@@ -528,6 +533,14 @@ impl Forwarder {
                 } else {
                     mine.push(child);
                     todo.push(child);
+                }
+            }
+        }
+        if let Some(name) = &self.also_comm {
+            for pid in children.values().flatten() {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim_end() == name && !mine.contains(pid) {
+                    mine.push(*pid);
                 }
             }
         }
@@ -1129,7 +1142,7 @@ fn targets(raw: &Raw, floor: &str, daemons: &[(&str, bool)], hold: &str) -> Stri
             .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
         if let Some(c) = cpu {
             let what = if pipe {
-                "CPU ≤ 0.05 s/GiB (daemon + relays, worse direction)"
+                "CPU ≤ 0.05 s/GiB (daemon + splicers, worse direction)"
             } else {
                 "CPU ~0 s/GiB (≤ 0.01 = one clock tick, worse direction)"
             };
@@ -1200,7 +1213,7 @@ fn targets(raw: &Raw, floor: &str, daemons: &[(&str, bool)], hold: &str) -> Stri
             ) {
                 row(
                     d,
-                    &format!("(info) daemon + {hold} relays @{hold} live"),
+                    &format!("(info) daemon + {hold} splicers @{hold} live"),
                     format!("VmRSS sum {:.1} MiB, PSS {:.1} MiB", v / 1024.0, p / 1024.0),
                     None,
                     false,

@@ -154,6 +154,16 @@ measure() {
     return 0
 }
 
+# The forwarder's processes for loadgen: the pid, less the doubles; for the
+# pipe mode, plus the splicers qrexec-connect forks away from the daemon.
+fwd_args() {
+    FWD_ARGS=()
+    [ -z "$FWD" ] && return 0
+    FWD_ARGS=(--fwd="$FWD" --exclude="$DOUBLE")
+    [ "$1" = qrexec-connect-pipe ] && FWD_ARGS+=(--also-comm=qrexec-splice)
+    return 0
+}
+
 drain() {
     [ -z "$FWD" ] && return 0
     "$LG" drain --fwd="$FWD" --exclude="$DOUBLE" --timeout=60 >/dev/null \
@@ -199,7 +209,7 @@ start_fwd() {
                 "$DAEMON" --qrexec-client-vm="$DOUBLE" --max-connections=2000
             FWD=$BG ;;
     esac
-    if [ -n "$FWD" ]; then FWD_ARGS=(--fwd="$FWD" --exclude="$DOUBLE"); else FWD_ARGS=(); fi
+    fwd_args "$c"
     "$LG" wait-listen --port="$port" --timeout=10
 }
 
@@ -281,7 +291,7 @@ start_all() {
 use() {
     FWD=${FWD_OF[$1]}
     PORT=${PORT_OF[$1]}
-    if [ -n "$FWD" ]; then FWD_ARGS=(--fwd="$FWD" --exclude="$DOUBLE"); else FWD_ARGS=(); fi
+    fwd_args "$1"
 }
 
 stop_all() {

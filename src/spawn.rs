@@ -118,8 +118,8 @@ impl Splicer {
     /// `_exit` the children only make async-signal-safe system calls.
     pub fn start(self) -> io::Result<()> {
         let (pipe_read, socket) = (self.pipe_read.as_raw_fd(), self.socket.as_raw_fd());
-        // SAFETY: the children only call fork, close_range/close, splice,
-        // shutdown and _exit on descriptors they own.
+        // SAFETY: the children only call fork, close_range/close, prctl,
+        // splice, shutdown and _exit on descriptors they own.
         match unsafe { libc::fork() } {
             -1 => Err(io::Error::last_os_error()),
             0 => unsafe {
@@ -127,6 +127,8 @@ impl Splicer {
                     libc::_exit(0);
                 }
                 close_all_except(pipe_read, socket);
+                // Its own name in ps and /proc (it is a copy of the daemon).
+                libc::prctl(libc::PR_SET_NAME, c"qrexec-splice".as_ptr());
                 splice_to_end(pipe_read, socket);
                 libc::shutdown(socket, libc::SHUT_WR);
                 libc::_exit(0)
