@@ -11,25 +11,6 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// The two ways the daemon runs a client: a current client with
-/// `--use-stdin-socket`, and an old one (R4.2 before qrexec 4.2.19) whose
-/// output goes through a pipe and the splicer.
-#[derive(Debug, Clone, Copy)]
-enum Client {
-    Current,
-    Old,
-}
-
-const CLIENTS: [Client; 2] = [Client::Current, Client::Old];
-
-fn activate(client: Client) -> ActivateBuilder {
-    let builder = Activate::builder();
-    match client {
-        Client::Current => builder,
-        Client::Old => builder.env("QREXEC_DOUBLE_VERSION", "old"),
-    }
-}
-
 fn tcp4() -> Endpoint {
     Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], free_port())))
 }

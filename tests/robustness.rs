@@ -26,24 +26,6 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// How long a "nothing happens" check watches.
 const QUIET: Duration = Duration::from_millis(300);
 
-#[derive(Debug, Clone, Copy)]
-enum Client {
-    /// qrexec-client-vm with `--use-stdin-socket`: the daemon's child is the double.
-    Current,
-    /// Old qrexec-client-vm: the daemon's child is the double, its stdout a pipe.
-    Old,
-}
-
-const CLIENTS: [Client; 2] = [Client::Current, Client::Old];
-
-fn activate(client: Client) -> ActivateBuilder {
-    let builder = Activate::builder();
-    match client {
-        Client::Current => builder,
-        Client::Old => builder.env("QREXEC_DOUBLE_VERSION", "old"),
-    }
-}
-
 /// Held while this file writes an executable and while it starts a process:
 /// a child forked by another test between our open() and close() of a
 /// script would hold it open for writing, and exec'ing it would fail with

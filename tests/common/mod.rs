@@ -310,43 +310,30 @@ impl Activate {
     /// for kinds systemd-socket-activate cannot mix, such as a datagram
     /// socket beside stream sockets.
     pub fn with_sockets(sockets: Vec<(std::os::fd::OwnedFd, &str)>, args: &[&str]) -> Activate {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
         let names: Vec<&str> = sockets.iter().map(|s| s.1).collect();
-        let raw: Vec<i32> = sockets.iter().map(|s| s.0.as_raw_fd()).collect();
-        let mut command = Command::new("sh");
-        // $$ is the shell's pid, which exec hands on to the daemon.
-        command
-            .arg("-c")
-            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-            .arg(DAEMON)
-            .arg(format!("--qrexec-client-vm={DOUBLE}"))
-            .args(args)
-            .env("LISTEN_FDS", raw.len().to_string())
-            .env("LISTEN_FDNAMES", names.join(":"))
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET");
-        // SAFETY: only dup2 and close, which are async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                let base = 100 + raw.len() as i32;
-                for (i, &fd) in raw.iter().enumerate() {
-                    if libc::dup2(fd, base + i as i32) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                for i in 0..raw.len() as i32 {
-                    if libc::dup2(base + i, 3 + i) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    libc::close(base + i);
-                }
-                Ok(())
-            });
-        }
-        let activate = Activate::capture(command);
-        drop(sockets); // the daemon holds its own copies now
-        activate
+        let fds = sockets.into_iter().map(|s| s.0).collect();
+        Activate::with_raw_fd_names(fds, std::ffi::OsStr::new(&names.join(":")), args)
+    }
+}
+
+/// The two ways the daemon runs a client: a current client with
+/// `--use-stdin-socket`, and an old one (R4.2 before qrexec 4.2.19) whose
+/// stdout is a pipe drained by the splicer. Either way the client is the
+/// daemon's only child per connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Client {
+    Current,
+    Old,
+}
+
+pub const CLIENTS: [Client; 2] = [Client::Current, Client::Old];
+
+/// A daemon builder whose double plays the given client.
+pub fn activate(client: Client) -> ActivateBuilder {
+    let builder = Activate::builder();
+    match client {
+        Client::Current => builder,
+        Client::Old => builder.env("QREXEC_DOUBLE_VERSION", "old"),
     }
 }
 
@@ -592,6 +579,7 @@ impl Activate {
         use std::os::unix::process::CommandExt;
         let raw: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
         let mut command = Command::new("sh");
+        // $$ is the shell's pid, which exec hands on to the daemon.
         command
             .arg("-c")
             .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
