@@ -148,29 +148,24 @@ pub trait Stream: Read + Write + Send + 'static {
     fn duplicate(&self) -> Box<dyn Stream>;
 }
 
-impl Stream for TcpStream {
-    fn half_close(&self) -> io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-    fn set_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(limit)
-    }
-    fn duplicate(&self) -> Box<dyn Stream> {
-        Box::new(self.try_clone().unwrap())
-    }
+/// TCP and Unix streams answer the same calls under the same names.
+macro_rules! impl_stream {
+    ($($kind:ty),*) => {$(
+        impl Stream for $kind {
+            fn half_close(&self) -> io::Result<()> {
+                self.shutdown(Shutdown::Write)
+            }
+            fn set_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+                self.set_read_timeout(limit)
+            }
+            fn duplicate(&self) -> Box<dyn Stream> {
+                Box::new(self.try_clone().unwrap())
+            }
+        }
+    )*};
 }
 
-impl Stream for UnixStream {
-    fn half_close(&self) -> io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-    fn set_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(limit)
-    }
-    fn duplicate(&self) -> Box<dyn Stream> {
-        Box::new(self.try_clone().unwrap())
-    }
-}
+impl_stream!(TcpStream, UnixStream);
 
 /// Where a test connects: the forms a binding can listen on.
 #[derive(Debug, Clone)]
@@ -423,22 +418,21 @@ pub fn open_fds(pid: u32) -> Vec<i32> {
     fds
 }
 
+/// Every process id, from /proc.
+pub fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// The direct children of a process, from /proc.
 pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if parent_of(child) == Some(pid) {
-            children.push(child);
-        }
-    }
-    children
+    all_pids()
+        .into_iter()
+        .filter(|&child| parent_of(child) == Some(pid))
+        .collect()
 }
 
 /// The parent pid of a process, if it exists.

@@ -312,15 +312,8 @@ impl Drop for UserManager {
         // after a daemon restart) carry our namespace: find them by it.
         let ours = std::fs::read_link(format!("/proc/{}/ns/mnt", self.ns_pid())).ok();
         if let Some(ours) = ours {
-            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-                let Some(pid) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<i32>().ok())
-                else {
-                    continue;
-                };
-                if pid as u32 == self.ns_pid() {
+            for pid in super::all_pids() {
+                if pid == self.ns_pid() {
                     continue;
                 }
                 if std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
@@ -328,7 +321,7 @@ impl Drop for UserManager {
                     .as_ref()
                     == Some(&ours)
                 {
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
             }
         }
