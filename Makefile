@@ -50,6 +50,10 @@ CLIENT_MAN := man/qrexec-connect.8 man/qrexec-connect-generator.8 man/qrexec-con
 NFS_MAN := man/qubes.ConnectNFS.8
 NFS_BINARY := $(OUT)/qrexec-connect-nfs
 
+# A recipe that fails (e.g. scdoc missing) must not leave a half-written or
+# empty man page behind for the next make to install.
+.DELETE_ON_ERROR:
+
 .PHONY: all build test demo bench bench-reload man install install-client install-connectnfs uninstall clean
 
 all: build

@@ -28,13 +28,39 @@ pub struct UserManager {
     /// Files for the test (double policy, services), visible on both sides.
     pub scratch: TempDir,
     /// Held while this manager lives (dropped last, after the cleanup).
-    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+    _one_at_a_time: ManagerLock,
 }
 
-/// One user manager at a time per test binary: on this cgroup-v1 machine
+/// One user manager at a time on the machine: on this cgroup-v1 machine
 /// every manager runs in the host's cgroup and would create the same unit
-/// cgroups as another manager running at the same moment.
-static ONE_MANAGER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// cgroups as another manager running at the same moment. An flock(2) on a
+/// fixed path, so it holds between threads of one test binary (each open is
+/// its own lock) and between test runs of several checkouts.
+struct ManagerLock(#[allow(dead_code)] std::fs::File);
+
+impl ManagerLock {
+    fn acquire() -> ManagerLock {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/qrexec-connect-test-user-manager.lock")
+            .expect("open the user-manager lock file");
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return ManagerLock(file);
+            }
+            let error = std::io::Error::last_os_error();
+            assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::Interrupted,
+                "flock: {error}"
+            );
+        }
+    }
+}
 
 /// Installs the project once per test binary into a DESTDIR (debug build).
 fn installed_tree() -> &'static Path {
@@ -80,9 +106,7 @@ impl UserManager {
     /// Like [`start`], plus unit files or drop-ins written under
     /// /run/systemd/user (e.g. Environment= for the double).
     pub fn start_with(home_files: &[(&str, &str)], run_units: &[(&str, &str)]) -> UserManager {
-        let guard = ONE_MANAGER
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = ManagerLock::acquire();
         let tree = installed_tree();
         let home = TempDir::new("home");
         let scratch = TempDir::new("scratch");
