@@ -1,10 +1,8 @@
 //! The generator's two modes: writing units (as systemd runs it) and
 //! `--check` (a dry run for people).
 
-use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use qrexec_connect::config::{Config, ConfigDirs, Problem};
@@ -14,8 +12,8 @@ use qrexec_connect::unit;
 const ME: &str = "qrexec-connect-generator";
 
 // The flag that asks `qrexec-connect reconcile` to apply the new units: one
-// definition, shared with the reconcile step (see its module docs).
-use qrexec_connect::reconcile::{FLAG_FILE as RELOAD_FLAG, RUNTIME_SUBDIR as RELOAD_FLAG_DIR};
+// definition of where it lives, shared with the reconcile step.
+use qrexec_connect::runtime_dir::RuntimeDir;
 
 /// Normal run: units into `out`, then the reload flag. Fails only when
 /// there were units to write and not one could be written.
@@ -96,26 +94,10 @@ fn report(message: &str) {
         .write_all(format!("{message}\n").as_bytes());
 }
 
-/// Creates `$XDG_RUNTIME_DIR/qrexec-connect/reload-requested` (directory
-/// 0700, empty file 0600).
+/// Raises `$XDG_RUNTIME_DIR/qrexec-connect/reload-requested` (directory
+/// 0700, empty file 0600; see [`RuntimeDir`]).
 fn request_reload() -> Result<(), String> {
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .ok_or("XDG_RUNTIME_DIR is not set to an absolute path")?;
-    let dir = runtime.join(RELOAD_FLAG_DIR);
-    if let Err(e) = DirBuilder::new().mode(0o700).create(&dir) {
-        if e.kind() != io::ErrorKind::AlreadyExists {
-            return Err(format!("{}: {e}", dir.display()));
-        }
-    }
-    let flag = dir.join(RELOAD_FLAG);
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&flag)
-        .map(drop)
-        .map_err(|e| format!("{}: {e}", flag.display()))
+    RuntimeDir::from_env()
+        .and_then(|dir| dir.raise_reload_flag())
+        .map_err(|e| e.to_string())
 }

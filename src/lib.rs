@@ -13,7 +13,9 @@
 //! * [`listener`], [`spawn`], [`notify`]: the daemon's sockets, children and
 //!   service-manager notifications (plain syscalls; the event loop is in the
 //!   daemon binary);
-//! * [`reconcile`]: making `daemon-reload` apply binding changes.
+//! * [`reconcile`]: making `daemon-reload` apply binding changes;
+//! * [`runtime_dir`]: our directory under `$XDG_RUNTIME_DIR` (the reload
+//!   flag and the reconcile state), shared by the generator and reconcile.
 //!
 //! Design notes: `docs/design.md`.
 
@@ -23,5 +25,6 @@ pub mod config;
 pub mod listener;
 pub mod notify;
 pub mod reconcile;
+pub mod runtime_dir;
 pub mod spawn;
 pub mod unit;

@@ -2,9 +2,10 @@
 //!
 //! systemd reloads unit files but, by itself, starts no new socket, stops
 //! no socket whose unit is gone, and never changes the fds a running
-//! service holds (shared/reference/systemd-facts.md, items 1-4). So:
+//! service holds (docs/systemd-facts.md). So:
 //!
-//! 1. the generator raises a flag file on each run, outside its output dir;
+//! 1. the generator raises a flag file on each run, outside its output dir
+//!    (in [`RuntimeDir`], shared with the generator);
 //! 2. `qrexec-connect-reconcile.path` (`PathExists=` on the flag) starts
 //!    `qrexec-connect-reconcile.service` after every reload (item 6);
 //! 3. that runs [`run`]: compare what the units say now with what was
@@ -15,29 +16,24 @@
 //!    ones. The next connection starts the daemon again with the current
 //!    set of sockets and names.
 //!
-//! A reload that changes nothing touches nothing and logs nothing.
+//! A reload that changes nothing touches nothing and logs nothing. The state
+//! file only ever records what the manager reports after the actions, so a
+//! change that was not applied is tried again by the next run.
 //!
 //! This talks to the manager through `systemctl`, the interface systemd
 //! documents for scripts; the calls are few (one `list-units`, one `show`,
 //! and only for a change, one per action).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io;
-use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::runtime_dir::{RuntimeDir, STATE_FILE};
 
 /// The daemon every binding socket feeds.
 pub const SERVICE: &str = "qrexec-connect.service";
-/// Our directory under `$XDG_RUNTIME_DIR` (`%t`).
-pub const RUNTIME_SUBDIR: &str = "qrexec-connect";
-/// Flag file the generator creates in [`RUNTIME_SUBDIR`], outside its output
-/// directory on purpose: a `.path` unit with `PathExists=` on it fires after
-/// every daemon-reload, which a path in the output directory does not. The
-/// path unit spells it `%t/qrexec-connect/reload-requested`.
-pub const FLAG_FILE: &str = "reload-requested";
-/// What the last run applied, in [`RUNTIME_SUBDIR`].
-pub const STATE_FILE: &str = "applied";
 
 /// What matters of one socket unit for the daemon: its addresses and name.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -93,12 +89,13 @@ impl Plan {
 /// Decides the actions. `wanted` lists the units `sockets.target` wants;
 /// `applied` is the config each active socket had when last applied (a
 /// socket missing there is taken as applied as it is now: a first run
-/// after login changes nothing).
+/// after login changes nothing). `daemon_state` is the daemon's
+/// `ActiveState`.
 pub fn plan(
     units: &[SocketUnit],
     wanted: &[String],
     applied: &BTreeMap<String, SocketConfig>,
-    daemon_active: bool,
+    daemon_state: &str,
 ) -> Plan {
     let mut plan = Plan::default();
     for unit in units {
@@ -121,13 +118,21 @@ pub fn plan(
     }
     // A new socket cannot start while the daemon runs, a removed one keeps
     // accepting through the daemon's copy, a changed one keeps its old fd or
-    // name there: in every case the daemon must let go of its fds.
-    plan.stop_daemon = daemon_active
+    // name there: in every case the daemon must let go of its fds. It holds
+    // them from the moment it is started, not from when it reports ready,
+    // so every state but inactive and failed counts as running
+    // ("activating" while it probes its client, "deactivating", ...).
+    plan.stop_daemon = daemon_holds_sockets(daemon_state)
         && !(plan.stop.is_empty()
             && plan.restart.is_empty()
             && plan.start.is_empty()
             && plan.renamed.is_empty());
     plan
+}
+
+/// Whether a daemon in this `ActiveState` may hold socket fds.
+pub fn daemon_holds_sockets(active_state: &str) -> bool {
+    !matches!(active_state, "inactive" | "failed" | "")
 }
 
 /// Parses `systemctl show` output for several units (blocks separated by
@@ -176,11 +181,11 @@ pub fn parse_state(text: &str) -> BTreeMap<String, SocketConfig> {
         .collect()
 }
 
-/// Writes the state of every active (or just started) socket.
-pub fn format_state(units: &[SocketUnit], started: &[String]) -> String {
+/// Writes the state of every socket that is loaded and active.
+pub fn format_state(units: &[SocketUnit]) -> String {
     let mut text = String::new();
     for unit in units {
-        if unit.is_loaded() && (unit.is_active() || started.contains(&unit.name)) {
+        if unit.is_loaded() && unit.is_active() {
             let _ = writeln!(
                 text,
                 "{}\t{}\t{}",
@@ -194,69 +199,82 @@ pub fn format_state(units: &[SocketUnit], started: &[String]) -> String {
 /// Runs one reconcile pass against the user manager. Messages go to
 /// stdout with syslog priority prefixes (the unit sets LogLevelMax=notice,
 /// so only what we print at notice or above reaches the journal).
-pub fn run() -> io::Result<()> {
-    let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .ok_or_else(|| io::Error::other("XDG_RUNTIME_DIR is not set"))?;
-    // Lower the flag first: a reload while we work raises it again and the
-    // path unit runs us once more.
-    let dir = runtime_dir.join(RUNTIME_SUBDIR);
-    match std::fs::remove_file(dir.join(FLAG_FILE)) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let names = list_socket_units()?;
-    let units = if names.is_empty() {
-        Vec::new()
-    } else {
-        let mut args = vec![
-            "show",
-            "-p",
-            "Id",
-            "-p",
-            "LoadState",
-            "-p",
-            "ActiveState",
-            "-p",
-            "Listen",
-            "-p",
-            "FileDescriptorName",
-            "--",
-        ];
-        args.extend(names.iter().map(String::as_str));
-        parse_show(&systemctl(&args)?)
-    };
+///
+/// `runtime_dir` is `%t` as the unit passes it (`--runtime-dir=%t`), so the
+/// flag is found even where `$XDG_RUNTIME_DIR` is missing from our
+/// environment; without it, the variable is used.
+pub fn run(runtime_dir: Option<OsString>) -> io::Result<()> {
+    // Lower the flag before anything else can fail: a flag left raised
+    // makes the path unit start us again at once, and a few failures in a
+    // row would trip its start limit and switch reload handling off. A
+    // reload while we work raises it again and we run once more.
+    let dir = RuntimeDir::under(runtime_dir)?;
+    dir.clear_reload_flag()?;
+
+    let units = socket_units()?;
     let wanted: Vec<String> = systemctl(&["show", "-p", "Wants", "--value", "sockets.target"])?
         .split_whitespace()
         .map(str::to_owned)
         .collect();
-    let daemon_active =
-        systemctl(&["show", "-p", "ActiveState", "--value", SERVICE])?.trim() == "active";
-    let state_path = dir.join(STATE_FILE);
-    let applied = match std::fs::read_to_string(&state_path) {
-        Ok(text) => parse_state(&text),
-        Err(_) => BTreeMap::new(),
+    let daemon_state = systemctl(&["show", "-p", "ActiveState", "--value", SERVICE])?;
+    let applied = match dir.read(STATE_FILE)? {
+        Some(text) => parse_state(&text),
+        None => BTreeMap::new(),
     };
-    let plan = plan(&units, &wanted, &applied, daemon_active);
-    if !plan.is_empty() {
-        apply(&plan)?;
+    let plan = plan(&units, &wanted, &applied, daemon_state.trim());
+    if plan.is_empty() {
+        return dir.write_atomically(STATE_FILE, &format_state(&units));
     }
-    write_atomically(&state_path, &format_state(&units, &plan.start))
+    // On an error, return before the state is written: the next run then
+    // sees the same difference and tries again. After the actions, record
+    // what the manager reports, not what was meant to happen.
+    apply(&plan)?;
+    dir.write_atomically(STATE_FILE, &format_state(&socket_units()?))
 }
 
+/// Every `qrexec-connect-*.socket` unit the manager knows, with its state.
+fn socket_units() -> io::Result<Vec<SocketUnit>> {
+    let names = list_socket_units()?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut args = vec![
+        "show",
+        "-p",
+        "Id",
+        "-p",
+        "LoadState",
+        "-p",
+        "ActiveState",
+        "-p",
+        "Listen",
+        "-p",
+        "FileDescriptorName",
+        "--",
+    ];
+    args.extend(names.iter().map(String::as_str));
+    Ok(parse_show(&systemctl(&args)?))
+}
+
+/// Carries out a plan, in an order that leaves no window for a daemon with
+/// stale fds: removed sockets go first (a daemon started from now on cannot
+/// get them), then the daemon that may hold them, then moved and new
+/// sockets (each start also stops a daemon started meanwhile, through the
+/// handover oneshot in the sockets' drop-in).
 fn apply(plan: &Plan) -> io::Result<()> {
     let mut done = Vec::new();
-    if plan.stop_daemon {
-        systemctl(&["--quiet", "stop", SERVICE])?;
-        done.push(format!(
-            "stopped {SERVICE} so it picks up the change (live connections continue)"
-        ));
-    }
     if !plan.stop.is_empty() {
         let mut args = vec!["--quiet", "stop", "--"];
         args.extend(plan.stop.iter().map(String::as_str));
         systemctl(&args)?;
         done.push(format!("stopped {}", plan.stop.join(", ")));
+    }
+    if plan.stop_daemon {
+        systemctl(&["--quiet", "stop", SERVICE])?;
+        done.insert(
+            0,
+            format!("stopped {SERVICE} so it picks up the change (live connections continue)"),
+        );
     }
     if !plan.restart.is_empty() {
         let mut args = vec!["restart", "--"];
@@ -277,7 +295,7 @@ fn apply(plan: &Plan) -> io::Result<()> {
                                   // Through the target rather than by name: a socket the user started
                                   // in the meantime (enable --now) is then left alone, whereas a start
                                   // job on it would pull in the handover oneshot and stop the daemon
-                                  // again (systemd-facts.md, items 2 and 11).
+                                  // again (docs/design.md, "Applying a reload").
         systemctl(&["start", "sockets.target"])?;
         done.push(format!("started {}", plan.start.join(", ")));
     }
@@ -317,15 +335,6 @@ fn systemctl(args: &[&str]) -> io::Result<String> {
         )));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, text)?;
-    std::fs::rename(&temporary, path)
 }
 
 #[cfg(test)]
@@ -372,7 +381,7 @@ mod tests {
             &units,
             &["qrexec-connect-a.socket".into()],
             &applied(&[("qrexec-connect-a.socket", "1:1 (Stream)", "x s")]),
-            true,
+            "active",
         );
         assert!(plan.is_empty(), "{plan:?}");
     }
@@ -418,12 +427,31 @@ mod tests {
             ("qrexec-connect-moved.socket", "old (Stream)", "x s"),
             ("qrexec-connect-renamed.socket", "r (Stream)", "x s"),
         ]);
-        let plan = plan(&units, &wanted, &before, true);
+        let plan = plan(&units, &wanted, &before, "active");
         assert!(plan.stop_daemon);
         assert_eq!(plan.stop, ["qrexec-connect-gone.socket"]);
         assert_eq!(plan.restart, ["qrexec-connect-moved.socket"]);
         assert_eq!(plan.renamed, ["qrexec-connect-renamed.socket"]);
         assert_eq!(plan.start, ["qrexec-connect-new.socket"]);
+    }
+
+    #[test]
+    fn a_daemon_that_is_still_starting_is_stopped_too() {
+        let units = [unit(
+            "qrexec-connect-gone.socket",
+            "not-found",
+            "active",
+            "",
+            "",
+        )];
+        for state in ["activating", "active", "reloading", "deactivating"] {
+            let plan = plan(&units, &[], &BTreeMap::new(), state);
+            assert!(plan.stop_daemon, "{state}");
+        }
+        for state in ["inactive", "failed"] {
+            let plan = plan(&units, &[], &BTreeMap::new(), state);
+            assert!(!plan.stop_daemon, "{state}");
+        }
     }
 
     #[test]
@@ -435,7 +463,7 @@ mod tests {
         let units = parse_show(text);
         assert_eq!(units.len(), 2);
         assert_eq!(units[0].config.listen, "127.0.0.1:1 (Stream)");
-        let state = parse_state(&format_state(&units, &[]));
+        let state = parse_state(&format_state(&units));
         assert_eq!(state.len(), 1);
         assert_eq!(state["qrexec-connect-a.socket"], units[0].config);
     }

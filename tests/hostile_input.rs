@@ -217,7 +217,7 @@ proptest! {
             .collect();
         let expected: BTreeMap<String, SocketConfig> =
             units.iter().map(|u| (u.name.clone(), u.config.clone())).collect();
-        prop_assert_eq!(parse_state(&format_state(&units, &[])), expected);
+        prop_assert_eq!(parse_state(&format_state(&units)), expected);
     }
 
     #[test]

@@ -116,7 +116,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("reconcile") => {
-            return match qrexec_connect::reconcile::run() {
+            // `--runtime-dir=%t` from the unit; the environment otherwise.
+            let runtime_dir = args.next().and_then(|arg| {
+                arg.to_str()?
+                    .strip_prefix("--runtime-dir=")
+                    .map(OsString::from)
+            });
+            return match qrexec_connect::reconcile::run(runtime_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("qrexec-connect reconcile: {e}");

@@ -1,0 +1,268 @@
+//! `$XDG_RUNTIME_DIR/qrexec-connect/`: where the generator raises the
+//! reload flag and the reconcile step keeps what it last applied.
+//!
+//! One definition for both programs, so they cannot disagree on where the
+//! directory is or what makes it trustworthy:
+//! * the runtime dir must be an absolute path (systemd's `%t`);
+//! * our directory is created 0700, and an existing one must be a real
+//!   directory (not a symlink) owned by us; a wider mode is narrowed;
+//! * files are created 0600, never through a symlink: a state file is
+//!   written to a fresh temporary file (`O_CREAT|O_EXCL`, which refuses any
+//!   existing name, symlinks included) and renamed over the old one.
+//!
+//! Nobody but the user can write in `/run/user/UID`, so these checks guard
+//! against accidents and stale leftovers more than against other users; they
+//! also keep a planted symlink from redirecting our writes elsewhere.
+
+use std::ffi::OsString;
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Our directory's name under the runtime dir (`%t/qrexec-connect`).
+pub const SUBDIR: &str = "qrexec-connect";
+/// The flag the generator raises on every run, outside its output directory
+/// on purpose: a `.path` unit with `PathExists=` on it fires after every
+/// daemon-reload, which a path in the output directory does not. The path
+/// unit spells it `%t/qrexec-connect/reload-requested`.
+pub const RELOAD_FLAG: &str = "reload-requested";
+/// What the reconcile step last applied.
+pub const STATE_FILE: &str = "applied";
+
+/// Our directory, checked (and created if missing).
+#[derive(Debug)]
+pub struct RuntimeDir {
+    path: PathBuf,
+}
+
+impl RuntimeDir {
+    /// Our directory under `$XDG_RUNTIME_DIR`.
+    pub fn from_env() -> io::Result<RuntimeDir> {
+        Self::under(None)
+    }
+
+    /// Our directory under `runtime_dir` (`%t`), or under `$XDG_RUNTIME_DIR`
+    /// when `None`.
+    pub fn under(runtime_dir: Option<OsString>) -> io::Result<RuntimeDir> {
+        let runtime_dir = runtime_dir
+            .or_else(|| std::env::var_os("XDG_RUNTIME_DIR"))
+            .map(PathBuf::from)
+            .filter(|path| path.is_absolute())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "XDG_RUNTIME_DIR is not set to an absolute path",
+                )
+            })?;
+        let path = runtime_dir.join(SUBDIR);
+        match DirBuilder::new().mode(0o700).create(&path) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(at(&path, e));
+            }
+            _ => {}
+        }
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| at(&path, e))?;
+        if !meta.file_type().is_dir() {
+            return Err(at(&path, io::Error::other("not a directory")));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(at(
+                &path,
+                io::Error::other(format!("owned by uid {}, not by us ({me})", meta.uid())),
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| at(&path, e))?;
+        }
+        Ok(RuntimeDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Raises the reload flag: an empty 0600 file. Anything already at its
+    /// name counts as raised (the path unit only asks that it exists).
+    pub fn raise_reload_flag(&self) -> io::Result<()> {
+        let flag = self.path.join(RELOAD_FLAG);
+        if std::fs::symlink_metadata(&flag).is_ok() {
+            return Ok(());
+        }
+        match private_file(&flag) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(at(&flag, e)),
+        }
+    }
+
+    /// Lowers the reload flag, whatever stands at its name: a file, a
+    /// symlink (removed, not followed) or a whole directory tree. Anything
+    /// left there would make the path unit start us again and again.
+    pub fn clear_reload_flag(&self) -> io::Result<()> {
+        let flag = self.path.join(RELOAD_FLAG);
+        let result = match std::fs::symlink_metadata(&flag) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => Err(e),
+            Ok(meta) if meta.file_type().is_dir() => std::fs::remove_dir_all(&flag),
+            Ok(_) => std::fs::remove_file(&flag),
+        };
+        match result {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(at(&flag, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads one of our files; `None` if it is missing or is not a regular
+    /// file (a symlink is not followed).
+    pub fn read(&self, name: &str) -> io::Result<Option<String>> {
+        let path = self.path.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path);
+        let mut file = match file {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+            Err(e) => return Err(at(&path, e)),
+        };
+        if !file.metadata()?.file_type().is_file() {
+            return Ok(None);
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(|e| at(&path, e))?;
+        Ok(Some(text))
+    }
+
+    /// Replaces one of our files with `text`, atomically: readers see the old
+    /// or the new content, never a mix, and nothing is written through a
+    /// symlink.
+    pub fn write_atomically(&self, name: &str, text: &str) -> io::Result<()> {
+        let path = self.path.join(name);
+        let temporary = self.path.join(format!("{name}.tmp"));
+        let mut file = match private_file(&temporary) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // A leftover of a run that died, or something planted:
+                // remove the name itself (a symlink's target is untouched).
+                if std::fs::symlink_metadata(&temporary)?.is_dir() {
+                    std::fs::remove_dir_all(&temporary)
+                } else {
+                    std::fs::remove_file(&temporary)
+                }
+                .map_err(|e| at(&temporary, e))?;
+                private_file(&temporary).map_err(|e| at(&temporary, e))?
+            }
+            other => other.map_err(|e| at(&temporary, e))?,
+        };
+        file.write_all(text.as_bytes())
+            .map_err(|e| at(&temporary, e))?;
+        drop(file);
+        std::fs::rename(&temporary, &path).map_err(|e| at(&path, e))
+    }
+}
+
+/// A new file, 0600, that did not exist before (`O_EXCL` also refuses a
+/// symlink at that name, dangling or not).
+fn private_file(path: &Path) -> io::Result<std::fs::File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Prefixes an error with the path it is about.
+fn at(path: &Path, error: io::Error) -> io::Error {
+    io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let path = std::env::temp_dir().join(format!(
+                "qrexec-connect-runtime-dir-{name}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Scratch(path)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_relative_or_missing_runtime_dir_is_refused() {
+        let error = RuntimeDir::under(Some("relative/dir".into())).unwrap_err();
+        assert!(error.to_string().contains("absolute"), "{error}");
+    }
+
+    #[test]
+    fn the_directory_is_private_and_a_wide_one_is_narrowed() {
+        let scratch = Scratch::new("mode");
+        let dir = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_refused() {
+        let scratch = Scratch::new("symlink");
+        std::fs::create_dir(scratch.0.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink("elsewhere", scratch.0.join(SUBDIR)).unwrap();
+        let error = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap_err();
+        assert!(error.to_string().contains("not a directory"), "{error}");
+    }
+
+    #[test]
+    fn state_is_written_privately_and_never_through_a_symlink() {
+        let scratch = Scratch::new("state");
+        let dir = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap();
+        let victim = scratch.0.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("applied.tmp")).unwrap();
+        dir.write_atomically(STATE_FILE, "new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(dir.read(STATE_FILE).unwrap().as_deref(), Some("new\n"));
+        let mode = std::fs::metadata(dir.path().join(STATE_FILE))
+            .unwrap()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A symlink at the state's own name is not read through.
+        std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(dir.read(STATE_FILE).unwrap(), None);
+    }
+
+    #[test]
+    fn the_flag_is_cleared_whatever_stands_there() {
+        let scratch = Scratch::new("flag");
+        let dir = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap();
+        let flag = dir.path().join(RELOAD_FLAG);
+        dir.raise_reload_flag().unwrap();
+        assert_eq!(std::fs::metadata(&flag).unwrap().mode() & 0o777, 0o600);
+        dir.clear_reload_flag().unwrap();
+        assert!(!flag.exists());
+        std::fs::create_dir_all(flag.join("a/b")).unwrap();
+        dir.raise_reload_flag().unwrap();
+        dir.clear_reload_flag().unwrap();
+        assert!(std::fs::symlink_metadata(&flag).is_err());
+        dir.clear_reload_flag().unwrap();
+    }
+}
