@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use qrexec_connect::address::Specifiers;
 use qrexec_connect::config::{Config, ConfigDirs, Problem};
 use qrexec_connect::unit;
 
@@ -20,7 +21,7 @@ use qrexec_connect::reconcile::{FLAG_FILE as RELOAD_FLAG, RUNTIME_SUBDIR as RELO
 /// Normal run: units into `out`, then the reload flag. Fails only when
 /// there were units to write and not one could be written.
 pub fn generate(out: &Path) -> ExitCode {
-    let config = Config::load(&ConfigDirs::from_env());
+    let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
     for problem in &config.problems {
         report(&describe(problem));
     }
@@ -40,10 +41,14 @@ pub fn generate(out: &Path) -> ExitCode {
     }
 }
 
-/// Dry run: the units on stdout, problems and a summary on stderr; exit 1
-/// if there is any problem.
+/// Dry run: the units on stdout; on stderr the directories and files read
+/// or skipped, the problems and a summary. Exit 1 if there is any problem
+/// other than a warning.
 pub fn check() -> ExitCode {
-    let config = Config::load(&ConfigDirs::from_env());
+    let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
+    for seen in &config.seen {
+        report(&format!("{ME}: {seen}"));
+    }
     for problem in &config.problems {
         report(&describe(problem));
     }
@@ -59,11 +64,14 @@ pub fn check() -> ExitCode {
     }
     let _ = stdout.flush();
     drop(stdout);
-    let (units, problems) = (config.bindings.len(), config.problems.len());
+    let units = config.bindings.len();
+    let warnings = config.problems.iter().filter(|p| p.is_warning()).count();
+    let problems = config.problems.len() - warnings;
     report(&format!(
-        "{ME}: {units} socket unit{}, {problems} problem{}",
+        "{ME}: {units} socket unit{}, {problems} problem{}, {warnings} warning{}",
         plural(units),
-        plural(problems)
+        plural(problems),
+        plural(warnings)
     ));
     if problems == 0 {
         ExitCode::SUCCESS
