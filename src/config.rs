@@ -388,11 +388,13 @@ impl Config {
                 error,
                 text: printable(content(line)),
             };
-            match parse_line(line).and_then(|entry| {
-                entry
-                    .map(|entry| check_socket_path(&entry.listen, &self.specifiers).map(|()| entry))
-                    .transpose()
-            }) {
+            let checked = parse_line(line).and_then(|entry| match entry {
+                Some(entry) => {
+                    check_socket_path(&entry.listen, &self.specifiers).map(|()| Some(entry))
+                }
+                None => Ok(None),
+            });
+            match checked {
                 Ok(None) => {}
                 Ok(Some(entry)) => {
                     let unit_name = socket_unit_name(&entry.listen);
