@@ -34,23 +34,51 @@ See qrexec-connect.conf(5).
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let first = args.first().map(|a| a.as_bytes());
-    match (first, args.len()) {
-        (Some(b"--help" | b"-h"), 1) => {
+    let words: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    match words[..] {
+        [b"--help" | b"-h"] => {
             let _ = std::io::stdout().write_all(USAGE.as_bytes());
             ExitCode::SUCCESS
         }
-        (Some(b"--version"), 1) => {
+        [b"--version"] => {
             let version = concat!("qrexec-connect-generator ", env!("CARGO_PKG_VERSION"), "\n");
             let _ = std::io::stdout().write_all(version.as_bytes());
             ExitCode::SUCCESS
         }
-        (Some(b"--check"), 1) => run::check(),
+        [b"--check"] => run::check(),
         // systemd passes three directories; with one, that one is used.
-        (Some(dir), 1..=3) if !dir.starts_with(b"-") => run::generate(Path::new(&args[0])),
-        _ => {
-            let _ = std::io::stderr().write_all(USAGE.as_bytes());
-            ExitCode::from(2)
+        [dir] | [dir, _, _] if !words.iter().any(|w| w.starts_with(b"-")) => {
+            run::generate(Path::new(std::ffi::OsStr::from_bytes(dir)))
         }
+        _ => usage_error(&what_is_wrong(&words)),
     }
+}
+
+/// Why `words` are not a valid command line (called only when they are not).
+fn what_is_wrong(words: &[&[u8]]) -> String {
+    let shown = |w: &[u8]| String::from_utf8_lossy(w).escape_debug().to_string();
+    if let Some(option) = words.iter().find(|w| w.starts_with(b"-")) {
+        return match *option {
+            b"--help" | b"-h" | b"--version" | b"--check" => format!(
+                "{} takes no other argument (got {})",
+                shown(option),
+                words.len() - 1
+            ),
+            _ => format!("unknown option '{}'", shown(option)),
+        };
+    }
+    match words.len() {
+        0 => "no output directory given".to_owned(),
+        n => format!(
+            "expected 1 output directory, or 3 as systemd passes them (normal, early, late); \
+             got {n}"
+        ),
+    }
+}
+
+/// The reason, then the usage, on stderr; exit status 2.
+fn usage_error(why: &str) -> ExitCode {
+    let _ = std::io::stderr()
+        .write_all(format!("qrexec-connect-generator: {why}\n\n{USAGE}").as_bytes());
+    ExitCode::from(2)
 }

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
+use qrexec_connect::address::Specifiers;
 use qrexec_connect::config::{Config, ConfigDirs, Problem};
 use qrexec_connect::unit;
 
@@ -18,7 +19,7 @@ use qrexec_connect::runtime_dir::RuntimeDir;
 /// Normal run: units into `out`, then the reload flag. Fails only when
 /// there were units to write and not one could be written.
 pub fn generate(out: &Path) -> ExitCode {
-    let config = Config::load(&ConfigDirs::from_env());
+    let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
     for problem in &config.problems {
         report(&describe(problem));
     }
@@ -38,10 +39,14 @@ pub fn generate(out: &Path) -> ExitCode {
     }
 }
 
-/// Dry run: the units on stdout, problems and a summary on stderr; exit 1
-/// if there is any problem.
+/// Dry run: the units on stdout; on stderr the directories and files read
+/// or skipped, the problems and a summary. Exit 1 if there is any problem
+/// other than a warning.
 pub fn check() -> ExitCode {
-    let config = Config::load(&ConfigDirs::from_env());
+    let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
+    for seen in &config.seen {
+        report(&format!("{ME}: {seen}"));
+    }
     for problem in &config.problems {
         report(&describe(problem));
     }
@@ -57,11 +62,14 @@ pub fn check() -> ExitCode {
     }
     let _ = stdout.flush();
     drop(stdout);
-    let (units, problems) = (config.bindings.len(), config.problems.len());
+    let units = config.bindings.len();
+    let warnings = config.problems.iter().filter(|p| p.is_warning()).count();
+    let problems = config.problems.len() - warnings;
     report(&format!(
-        "{ME}: {units} socket unit{}, {problems} problem{}",
+        "{ME}: {units} socket unit{}, {problems} problem{}, {warnings} warning{}",
         plural(units),
-        plural(problems)
+        plural(problems),
+        plural(warnings)
     ));
     if problems == 0 {
         ExitCode::SUCCESS

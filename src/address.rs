@@ -5,13 +5,16 @@
 //! `/run/user/1000/agent`, `@name`), so a journal line names a binding exactly
 //! as the user wrote it in the config (after `%t`/`%h` expansion).
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
-/// Longest socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+/// Longest `ListenStream=` socket address systemd 252 accepts, in bytes after
+/// specifier expansion: a path of 107 bytes, or `@` and a name of 106
+/// (`sun_path` is 108 bytes; systemd keeps one for the NUL). Checked with
+/// `systemd-analyze --user verify`, see docs/design.md.
 pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Where a binding listens.
@@ -65,6 +68,9 @@ impl ListenAddress {
         if text.starts_with('%') {
             return bad(Why::Specifier);
         }
+        if let Some(port) = out_of_range_port(text) {
+            return bad(Why::PortOutOfRange(port));
+        }
         if text.parse::<u16>().is_ok() {
             return bad(Why::BarePort);
         }
@@ -74,6 +80,44 @@ impl ListenAddress {
             Ok(addr) => Ok(ListenAddress::Inet(addr)),
             Err(_) => bad(Why::Unrecognised),
         }
+    }
+
+    /// For an IP address other VMs on the qube's network can reach (not a
+    /// loopback address), how far it is open; `None` for loopback and Unix
+    /// sockets.
+    pub fn exposure(&self) -> Option<Exposure> {
+        let ListenAddress::Inet(addr) = self else {
+            return None;
+        };
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        if ip.is_loopback() {
+            None
+        } else if ip.is_unspecified() {
+            Some(Exposure::EveryInterface)
+        } else {
+            Some(Exposure::ThisAddress)
+        }
+    }
+
+    /// The socket file systemd will bind, with a leading `%t` or `%h`
+    /// replaced as systemd replaces it; `None` for IP and abstract sockets,
+    /// and when the specifier's value is unknown.
+    pub fn expanded_path(&self, specifiers: &Specifiers) -> Option<Vec<u8>> {
+        let ListenAddress::Path(path) = self else {
+            return None;
+        };
+        let base = match path.get(..3) {
+            Some("%t/") => specifiers.runtime_dir.as_ref()?,
+            Some("%h/") => specifiers.home.as_ref()?,
+            _ => return Some(path.as_bytes().to_vec()),
+        };
+        // The `/` after the specifier stays: systemd pastes the value in.
+        let mut expanded = base.clone();
+        expanded.extend_from_slice(&path.as_bytes()[2..]);
+        Some(expanded)
     }
 
     /// The value for `ListenStream=`: a leading `%t/` or `%h/` stays a
@@ -114,6 +158,85 @@ impl ListenAddress {
             )
         })
     }
+}
+
+/// How far a non-loopback IP listen address is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// `0.0.0.0` or `::`: every interface of the qube.
+    EveryInterface,
+    /// One non-loopback address, e.g. the qube's own on its network.
+    ThisAddress,
+}
+
+/// What systemd puts in place of `%t` and `%h` in a user unit, as bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Specifiers {
+    /// `%t`: `$XDG_RUNTIME_DIR` exactly as set (systemd does not tidy it).
+    pub runtime_dir: Option<Vec<u8>>,
+    /// `%h`: `$HOME` with duplicate slashes, `.` components and a trailing
+    /// slash removed, as systemd's `path_simplify()` does.
+    pub home: Option<Vec<u8>>,
+}
+
+impl Specifiers {
+    /// The values for this process's environment (a generator gets the
+    /// user manager's).
+    pub fn from_env() -> Specifiers {
+        Specifiers::from_vars(
+            std::env::var_os("XDG_RUNTIME_DIR"),
+            std::env::var_os("HOME"),
+        )
+    }
+
+    /// Values that are not absolute paths are unknown: systemd refuses them.
+    pub fn from_vars(runtime_dir: Option<OsString>, home: Option<OsString>) -> Specifiers {
+        let absolute = |v: Option<OsString>| {
+            v.map(OsString::into_vec)
+                .filter(|v| v.first() == Some(&b'/'))
+        };
+        Specifiers {
+            runtime_dir: absolute(runtime_dir),
+            home: absolute(home).map(|h| simplify_path(&h)),
+        }
+    }
+}
+
+/// `path_simplify()` for an absolute path: `//a/./b/` is `/a/b`.
+fn simplify_path(path: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len());
+    for part in path.split(|&b| b == b'/') {
+        if !part.is_empty() && part != b"." {
+            out.push(b'/');
+            out.extend_from_slice(part);
+        }
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
+/// The port of `HOST:PORT` or of a bare port when it is all digits but
+/// above 65535, so the message can say so instead of "unrecognised".
+fn out_of_range_port(text: &str) -> Option<u64> {
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) => (Some(host), port),
+        None => (None, text),
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let host_ok = match host {
+        None => true,
+        Some(host) => match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<Ipv6Addr>().is_ok(),
+            None => host.parse::<Ipv4Addr>().is_ok(),
+        },
+    };
+    // Digits beyond u64 are out of range too.
+    let value = port.parse::<u64>().unwrap_or(u64::MAX);
+    (host_ok && value > u64::from(u16::MAX)).then_some(value)
 }
 
 /// Converts a kernel socket address (from getsockname, getpeername or
@@ -201,6 +324,7 @@ enum Why {
     DotDot,
     DirectoryPath,
     BarePort,
+    PortOutOfRange(u64),
     PortZero,
     ScopeId,
     Unrecognised,
@@ -244,8 +368,17 @@ impl fmt::Display for AddressError {
             Why::DirectoryPath => write!(f, "socket path {text:?} ends with '/'"),
             Why::BarePort => write!(
                 f,
-                "a bare port would listen on every interface of the qube: \
-                 write 127.0.0.1:{text} (or [::1]:{text})"
+                "a bare port does not say which interface to listen on: write \
+                 127.0.0.1:{text} (or [::1]:{text}) for this qube only, or 0.0.0.0:{text} \
+                 if other VMs on the qube's network may connect"
+            ),
+            Why::PortOutOfRange(port) if port == u64::MAX => write!(
+                f,
+                "listen address {text:?}: the port is out of range (1 to 65535)"
+            ),
+            Why::PortOutOfRange(port) => write!(
+                f,
+                "listen address {text:?}: port {port} is out of range (1 to 65535)"
             ),
             Why::PortZero => write!(f, "listen address {text:?} has port 0"),
             Why::ScopeId => write!(
@@ -318,5 +451,71 @@ mod tests {
         }
         let err = ListenAddress::parse("2222").unwrap_err().to_string();
         assert!(err.contains("127.0.0.1:2222"), "{err}");
+    }
+
+    #[test]
+    fn ports_out_of_range_say_so() {
+        for (text, port) in [
+            ("127.0.0.1:99999", "port 99999"),
+            ("[::1]:65536", "port 65536"),
+            ("0.0.0.0:70000", "port 70000"),
+            ("99999", "port 99999"),
+            ("127.0.0.1:99999999999999999999999", "the port"),
+        ] {
+            let err = ListenAddress::parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{port} is out of range (1 to 65535)")),
+                "{text}: {err}"
+            );
+        }
+        let err = ListenAddress::parse("localhost:99999")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("unrecognised"), "{err}");
+    }
+
+    #[test]
+    fn exposure_of_ip_addresses() {
+        let exposure = |t: &str| ListenAddress::parse(t).unwrap().exposure();
+        assert_eq!(exposure("0.0.0.0:1"), Some(Exposure::EveryInterface));
+        assert_eq!(exposure("[::]:1"), Some(Exposure::EveryInterface));
+        assert_eq!(
+            exposure("[::ffff:0.0.0.0]:1"),
+            Some(Exposure::EveryInterface)
+        );
+        assert_eq!(exposure("10.137.0.5:1"), Some(Exposure::ThisAddress));
+        assert_eq!(exposure("[fd00::a]:1"), Some(Exposure::ThisAddress));
+        for private in [
+            "127.0.0.1:1",
+            "127.0.1.1:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+            "/a",
+            "@a",
+        ] {
+            assert_eq!(exposure(private), None, "{private}");
+        }
+    }
+
+    #[test]
+    fn paths_expand_like_systemd() {
+        let specifiers =
+            Specifiers::from_vars(Some("/run//user/1/".into()), Some("//home/./u/".into()));
+        let expand = |t: &str| {
+            ListenAddress::parse(t)
+                .unwrap()
+                .expanded_path(&specifiers)
+                .map(|p| String::from_utf8(p).unwrap())
+        };
+        // %t is pasted as it is, %h is tidied first (both seen with
+        // systemd-analyze verify on systemd 252).
+        assert_eq!(expand("%t/a").as_deref(), Some("/run//user/1//a"));
+        assert_eq!(expand("%h/a//b").as_deref(), Some("/home/u/a//b"));
+        assert_eq!(expand("/x/%t/y").as_deref(), Some("/x/%t/y"));
+        assert_eq!(expand("@a"), None);
+        let unknown = Specifiers::from_vars(Some("relative".into()), None);
+        assert_eq!(unknown, Specifiers::default());
+        let root = Specifiers::from_vars(None, Some("///".into()));
+        assert_eq!(root.home.as_deref(), Some(&b"/"[..]));
     }
 }

@@ -21,6 +21,13 @@
 //!
 //! Every bad line becomes one [`Problem`] and is skipped; the good lines are
 //! all kept. Nothing here panics, whatever the bytes.
+//!
+//! Besides the grammar, a socket path is checked against the file system as
+//! systemd will use it (after `%t`/`%h` expansion): systemd refuses a path
+//! longer than [`MAX_SOCKET_PATH`], and it replaces whatever file is at the
+//! path with its socket (and removes it on stop), so a path that exists and
+//! is not a socket is refused. A socket there is fine: it is a stale one from
+//! an earlier run, which systemd rebinds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -34,7 +41,7 @@ use std::sync::Arc;
 
 use walkdir::WalkDir;
 
-use crate::address::{AddressError, ListenAddress};
+use crate::address::{AddressError, Exposure, ListenAddress, Specifiers, MAX_SOCKET_PATH};
 use crate::binding::{BindingError, Destination, Service, Target};
 use crate::unit::socket_unit_name;
 
@@ -143,6 +150,18 @@ pub enum LineError {
         earlier: Location,
         unit: String,
     },
+    /// Longer than systemd accepts once `%t`/`%h` is expanded (the
+    /// expanded path made printable, its length in bytes).
+    ExpandedTooLong {
+        expanded: String,
+        len: usize,
+    },
+    /// Something that is not a socket is at the path; systemd would delete
+    /// it. `what` says what it is.
+    PathExists {
+        expanded: String,
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for LineError {
@@ -169,19 +188,43 @@ impl fmt::Display for LineError {
                 f,
                 "the same LISTEN is already bound at {earlier} (unit {unit})"
             ),
+            LineError::ExpandedTooLong { expanded, len } => write!(
+                f,
+                "socket path {expanded:?} is {len} bytes long once expanded; systemd \
+                 accepts at most {MAX_SOCKET_PATH}"
+            ),
+            LineError::PathExists { expanded, what } => {
+                write!(f, "{expanded:?} exists and is {what}, not a socket: ")?;
+                if *what == "a directory" {
+                    f.write_str("systemd cannot bind a socket there; choose another path")
+                } else {
+                    f.write_str(
+                        "systemd would replace it with the socket and delete it when the \
+                         socket stops; choose another path or move it away",
+                    )
+                }
+            }
         }
     }
 }
 
 impl std::error::Error for LineError {}
 
-/// Something that was skipped, with where and why.
+/// Something that was skipped, with where and why, or (a warning) a
+/// binding that is written but may not be what its author meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
     /// A line; `text` is the line without its comment, made printable.
     Line {
         at: Location,
         error: LineError,
+        text: String,
+    },
+    /// A line that became a binding other VMs can reach.
+    Exposed {
+        at: Location,
+        listen: String,
+        exposure: Exposure,
         text: String,
     },
     /// A file or directory (path made printable).
@@ -194,6 +237,22 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Line { at, error, text } => write!(f, "{at}: {error}: {text}"),
+            Problem::Exposed {
+                at,
+                listen,
+                exposure,
+                text,
+            } => {
+                let reach = match exposure {
+                    Exposure::EveryInterface => "listens on every interface of the qube",
+                    Exposure::ThisAddress => "is not a loopback address",
+                };
+                write!(
+                    f,
+                    "{at}: warning: {listen} {reach}: other VMs on the qube's network \
+                     can connect: {text}"
+                )
+            }
             Problem::File { path, what } => write!(f, "{path}: {what}"),
             Problem::NoUserDir => write!(
                 f,
@@ -204,26 +263,78 @@ impl fmt::Display for Problem {
     }
 }
 
-const BAD_FILE_NAME: &str =
-    "file name is not an absolute path in UTF-8 without control characters, skipped";
+impl Problem {
+    /// A warning: the line still became a binding.
+    pub fn is_warning(&self) -> bool {
+        matches!(self, Problem::Exposed { .. })
+    }
+}
+
+const BAD_FILE_NAME: &str = "file name is not an absolute path in UTF-8 without control \
+     or invisible characters, skipped";
+
+/// A directory or file the config was looked for in, and what became of it:
+/// what `--check` lists so that a file that was not read is never a mystery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// A config directory; `exists` is false when it is absent (not an
+    /// error). Directories that cannot be read are [`Problem`]s.
+    Directory { path: String, exists: bool },
+    /// A file that was read, and how many bindings it gave.
+    Read { path: String, bindings: usize },
+    /// A directory entry that was not read, and why.
+    Skipped { path: String, why: String },
+}
+
+impl fmt::Display for Seen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Seen::Directory { path, exists: true } => write!(f, "reading {path}/*{SUFFIX}"),
+            Seen::Directory {
+                path,
+                exists: false,
+            } => write!(f, "{path}: no such directory"),
+            Seen::Read { path, bindings } => write!(
+                f,
+                "read {path}: {bindings} binding{}",
+                if *bindings == 1 { "" } else { "s" }
+            ),
+            Seen::Skipped { path, why } => write!(f, "skipped {path}: {why}"),
+        }
+    }
+}
 
 /// All bindings and problems, in file-name then line order.
 #[derive(Debug, Default)]
 pub struct Config {
     pub bindings: Vec<Binding>,
+    /// Errors (the line or file was skipped) and warnings, in order.
     pub problems: Vec<Problem>,
+    /// The directories and files looked at, in order.
+    pub seen: Vec<Seen>,
+    /// How `%t` and `%h` expand, to check socket paths as systemd will
+    /// bind them; an unknown value leaves those paths unchecked.
+    specifiers: Specifiers,
     /// Unit name to index in `bindings`, to find duplicates.
     by_unit: HashMap<String, usize>,
 }
 
 impl Config {
+    /// An empty config whose socket paths are checked with `specifiers`.
+    pub fn new(specifiers: Specifiers) -> Config {
+        Config {
+            specifiers,
+            ..Config::default()
+        }
+    }
+
     /// Reads every config file of `dirs`.
-    pub fn load(dirs: &ConfigDirs) -> Config {
-        let mut config = Config::default();
+    pub fn load(dirs: &ConfigDirs, specifiers: Specifiers) -> Config {
+        let mut config = Config::new(specifiers);
         if dirs.user.is_none() {
             config.problems.push(Problem::NoUserDir);
         }
-        for path in config_files(dirs, &mut config.problems) {
+        for path in config_files(dirs, &mut config.problems, &mut config.seen) {
             config.add_file(&path);
         }
         config
@@ -240,7 +351,14 @@ impl Config {
             return;
         };
         match read_config_file(path) {
-            Ok(text) => self.add_text(file, &text),
+            Ok(text) => {
+                let before = self.bindings.len();
+                self.add_text(file, &text);
+                self.seen.push(Seen::Read {
+                    path: printable(file.as_bytes()),
+                    bindings: self.bindings.len() - before,
+                });
+            }
             Err(what) => self.problems.push(file_problem(what)),
         }
     }
@@ -251,7 +369,7 @@ impl Config {
     pub fn add_text(&mut self, file: &str, text: &[u8]) {
         // The path goes into a comment and SourcePath=: it must be a clean
         // line, and SourcePath= takes only absolute paths.
-        if file.chars().any(char::is_control) || !file.starts_with('/') {
+        if file.chars().any(|c| c.is_control() || is_invisible(c)) || !file.starts_with('/') {
             self.problems.push(Problem::File {
                 path: printable(file.as_bytes()),
                 what: BAD_FILE_NAME.into(),
@@ -270,7 +388,13 @@ impl Config {
                 error,
                 text: printable(content(line)),
             };
-            match parse_line(line) {
+            let checked = parse_line(line).and_then(|entry| match entry {
+                Some(entry) => {
+                    check_socket_path(&entry.listen, &self.specifiers).map(|()| Some(entry))
+                }
+                None => Ok(None),
+            });
+            match checked {
                 Ok(None) => {}
                 Ok(Some(entry)) => {
                     let unit_name = socket_unit_name(&entry.listen);
@@ -280,6 +404,14 @@ impl Config {
                             unit: unit_name,
                         }));
                         continue;
+                    }
+                    if let Some(exposure) = entry.listen.exposure() {
+                        self.problems.push(Problem::Exposed {
+                            at: at(),
+                            listen: entry.listen.to_string(),
+                            exposure,
+                            text: printable(content(line)),
+                        });
                     }
                     self.by_unit.insert(unit_name.clone(), self.bindings.len());
                     self.bindings.push(Binding {
@@ -330,6 +462,48 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Entry>, LineError> {
     }))
 }
 
+/// Refuses a socket path systemd would refuse (too long once expanded) or
+/// that would cost the user a file: anything but a socket at the path
+/// (checked with lstat, so a symlink is refused, not followed). A missing
+/// path, or one that cannot be looked at, is left to systemd. A path whose
+/// specifier has no known value is not checked.
+fn check_socket_path(listen: &ListenAddress, specifiers: &Specifiers) -> Result<(), LineError> {
+    let Some(expanded) = listen.expanded_path(specifiers) else {
+        return Ok(());
+    };
+    if expanded.len() > MAX_SOCKET_PATH {
+        return Err(LineError::ExpandedTooLong {
+            expanded: printable(&expanded),
+            len: expanded.len(),
+        });
+    }
+    let Ok(meta) = fs::symlink_metadata(std::ffi::OsStr::from_bytes(&expanded)) else {
+        return Ok(());
+    };
+    let file_type = meta.file_type();
+    let what = if file_type.is_socket() {
+        return Ok(());
+    } else if file_type.is_file() {
+        "a regular file"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else {
+        "a file"
+    };
+    Err(LineError::PathExists {
+        expanded: printable(&expanded),
+        what,
+    })
+}
+
 /// The part of a line before its comment, without surrounding blanks.
 fn content(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -349,16 +523,28 @@ fn content(line: &[u8]) -> &[u8] {
 }
 
 /// The config files to read, in order, after user files replaced system
-/// files of the same name. Unreadable directories become problems.
-pub fn config_files(dirs: &ConfigDirs, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
+/// files of the same name. Unreadable directories become problems; every
+/// directory, and every entry that will not be read, goes into `seen`.
+pub fn config_files(
+    dirs: &ConfigDirs,
+    problems: &mut Vec<Problem>,
+    seen: &mut Vec<Seen>,
+) -> Vec<PathBuf> {
     let mut files: BTreeMap<OsString, PathBuf> = BTreeMap::new();
     for dir in std::iter::once(&dirs.system).chain(dirs.user.as_ref()) {
         let dir_problem = |what: String| Problem::File {
             path: printable(dir.as_os_str().as_bytes()),
             what,
         };
+        let shown = || printable(dir.as_os_str().as_bytes());
         match fs::metadata(dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                seen.push(Seen::Directory {
+                    path: shown(),
+                    exists: false,
+                });
+                continue;
+            }
             Err(e) => {
                 problems.push(dir_problem(format!("cannot read directory: {e}")));
                 continue;
@@ -367,15 +553,36 @@ pub fn config_files(dirs: &ConfigDirs, problems: &mut Vec<Problem>) -> Vec<PathB
                 problems.push(dir_problem("not a directory, skipped".into()));
                 continue;
             }
-            Ok(_) => {}
+            Ok(_) => seen.push(Seen::Directory {
+                path: shown(),
+                exists: true,
+            }),
         }
-        for entry in WalkDir::new(dir).min_depth(1).max_depth(1) {
+        let walk = WalkDir::new(dir)
+            .min_depth(1)
+            .max_depth(1)
+            .sort_by_file_name();
+        for entry in walk {
             match entry {
                 Ok(entry) => {
                     let name = entry.file_name().as_bytes();
-                    if name.ends_with(SUFFIX.as_bytes()) && !name.starts_with(b".") {
-                        files.insert(entry.file_name().to_owned(), entry.into_path());
-                    }
+                    let path = printable(entry.path().as_os_str().as_bytes());
+                    let why = if name.starts_with(b".") {
+                        "the name starts with '.' (hidden and backup files are ignored)".to_owned()
+                    } else if !name.ends_with(SUFFIX.as_bytes()) {
+                        format!("only files named *{SUFFIX} are read")
+                    } else {
+                        let replaced =
+                            files.insert(entry.file_name().to_owned(), entry.into_path());
+                        if let Some(replaced) = replaced {
+                            seen.push(Seen::Skipped {
+                                path: printable(replaced.as_os_str().as_bytes()),
+                                why: format!("replaced by {path}"),
+                            });
+                        }
+                        continue;
+                    };
+                    seen.push(Seen::Skipped { path, why });
                 }
                 Err(e) => {
                     let what = match e.io_error() {
@@ -404,8 +611,9 @@ fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
     fs::read(path).map_err(|e| format!("cannot read: {e}"))
 }
 
-/// Makes bytes safe for a one-line message: control characters and bytes
-/// that are not UTF-8 are written as `\xNN` (or `\u{N}`); tabs stay.
+/// Makes bytes safe for a one-line message or a unit's `Description=`:
+/// control characters, [invisible](is_invisible) ones and bytes that are
+/// not UTF-8 are written as `\xNN` (or `\u{N}`); tabs stay.
 pub fn printable(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     let mut rest = bytes;
@@ -427,7 +635,7 @@ pub fn printable(bytes: &[u8]) -> String {
                 c if c.is_ascii_control() => {
                     let _ = write!(out, "\\x{:02x}", u32::from(c));
                 }
-                c if c.is_control() => {
+                c if c.is_control() || is_invisible(c) => {
                     let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
                 }
                 c => out.push(c),
@@ -441,6 +649,34 @@ pub fn printable(bytes: &[u8]) -> String {
         }
         rest = &rest[good.len() + bad.len()..];
     }
+}
+
+/// Characters that show nothing, or reorder what is shown around them, so
+/// that printed text can look unlike what it is: Unicode's
+/// Default_Ignorable_Code_Point set (zero-width spaces and joiners, the
+/// byte order mark, the bidirectional controls such as U+202E, variation
+/// selectors, tags, fillers) and the line and paragraph separators.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x034F
+            | 0x061C
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
+            | 0x200B..=0x200F
+            | 0x2028..=0x202E
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF0..=0xFFF8
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF
+    )
 }
 
 #[cfg(test)]
@@ -529,6 +765,76 @@ mod tests {
                 format!("{}/\\xff.conf: {BAD_FILE_NAME}", dir.display()),
                 format!("/new\\x0aline.conf: {BAD_FILE_NAME}"),
             ]
+        );
+    }
+
+    #[test]
+    fn socket_paths_must_not_name_a_file_other_than_a_socket() {
+        let dir = std::env::temp_dir().join(format!("qrexec-connect-paths-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("run/dir")).unwrap();
+        fs::create_dir_all(dir.join("home")).unwrap();
+        fs::write(dir.join("home/file"), "precious").unwrap();
+        std::os::unix::fs::symlink("file", dir.join("home/link")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("run/fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let _socket = std::os::unix::net::UnixListener::bind(dir.join("run/stale")).unwrap();
+
+        let specifiers = Specifiers::from_vars(
+            Some(dir.join("run").into_os_string()),
+            Some(dir.join("home").into_os_string()),
+        );
+        let mut config = Config::new(specifiers);
+        config.add_text(
+            "/a.conf",
+            b"%h/file vm s\n%h/link vm s\n%t/fifo vm s\n%t/dir vm s\n/dev/null vm s\n\
+              %t/stale vm s\n%t/missing vm s\n%h/no/such/dir vm s\n%h/file/below vm s\n",
+        );
+        let kinds: Vec<(usize, &str)> = config
+            .problems
+            .iter()
+            .map(|p| match p {
+                Problem::Line {
+                    at,
+                    error: LineError::PathExists { what, .. },
+                    ..
+                } => (at.line, *what),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, "a regular file"),
+                (2, "a symbolic link"),
+                (3, "a FIFO"),
+                (4, "a directory"),
+                (5, "a character device")
+            ]
+        );
+        let bound: Vec<usize> = config.bindings.iter().map(|b| b.source.line).collect();
+        assert_eq!(bound, [6, 7, 8, 9]);
+        assert_eq!(fs::read(dir.join("home/file")).unwrap(), b"precious");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn invisible_characters_are_escaped_and_refused_in_file_names() {
+        assert_eq!(
+            printable("a\u{202e}b\u{200b}c\u{feff}d\u{2066}e\u{2028}f\u{ad}g\u{e0041}".as_bytes()),
+            "a\\u{202e}b\\u{200b}c\\u{feff}d\\u{2066}e\\u{2028}f\\u{ad}g\\u{e0041}"
+        );
+        assert_eq!(printable("é ü 中 \u{a0}".as_bytes()), "é ü 中 \u{a0}");
+        let mut config = Config::default();
+        config.add_text(
+            "/etc/qrexec-connect/a\u{202e}fnoc.conf",
+            b"127.0.0.1:1 vm svc\n",
+        );
+        assert!(config.bindings.is_empty());
+        assert_eq!(
+            config.problems[0].to_string(),
+            format!("/etc/qrexec-connect/a\\u{{202e}}fnoc.conf: {BAD_FILE_NAME}")
         );
     }
 

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use qrexec_connect::address::ListenAddress;
 use qrexec_connect::binding::Destination;
-use qrexec_connect::config::{Binding, Config, Problem};
+use qrexec_connect::config::{is_invisible, printable, Binding, Config, Problem};
 use qrexec_connect::unit::{socket_unit, socket_unit_name, MAX_UNIT_NAME};
 
 /// Undoes systemd's specifier expansion as far as a value may use it:
@@ -56,6 +56,14 @@ fn check_unit(binding: &Binding) -> Result<(), TestCaseError> {
         !text.chars().any(|c| c.is_control() && c != '\n'),
         "control character in {text:?}"
     );
+    // Only ListenStream= (which must be exact) may hold an invisible or
+    // bidirectional character; everything shown to people has it escaped.
+    for line in text.lines().filter(|l| !l.starts_with("ListenStream=")) {
+        prop_assert!(
+            !line.chars().any(is_invisible),
+            "invisible character in {line:?}"
+        );
+    }
     let lines: Vec<&str> = text.lines().collect();
     prop_assert!(
         lines.iter().all(|l| !l.ends_with('\\')),
@@ -99,11 +107,11 @@ fn check_unit(binding: &Binding) -> Result<(), TestCaseError> {
     let listen = binding.listen().to_string();
     let destination = binding.destination();
     // The LISTEN part of the description keeps its leading %t/ or %h/, so
-    // systemctl status shows the real path.
+    // systemctl status shows the real path, with invisible characters escaped.
     let description = value(3).strip_prefix("qrexec-connect ").unwrap_or("?");
     prop_assert_eq!(
         unspecify(description, true)?,
-        format!("{listen} to {destination}")
+        format!("{} to {destination}", printable(listen.as_bytes()))
     );
     prop_assert_eq!(value(4), "man:qrexec-connect.conf(5)");
     prop_assert_eq!(unspecify(value(5), false)?, &*binding.source().file);
@@ -151,6 +159,7 @@ fn listen() -> impl Strategy<Value = String> {
         2 => "(/|@)[^\\s\\p{Cc}]{1,40}",
         1 => "(/|@)\\PC{0,120}",
         1 => "(/|%t/|%h/|@|%)[a-z%\\\\#:/.\u{0}\u{1b}\u{85}\u{a0}]{0,30}",
+        2 => "(/|%t/|%h/|@)[a-z/\u{ad}\u{200b}\u{200e}\u{202e}\u{2028}\u{2066}\u{feff}\u{e0041}]{1,20}",
         1 => "[0-9]{1,6}",
         1 => "\\PC{0,10}",
     ]
@@ -218,6 +227,7 @@ fn file_name() -> impl Strategy<Value = String> {
         "/home/[a-z %é\\\\#:;=]{1,12}/\\.config/qrexec-connect/[a-z %]{1,8}\\.conf",
         "/\\PC{0,20}\\.conf",
         "/[a-z\u{0}-\u{1f}]{1,5}\\.conf",
+        "/[a-z\u{202e}\u{200b}]{1,5}\\.conf",
     ]
 }
 
@@ -245,9 +255,13 @@ proptest! {
             let t = t.trim_matches([' ', '\t']);
             !t.is_empty() && !t.starts_with('#')
         }).count();
-        // Every line with content is either a binding or exactly one problem.
-        if !file.chars().any(char::is_control) {
-            prop_assert_eq!(config.bindings.len() + config.problems.len(), meaningful);
+        // Every line with content is either a binding or exactly one problem
+        // (warnings come on top of bindings, one per exposed binding).
+        let warnings = config.problems.iter().filter(|p| p.is_warning()).count();
+        let exposed = config.bindings.iter().filter(|b| b.listen().exposure().is_some()).count();
+        prop_assert_eq!(warnings, exposed);
+        if !file.chars().any(|c| c.is_control() || is_invisible(c)) {
+            prop_assert_eq!(config.bindings.len() + config.problems.len() - warnings, meaningful);
         }
     }
 

@@ -66,14 +66,15 @@ unset FIXTURE FIXTURE_OUT FIXTURE_RUNTIME
 exec "$@"
 "#;
 
-/// Loads units the way a user manager would, with a stand-in for the
+/// Loads units the way a user manager would (with the fixtures' `%t` and
+/// `%h`, so a path at the length limit is checked as it was generated), with a stand-in for the
 /// shipped `qrexec-connect-.socket.d/` drop-in (it supplies `Service=`), the
 /// service, and the man page named by `Documentation=` (verify runs `man`
 /// unless given `--man=no`).
 const VERIFY_IN_NAMESPACE: &str = r#"
 set -e
 mount -t tmpfs -o mode=755 tmpfs /run
-mkdir -p /run/systemd/system /run/user/0 /run/home /run/man/man5 \
+mkdir -p /run/systemd/system /run/user/0 /run/fixture/home /run/man/man5 \
     /run/systemd/user/qrexec-connect-.socket.d
 chmod 700 /run/user/0
 printf '[Socket]\nService=qrexec-connect.service\n' \
@@ -82,7 +83,7 @@ printf '[Unit]\nDescription=test stand-in\n[Service]\nExecStart=/bin/true\n' \
     > /run/systemd/user/qrexec-connect.service
 printf '.TH QREXEC-CONNECT.CONF 5\n.SH NAME\nqrexec-connect.conf \\- test stand-in\n' \
     > /run/man/man5/qrexec-connect.conf.5
-export XDG_RUNTIME_DIR=/run/user/0 HOME=/run/home MANPATH=/run/man
+export XDG_RUNTIME_DIR=/run/user/0 HOME=/run/fixture/home MANPATH=/run/man
 systemd-analyze --user verify "$@" 2>&1
 "#;
 
@@ -472,15 +473,58 @@ fn help_version_and_usage() {
     let out = run(&["--help"]);
     assert!(out.status.success());
     assert!(String::from_utf8(out.stdout).unwrap().contains("--check"));
-    for bad in [
-        &[][..],
-        &["--bogus"],
-        &["a", "b", "c", "d"],
-        &["--check", "x"],
+    for (bad, why) in [
+        (&[][..], "no output directory given"),
+        (&["--bogus"], "unknown option '--bogus'"),
+        (&["/a", "--bogus", "/c"], "unknown option '--bogus'"),
+        (&["--check", "x"], "--check takes no other argument (got 1)"),
+        (&["--help", "x"], "--help takes no other argument (got 1)"),
+        (
+            &["/a", "/b"],
+            "expected 1 output directory, or 3 as systemd passes them (normal, early, late); got 2",
+        ),
+        (
+            &["/a", "/b", "/c", "/d"],
+            "expected 1 output directory, or 3 as systemd passes them (normal, early, late); got 4",
+        ),
     ] {
         let out = run(bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
         assert!(out.stdout.is_empty());
-        assert!(String::from_utf8(out.stderr).unwrap().starts_with("Usage:"));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.starts_with(&format!("qrexec-connect-generator: {why}\n\nUsage:")),
+            "{bad:?}: {stderr}"
+        );
+    }
+}
+
+/// An abstract socket has no file and so no permissions: the docs that list
+/// the LISTEN forms must say who can connect to one.
+#[test]
+fn abstract_sockets_are_documented_as_open_to_the_whole_qube() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let config_section = readme
+        .split("\n## Config\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README has a Config section");
+    let man = fs::read_to_string(root.join("man/qrexec-connect.conf.5.scd")).unwrap();
+    let listen_section = man
+        .split("\n# LISTEN\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n# ").next())
+        .expect("qrexec-connect.conf(5) has a LISTEN section");
+    for (what, text) in [
+        ("README.md, Config", config_section),
+        ("qrexec-connect.conf(5), LISTEN", listen_section),
+    ] {
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            text.contains("no file permissions")
+                && text.contains("any process in the qube's network namespace can connect"),
+            "{what} does not say who can connect to an @name socket:\n{text}"
+        );
     }
 }
