@@ -207,10 +207,17 @@ fn when_a_fork_fails_half_way_the_connection_closes_nothing_is_left_and_the_log_
         let result = endpoint
             .connect()
             .and_then(|stream| round_trip(stream, b"hello".to_vec(), LIMIT));
-        // The connection is closed at once, with nothing or a reset.
+        // The connection is closed at once: end of file, or a reset that
+        // our write or half-close runs into. Not a timeout.
         match result {
             Ok(received) => assert!(received.is_empty(), "headroom {headroom}: {received:?}"),
-            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "headroom {headroom}"),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::NotConnected | ErrorKind::BrokenPipe
+                ),
+                "headroom {headroom}: {e}"
+            ),
         }
         if headroom == 1 {
             // (The second failure in a row falls under the rate limit.)
