@@ -4,6 +4,12 @@
 //! Written out rather than pulled from a crate: it is a dozen lines, and the
 //! variable must be taken out of the environment at start (children must not
 //! see it), which a crate reading the environment on every call would not do.
+//!
+//! The socket is non-blocking: a manager that does not read its queue (busy,
+//! stopped, or a full queue of 10 datagrams, Linux's default
+//! `net.unix.max_dgram_qlen`) must never stop the daemon from accepting.
+//! [`Notifier::notify`] then fails with `WouldBlock`; the caller decides
+//! what to retry.
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -26,12 +32,17 @@ impl Notifier {
                 Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name).ok()?,
                 None => SocketAddr::from_pathname(&path).ok()?,
             };
-            Some((UnixDatagram::unbound().ok()?, address))
+            let socket = UnixDatagram::unbound().ok()?;
+            // Our own socket, shared with no other process: O_NONBLOCK here
+            // is the same as MSG_DONTWAIT on every send.
+            socket.set_nonblocking(true).ok()?;
+            Some((socket, address))
         });
         Notifier { socket }
     }
 
-    /// Sends `state` (e.g. `READY=1\nSTATUS=...`); a no-op without a manager.
+    /// Sends `state` (e.g. `READY=1\nSTATUS=...`) without waiting; a no-op
+    /// without a manager. `WouldBlock` means the manager's queue is full.
     pub fn notify(&self, state: &str) -> io::Result<()> {
         match &self.socket {
             Some((socket, address)) => socket.send_to_addr(state.as_bytes(), address).map(drop),

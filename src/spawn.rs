@@ -67,8 +67,10 @@ pub fn client_arguments(mode: ClientMode, destination: &Destination) -> Vec<OsSt
 }
 
 /// Builds the command for one connection; in [`ClientMode::Pipe`] also the
-/// [`Splicer`] to start once the client runs. The caller spawns the command
-/// and drops it (it holds the pipe's write end) before starting the splicer.
+/// [`Splicer`] to start *before* the client: if the splicer cannot start,
+/// no client has been run that would need killing. If the client then
+/// cannot be spawned, dropping the command closes the pipe's write end and
+/// the splicer, reading end of file, half-closes the socket and exits.
 pub fn client_command(
     mode: ClientMode,
     client: &OsStr,
@@ -114,36 +116,113 @@ impl Splicer {
     /// short-lived middle process, and the mover is reaped by the service
     /// manager (or init) when it ends, even after the daemon is gone.
     ///
+    /// Fails if either fork fails: the middle process exits with the second
+    /// fork's errno, which is returned here. Nothing is left running then.
+    ///
     /// Must be called from a single-threaded process: between fork and
     /// `_exit` the children only make async-signal-safe system calls.
     pub fn start(self) -> io::Result<()> {
         let (pipe_read, socket) = (self.pipe_read.as_raw_fd(), self.socket.as_raw_fd());
-        // SAFETY: the children only call fork, close_range/close, prctl,
-        // splice, shutdown and _exit on descriptors they own.
-        match unsafe { libc::fork() } {
-            -1 => Err(io::Error::last_os_error()),
-            0 => unsafe {
-                if libc::fork() != 0 {
-                    libc::_exit(0);
+        // Every signal stays blocked from before the fork until the mover
+        // has reset the handlers it inherited (those of the daemon's event
+        // loop, which would swallow SIGTERM in a process that has closed the
+        // loop's descriptors), so none can reach such a handler in between.
+        let daemon_mask = block_all_signals()?;
+        // SAFETY: the children only call fork, sigaction, sigprocmask,
+        // close_range/close, prctl, splice, shutdown and _exit, on
+        // descriptors they own.
+        let middle = unsafe { libc::fork() };
+        if middle == 0 {
+            unsafe {
+                match libc::fork() {
+                    -1 => libc::_exit(errno().clamp(1, 255)),
+                    0 => {}
+                    _ => libc::_exit(0),
                 }
+                reset_signals();
                 close_all_except(pipe_read, socket);
                 // Its own name in ps and /proc (it is a copy of the daemon).
                 libc::prctl(libc::PR_SET_NAME, c"qrexec-splice".as_ptr());
                 splice_to_end(pipe_read, socket);
                 libc::shutdown(socket, libc::SHUT_WR);
                 libc::_exit(0)
-            },
-            middle => {
-                let mut status = 0;
-                // SAFETY: waiting for our own child, which exits at once.
-                while unsafe { libc::waitpid(middle, &mut status, 0) } < 0
-                    && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-                {
-                }
-                Ok(())
             }
         }
+        let forked = if middle < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
+        set_signal_mask(&daemon_mask);
+        forked?;
+        let mut status = 0;
+        // SAFETY: waiting for our own child, which exits at once.
+        while unsafe { libc::waitpid(middle, &mut status, 0) } < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+        match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+            (true, 0) => Ok(()),
+            // The second fork failed with this errno: no mover exists.
+            (true, errno) => Err(io::Error::from_raw_os_error(errno)),
+            _ => Err(io::Error::other(format!(
+                "its first process ended by {}",
+                ExitStatus::from_raw(status)
+            ))),
+        }
     }
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Blocks every signal in this thread; returns the mask to restore.
+fn block_all_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data, filled by sigfillset and sigprocmask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        if libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous) != 0 {
+            return Err(io::Error::other("cannot block signals"));
+        }
+        Ok(previous)
+    }
+}
+
+fn set_signal_mask(mask: &libc::sigset_t) {
+    // SAFETY: restores a mask read by pthread_sigmask.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, std::ptr::null_mut()) };
+}
+
+/// In the mover: every signal back to its default action (SIGTERM, SIGINT
+/// and SIGHUP end it, as anyone sending them expects), except SIGPIPE,
+/// which stays ignored so that a vanished peer ends the splice with EPIPE
+/// and the mover still half-closes and exits normally; then unblocks all.
+/// Only sigaction and sigprocmask: async-signal-safe.
+unsafe fn reset_signals() {
+    let mut action: libc::sigaction = std::mem::zeroed();
+    action.sa_sigaction = libc::SIG_DFL;
+    libc::sigemptyset(&mut action.sa_mask);
+    // 1..65 covers every Linux signal (_NSIG is 65); the kernel refuses
+    // SIGKILL and SIGSTOP, and the C library the two it keeps for itself.
+    for signal in 1..65 {
+        let wanted = if signal == libc::SIGPIPE {
+            libc::SIG_IGN
+        } else {
+            libc::SIG_DFL
+        };
+        action.sa_sigaction = wanted;
+        libc::sigaction(signal, &action, std::ptr::null_mut());
+    }
+    let mut none: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut none);
+    libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
 }
 
 /// Closes every descriptor but two (the listening sockets and every other

@@ -355,3 +355,51 @@ fn without_sockets_it_says_how_to_start_it_and_exits_6() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn options_work_in_any_order_and_take_their_value_as_the_next_argument() {
+    for args in [
+        &["--debug", "--help"][..],
+        &["--help", "--debug"],
+        &["-d", "--max-connections=3", "-h"],
+        &["--max-connections", "3", "--help"],
+    ] {
+        let output = run(std::process::Command::new(DAEMON).args(args));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.starts_with("Usage: qrexec-connect"),
+            "{args:?}: {:?}\n{stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    for (args, says) in [
+        (
+            &["--max-connections"][..],
+            "--max-connections needs a value",
+        ),
+        (&["--debug=yes"], "--debug takes no value"),
+        (&["--max-connections", "0"], "positive number"),
+    ] {
+        let output = run(std::process::Command::new(DAEMON).args(args));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+
+    // `--max-connections 1` as two arguments sets the limit.
+    let echo = EchoServer::start();
+    let endpoint = tcp4();
+    let daemon = Activate::builder()
+        .listen(&endpoint, &connect_tcp(echo.port))
+        .arg("--max-connections")
+        .arg("1")
+        .start();
+    let mut held = endpoint.connect().unwrap();
+    held.set_timeout(Some(LIMIT)).unwrap();
+    held.write_all(b"held").unwrap();
+    let mut buf = [0; 4];
+    held.read_exact(&mut buf).unwrap();
+    let _waiting = endpoint.connect().unwrap();
+    daemon.wait_log("1 live connections, the --max-connections limit", LIMIT);
+}

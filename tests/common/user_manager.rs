@@ -357,3 +357,10 @@ impl Drop for UserManager {
         let _ = self.holder.wait();
     }
 }
+
+impl UserManager {
+    /// The pid of the namespace's journald (to stop and resume it).
+    pub fn journald_pid(&self) -> u32 {
+        self.journald.as_ref().map_or(0, |j| j.id())
+    }
+}

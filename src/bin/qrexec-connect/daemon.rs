@@ -143,9 +143,6 @@ async fn serve_all(
     for socket in refused {
         tokio::task::spawn_local(refuse(socket));
     }
-    let _ = shared
-        .notifier
-        .notify(&format!("READY=1\nSTATUS={}", shared.status()));
     tokio::task::spawn_local(report_status(shared.clone()));
 
     wait_for_stop_signal().await;
@@ -265,13 +262,37 @@ async fn refuse(socket: AsyncFd<OwnedFd>) {
     }
 }
 
-/// Sends STATUS= whenever the counts change (coalesced: one update per wake).
+/// Tells the service manager READY=1, then the status whenever the counts
+/// change (coalesced: one update per wake). Sends never wait: while the
+/// manager's queue is full, the message is tried again after a pause (or at
+/// the next change) with the status of that moment, so READY=1 is never
+/// lost (without it systemd would kill the daemon after its start timeout)
+/// and a STATUS= that could not be sent is replaced by the current one.
 async fn report_status(shared: Rc<Shared>) {
+    let mut ready_sent = false;
+    let mut pause = BACKOFF_MIN;
     loop {
-        shared.status_changed.notified().await;
-        let _ = shared
+        let ready = if ready_sent { "" } else { "READY=1\n" };
+        match shared
             .notifier
-            .notify(&format!("STATUS={}", shared.status()));
+            .notify(&format!("{ready}STATUS={}", shared.status()))
+        {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shared.status_changed.notified() => {}
+                }
+                pause = (pause * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            // Sent, or the manager cannot be reached at all (retrying would
+            // not help: systemd reports a missing READY=1 itself).
+            _ => {
+                ready_sent = true;
+                pause = BACKOFF_MIN;
+            }
+        }
+        shared.status_changed.notified().await;
     }
 }
 
@@ -348,28 +369,37 @@ impl Shared {
             },
         };
         let destination = &binding.destination;
-        let started = spawn::client_command(mode, &self.options.client, destination, socket)
-            .and_then(|(command, splicer)| {
-                let child = tokio::process::Command::from(command).spawn()?;
-                // The command held the pipe's write end; it is dropped by now.
-                if let Some(splicer) = splicer {
-                    splicer.start()?;
-                }
-                Ok(child)
+        let cannot_run = |e: io::Error| {
+            if e.kind() == io::ErrorKind::NotFound && self.options.client_mode.is_none() {
+                self.mode.set(None); // probe again once it is back
+            }
+            self.spawn_errors.borrow_mut().warn(|suppressed| {
+                warn!(listen = %binding.listen, peer = %peer,
+                    "{}: cannot run {} for {peer}: {e}; connection closed{suppressed}",
+                    binding.listen, self.options.client.to_string_lossy())
             });
-        let child = match started {
-            Ok(child) => child,
-            Err(e) => {
-                if e.kind() == io::ErrorKind::NotFound && self.options.client_mode.is_none() {
-                    self.mode.set(None); // probe again once it is back
-                }
+        };
+        let (command, splicer) =
+            match spawn::client_command(mode, &self.options.client, destination, socket) {
+                Ok(parts) => parts,
+                Err(e) => return cannot_run(e),
+            };
+        // The splicer first: if it cannot start, no client has run yet.
+        if let Some(splicer) = splicer {
+            if let Err(e) = splicer.start() {
                 self.spawn_errors.borrow_mut().warn(|suppressed| {
                     warn!(listen = %binding.listen, peer = %peer,
-                        "{}: cannot run {} for {peer}: {e}; connection closed{suppressed}",
-                        binding.listen, self.options.client.to_string_lossy())
+                        "{}: cannot start the splicer for {peer}: {e}; connection \
+                        closed{suppressed}", binding.listen)
                 });
                 return;
             }
+        }
+        // The command holds the pipe's write end and is dropped here, so the
+        // splicer sees end of file when the client ends (or never started).
+        let child = match tokio::process::Command::from(command).spawn() {
+            Ok(child) => child,
+            Err(e) => return cannot_run(e),
         };
         binding.live.set(binding.live.get() + 1);
         self.live.set(self.live.get() + 1);

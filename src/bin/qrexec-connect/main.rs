@@ -28,7 +28,7 @@ Started by systemd socket activation: for each connection accepted on a
 socket named (FileDescriptorName=) \"TARGET SERVICE\", runs
 qrexec-client-vm TARGET SERVICE with the connection as its stdin/stdout.
 
-Options:
+Options (in any order; a value may also be the next argument):
   --qrexec-client-vm=PATH  the client to run (default /usr/bin/qrexec-client-vm)
   --max-connections=N      live connections per binding (default 256); at the
                            cap, new clients wait in the socket's backlog
@@ -56,23 +56,51 @@ pub struct Options {
     pub debug: bool,
 }
 
-fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
+/// What the command line asks for.
+#[derive(Debug)]
+enum Request {
+    Run(Options),
+    Help,
+    Version,
+}
+
+/// Options that take a value, as `--name=VALUE` or `--name VALUE`.
+const VALUE_OPTIONS: [&str; 3] = ["--qrexec-client-vm", "--max-connections", "--client-mode"];
+
+/// Reads the options in any order; `--help` or `--version` anywhere wins
+/// over what follows it (an error before it is still reported).
+fn parse_options(args: Vec<OsString>) -> Result<Request, String> {
     let mut options = Options {
         client: DEFAULT_CLIENT.into(),
         max_connections: DEFAULT_MAX_CONNECTIONS,
         client_mode: None,
         debug: false,
     };
-    for arg in args {
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
         let text = arg
             .to_str()
             .ok_or_else(|| format!("argument {arg:?} is not UTF-8"))?;
         let (name, value) = match text.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None if VALUE_OPTIONS.contains(&text) => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| format!("{text} needs a value: {text}=VALUE (see --help)"))?;
+                let value = value
+                    .into_string()
+                    .map_err(|v| format!("the value {v:?} of {text} is not UTF-8"))?;
+                (text, Some(value))
+            }
             None => (text, None),
         };
-        match (name, value) {
+        match (name, value.as_deref()) {
+            ("-h" | "--help", None) => return Ok(Request::Help),
+            ("--version", None) => return Ok(Request::Version),
             ("--qrexec-client-vm", Some(path)) if !path.is_empty() => options.client = path.into(),
+            ("--qrexec-client-vm", Some(_)) => {
+                return Err("--qrexec-client-vm needs a path, not an empty value".to_owned())
+            }
             ("--max-connections", Some(n)) => {
                 options.max_connections = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
                     format!("--max-connections needs a positive number, not {n:?}")
@@ -91,10 +119,13 @@ fn parse_options(args: Vec<OsString>) -> Result<Options, String> {
                 }
             }
             ("-d" | "--debug", None) => options.debug = true,
+            ("-h" | "--help" | "--version" | "-d" | "--debug", Some(_)) => {
+                return Err(format!("{name} takes no value"))
+            }
             _ => return Err(format!("unknown option {text:?}")),
         }
     }
-    Ok(options)
+    Ok(Request::Run(options))
 }
 
 fn main() -> ExitCode {
@@ -106,15 +137,9 @@ fn main() -> ExitCode {
 
     let mut args = std::env::args_os().skip(1);
     let first = args.next();
+    // Subcommands come first and are one arm each.
+    #[allow(clippy::single_match)]
     match first.as_ref().and_then(|a| a.to_str()) {
-        Some("-h" | "--help") => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Some("--version") => {
-            println!("qrexec-connect {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
         Some("reconcile") => {
             // `--runtime-dir=%t` from the unit; the environment otherwise.
             let runtime_dir = args.next().and_then(|arg| {
@@ -133,7 +158,15 @@ fn main() -> ExitCode {
         _ => {}
     }
     let options = match parse_options(first.into_iter().chain(args).collect()) {
-        Ok(options) => options,
+        Ok(Request::Run(options)) => options,
+        Ok(Request::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Request::Version) => {
+            println!("qrexec-connect {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
             eprintln!("qrexec-connect: {message}\nTry 'qrexec-connect --help'.");
             return ExitCode::from(EXIT_INVALID_ARGUMENT);
