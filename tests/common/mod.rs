@@ -3,7 +3,7 @@
 //! * [`Activate`] runs the daemon under `systemd-socket-activate`, which
 //!   listens and passes fds exactly as the manager does.
 //! * [`UserManager`] runs a real `systemd --user` and `systemd-journald` in a
-//!   private mount namespace (recipe: shared/reference/systemd-facts.md),
+//!   private mount namespace (recipe: docs/systemd-facts.md),
 //!   with the project installed by `make install-client` and overlaid on
 //!   /usr inside that namespace only.
 //! * [`EchoServer`] stands in for the service in the "service qube".

@@ -1,5 +1,5 @@
 //! A real `systemd --user` (with a real journald) in a private mount
-//! namespace, following the recipe in shared/reference/systemd-facts.md:
+//! namespace, following the recipe in docs/systemd-facts.md:
 //! a tmpfs on /run holding /run/systemd/system (so the manager believes the
 //! system was booted with systemd), and the project installed with
 //! `make install-client DESTDIR=...` overlaid on /usr for that namespace

@@ -2,7 +2,7 @@
 //!
 //! Real Qubes is not available to the tests, so this program plays both the
 //! client and everything behind it (dom0 policy, the target qube's agent and
-//! services), on one machine, following `/work/shared/reference/qrexec-facts.md`.
+//! services), on one machine, following `docs/qrexec-facts.md`.
 //!
 //! # Command line
 //!
