@@ -1,22 +1,28 @@
-# qrexec-connect: build, test, demo and install.
+# qrexec-connect: build, test, demo, install and package.
 #
-#   make build                      release binaries (cargo)
+#   make build                      release binaries and man pages (as yourself)
 #   make test                       every test (needs root: real systemd in a mount namespace)
 #   make demo                       a live forwarding demo with the qrexec-client-vm test double
 #   sudo make install-client        client qube: daemon, generator, units (template qube)
 #   sudo make install-client PREFIX=/usr/local   the same, kept by an app qube across reboots
 #   sudo make install-connectnfs    service qube: the qubes.ConnectNFS RPC
+#   sudo make uninstall             remove what install-client and install-connectnfs put
+#   make dist                       source tarball with every crate vendored (offline builds)
+#   make deb / make rpm             packages, built from that tarball (docs/packaging.md)
 #   make bench                      the benchmark (bench/README.md)
 #
 # DESTDIR is honoured everywhere. With PREFIX=/usr the systemd directories
 # come from pkg-config; with another prefix they move under it
 # ($(PREFIX)/lib/systemd/...), which systemd also searches.
 
+VERSION := $(shell cat version)
 PREFIX ?= /usr
 DESTDIR ?=
 CARGO ?= cargo
+CARGO_FLAGS ?=
 PROFILE ?= release
 BINDIR ?= $(PREFIX)/bin
+LIBEXECDIR ?= $(PREFIX)/libexec
 MANDIR ?= $(PREFIX)/share/man
 
 systemd_var = $(shell pkg-config --define-variable=prefix=$(PREFIX) --variable=$(1) systemd 2>/dev/null)
@@ -49,26 +55,46 @@ SCDOC ?= scdoc
 CLIENT_MAN := man/qrexec-connect.8 man/qrexec-connect-generator.8 man/qrexec-connect.conf.5
 NFS_MAN := man/qubes.ConnectNFS.8
 NFS_BINARY := $(OUT)/qrexec-connect-nfs
+# The sources each binary is built from (cargo relinks every binary when the
+# library changes): an install refuses a binary that is missing or older
+# than these, rather than building it as root.
+LIB_SOURCES := $(wildcard src/*.rs)
+$(OUT)/qrexec-connect: $(LIB_SOURCES) $(wildcard src/bin/qrexec-connect/*.rs)
+$(OUT)/qrexec-connect-generator: $(LIB_SOURCES) $(wildcard generator/*.rs)
+$(OUT)/qrexec-connect-nfs: $(LIB_SOURCES) src/bin/qrexec-connect-nfs.rs
+
+# Every user unit, generated from units/*.in where it names the bindir.
+UNIT_TEMPLATES := $(wildcard units/*.service.in units/*.path.in)
+UNIT_FILES := $(filter-out %.in,$(wildcard units/*.service units/*.path))
+
+DIST_NAME := qrexec-connect-$(VERSION)
+DIST_DIR := $(TARGET_DIR)/dist
+DIST_TARBALL := $(DIST_DIR)/$(DIST_NAME).tar.gz
 
 # A recipe that fails (e.g. scdoc missing) must not leave a half-written or
-# empty man page behind for the next make to install.
+# empty file behind for the next make to install.
 .DELETE_ON_ERROR:
 
-.PHONY: all build test demo bench bench-reload man install install-client install-connectnfs uninstall clean
+.PHONY: all build test demo bench bench-reload man install install-client install-client-files \
+	install-connectnfs uninstall dist deb rpm clean
 
 all: build
 
+# Only the programs that get installed: not the test double.
 build: man
-	$(CARGO) build $(CARGO_PROFILE_FLAG) --locked
+	$(CARGO) build $(CARGO_PROFILE_FLAG) --locked $(CARGO_FLAGS) \
+		--bin qrexec-connect --bin qrexec-connect-generator --bin qrexec-connect-nfs
 
-# Man pages are written in scdoc (Debian/Fedora package scdoc).
+# Man pages are written in scdoc (Debian/Fedora package scdoc); the footer
+# carries the version.
 man: $(CLIENT_MAN) $(NFS_MAN)
 
-man/%: man/%.scd
-	$(SCDOC) < $< > $@
+man/%: man/%.scd version
+	sed 's/@VERSION@/$(VERSION)/g' $< | $(SCDOC) > $@
 
 $(CLIENT_BINARIES) $(NFS_BINARY):
-	$(CARGO) build $(CARGO_PROFILE_FLAG) --locked
+	@echo "$@ is missing or older than its sources: run 'make build' first (as yourself, not as root)" >&2
+	@exit 1
 
 test:
 	$(CARGO) test --locked
@@ -86,48 +112,95 @@ bench-reload:
 
 install: install-client
 
-install-client: $(CLIENT_BINARIES) $(CLIENT_MAN)
+# The files of the client side, as the packages hold them (they enable the
+# reload watcher their own way: deb-systemd-helper, rpm presets).
+install-client-files: $(CLIENT_BINARIES) $(CLIENT_MAN)
 	install -d $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8
 	install -m 0644 man/qrexec-connect.8 man/qrexec-connect-generator.8 $(DESTDIR)$(MANDIR)/man8/
 	install -m 0644 man/qrexec-connect.conf.5 $(DESTDIR)$(MANDIR)/man5/
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(USERGENERATORDIR) \
-		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d \
-		$(DESTDIR)$(USERUNITDIR)/paths.target.wants
+		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d $(DESTDIR)$(LIBEXECDIR)/qrexec-connect
 	install -m 0755 $(OUT)/qrexec-connect $(DESTDIR)$(BINDIR)/qrexec-connect
 	install -m 0755 $(OUT)/qrexec-connect-generator $(DESTDIR)$(USERGENERATORDIR)/qrexec-connect-generator
 	ln -sf $(USERGENERATORDIR)/qrexec-connect-generator $(DESTDIR)$(BINDIR)/qrexec-connect-generator
-	sed 's|@bindir@|$(BINDIR)|g' units/qrexec-connect.service.in \
-		> $(DESTDIR)$(USERUNITDIR)/qrexec-connect.service
-	sed 's|@bindir@|$(BINDIR)|g' units/qrexec-connect-reconcile.service.in \
-		> $(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.service
-	chmod 0644 $(DESTDIR)$(USERUNITDIR)/qrexec-connect.service \
-		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.service
-	install -m 0644 units/qrexec-connect-handover.service units/qrexec-connect-reconcile.path \
-		$(DESTDIR)$(USERUNITDIR)/
+	install -m 0755 units/user-sessions $(DESTDIR)$(LIBEXECDIR)/qrexec-connect/user-sessions
+	for template in $(UNIT_TEMPLATES); do \
+		unit=$${template##*/}; unit=$${unit%.in}; \
+		sed 's|@bindir@|$(BINDIR)|g' $$template > $(DESTDIR)$(USERUNITDIR)/$$unit || exit 1; \
+		chmod 0644 $(DESTDIR)$(USERUNITDIR)/$$unit; \
+	done
+	install -m 0644 $(UNIT_FILES) $(DESTDIR)$(USERUNITDIR)/
 	install -m 0644 units/qrexec-connect-.socket.d/10-qrexec-connect.conf \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d/10-qrexec-connect.conf
+
+# By hand: the reload watcher is enabled with a link next to the units (under
+# /usr/local in an app qube, where /etc/systemd/user would not survive a
+# reboot), and started in every user manager that runs now, so that the
+# user's next `systemctl --user daemon-reload` brings the bindings up.
+install-client: install-client-files
+	install -d $(DESTDIR)$(USERUNITDIR)/paths.target.wants
 	ln -sf ../qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/paths.target.wants/qrexec-connect-reconcile.path
+ifeq ($(DESTDIR),)
+	$(LIBEXECDIR)/qrexec-connect/user-sessions start
+endif
 
+# The program lives with our other helpers; /etc/qubes-rpc holds a link to
+# it, as Qubes' own services do (qrexec runs the link's target).
 install-connectnfs: $(NFS_BINARY) $(NFS_MAN)
-	install -d $(DESTDIR)$(QUBESRPCDIR) $(DESTDIR)$(RPCCONFIGDIR) $(DESTDIR)$(MANDIR)/man8
+	install -d $(DESTDIR)$(QUBESRPCDIR) $(DESTDIR)$(RPCCONFIGDIR) $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(LIBEXECDIR)/qrexec-connect
 	install -m 0644 $(NFS_MAN) $(DESTDIR)$(MANDIR)/man8/
-	install -m 0755 $(NFS_BINARY) $(DESTDIR)$(QUBESRPCDIR)/qubes.ConnectNFS
+	install -m 0755 $(NFS_BINARY) $(DESTDIR)$(LIBEXECDIR)/qrexec-connect/qubes.ConnectNFS
+	ln -sf $(LIBEXECDIR)/qrexec-connect/qubes.ConnectNFS $(DESTDIR)$(QUBESRPCDIR)/qubes.ConnectNFS
 	install -m 0644 qubes-rpc/rpc-config/qubes.ConnectNFS $(DESTDIR)$(RPCCONFIGDIR)/qubes.ConnectNFS
 
 uninstall:
+ifeq ($(DESTDIR),)
+	-test ! -x $(LIBEXECDIR)/qrexec-connect/user-sessions || $(LIBEXECDIR)/qrexec-connect/user-sessions stop
+endif
 	rm -f $(DESTDIR)$(BINDIR)/qrexec-connect $(DESTDIR)$(BINDIR)/qrexec-connect-generator \
 		$(DESTDIR)$(USERGENERATORDIR)/qrexec-connect-generator \
-		$(DESTDIR)$(USERUNITDIR)/qrexec-connect.service \
-		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-handover.service \
-		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.service \
-		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.path \
+		$(DESTDIR)$(LIBEXECDIR)/qrexec-connect/user-sessions \
+		$(patsubst units/%.in,$(DESTDIR)$(USERUNITDIR)/%,$(UNIT_TEMPLATES)) \
+		$(patsubst units/%,$(DESTDIR)$(USERUNITDIR)/%,$(UNIT_FILES)) \
 		$(DESTDIR)$(USERUNITDIR)/paths.target.wants/qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d/10-qrexec-connect.conf \
 		$(DESTDIR)$(QUBESRPCDIR)/qubes.ConnectNFS $(DESTDIR)$(RPCCONFIGDIR)/qubes.ConnectNFS \
+		$(DESTDIR)$(LIBEXECDIR)/qrexec-connect/qubes.ConnectNFS \
 		$(DESTDIR)$(MANDIR)/man8/qrexec-connect.8 $(DESTDIR)$(MANDIR)/man8/qrexec-connect-generator.8 \
 		$(DESTDIR)$(MANDIR)/man5/qrexec-connect.conf.5 $(DESTDIR)$(MANDIR)/man8/qubes.ConnectNFS.8
-	-rmdir $(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d
+	-rmdir $(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d $(DESTDIR)$(LIBEXECDIR)/qrexec-connect
+
+# The source tarball: the tracked files as they are in the work tree, the
+# rendered RPM spec, and every crate in vendor/ with a .cargo/config.toml
+# that points cargo there, so that a package builds without network.
+dist:
+	rm -rf $(DIST_DIR)/$(DIST_NAME) $(DIST_TARBALL)
+	mkdir -p $(DIST_DIR)/$(DIST_NAME)/.cargo
+	git ls-files -z | tar --null -T - -cf - | tar -xf - -C $(DIST_DIR)/$(DIST_NAME)
+	sed 's/@VERSION@/$(VERSION)/g' rpm_spec/qrexec-connect.spec.in > $(DIST_DIR)/$(DIST_NAME)/qrexec-connect.spec
+	cd $(DIST_DIR)/$(DIST_NAME) && $(CARGO) vendor --locked --versioned-dirs vendor 2>/dev/null > .cargo/config.toml
+	grep -q vendored-sources $(DIST_DIR)/$(DIST_NAME)/.cargo/config.toml
+	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@$$(git log -1 --format=%ct) \
+		-C $(DIST_DIR) -czf $(DIST_TARBALL) $(DIST_NAME)
+	rm -rf $(DIST_DIR)/$(DIST_NAME)
+	@echo $(DIST_TARBALL)
+
+# Debian packages from the tarball, with the toolchain the build
+# dependencies name (on Debian 12: cargo-web, rustc-web in /usr/bin).
+deb: dist
+	rm -rf $(DIST_DIR)/deb && mkdir -p $(DIST_DIR)/deb
+	tar -xzf $(DIST_TARBALL) -C $(DIST_DIR)/deb
+	cd $(DIST_DIR)/deb/$(DIST_NAME) && env PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+		dpkg-buildpackage -us -uc -b
+	@ls $(DIST_DIR)/deb/*.deb
+
+rpm: dist
+	rm -rf $(DIST_DIR)/rpm && mkdir -p $(DIST_DIR)/rpm
+	env PATH=/usr/sbin:/usr/bin:/sbin:/bin rpmbuild -tb $(DIST_TARBALL) \
+		--define "_topdir $(abspath $(DIST_DIR)/rpm)" --nodeps
+	@ls $(DIST_DIR)/rpm/RPMS/*/*.rpm
 
 clean:
 	$(CARGO) clean

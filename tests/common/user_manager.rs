@@ -62,20 +62,16 @@ impl ManagerLock {
     }
 }
 
-/// Installs the project once per test binary into a DESTDIR (debug build).
+/// Installs the project once per test binary into a DESTDIR (debug build),
+/// under cargo's scratch directory for tests (one tree per test binary,
+/// replaced by the next run, gone with `cargo clean`; nothing left in /tmp).
 fn installed_tree() -> &'static Path {
     static TREE: OnceLock<PathBuf> = OnceLock::new();
     TREE.get_or_init(|| {
-        let dest = std::env::temp_dir().join(format!(
-            "qrexec-connect-test-install-{}",
-            std::process::id()
-        ));
+        let binary = std::env::current_exe().unwrap();
+        let stem = binary.file_stem().unwrap().to_string_lossy().into_owned();
+        let dest = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("install-{stem}"));
         let _ = std::fs::remove_dir_all(&dest);
-        let target_dir = Path::new(super::DAEMON)
-            .parent()
-            .and_then(Path::parent)
-            .unwrap()
-            .to_path_buf();
         let output = run(Command::new("make")
             .arg("-s")
             .arg("-C")
@@ -84,7 +80,7 @@ fn installed_tree() -> &'static Path {
             .arg(format!("DESTDIR={}", dest.display()))
             .arg("PREFIX=/usr")
             .arg("PROFILE=debug")
-            .arg(format!("TARGET_DIR={}", target_dir.display())));
+            .arg(format!("TARGET_DIR={}", target_dir().display())));
         assert!(
             output.status.success(),
             "make install-client failed: {}",
@@ -94,6 +90,26 @@ fn installed_tree() -> &'static Path {
         std::fs::copy(DOUBLE, dest.join("usr/bin/qrexec-client-vm")).unwrap();
         dest
     })
+}
+
+/// Cargo's target directory (where the debug binaries under test are).
+pub fn target_dir() -> PathBuf {
+    Path::new(super::DAEMON)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf()
+}
+
+/// What the namespace holds of the project when the manager starts.
+pub enum Product {
+    /// `make install-client DESTDIR=` overlaid on /usr, read-only.
+    Installed,
+    /// Nothing: /usr, /etc and /var are writable overlays (changes stay in
+    /// the test's scratch directory), and the double is already at
+    /// /usr/bin/qrexec-client-vm. The test installs the product itself,
+    /// after the manager runs, as a user's session would see it.
+    NotYet,
 }
 
 impl UserManager {
@@ -106,8 +122,16 @@ impl UserManager {
     /// Like [`start`], plus unit files or drop-ins written under
     /// /run/systemd/user (e.g. Environment= for the double).
     pub fn start_with(home_files: &[(&str, &str)], run_units: &[(&str, &str)]) -> UserManager {
+        Self::start_full(Product::Installed, home_files, run_units)
+    }
+
+    /// The general form of [`start`].
+    pub fn start_full(
+        product: Product,
+        home_files: &[(&str, &str)],
+        run_units: &[(&str, &str)],
+    ) -> UserManager {
         let guard = ManagerLock::acquire();
-        let tree = installed_tree();
         let home = TempDir::new("home");
         let scratch = TempDir::new("scratch");
         for (path, text) in home_files {
@@ -115,16 +139,28 @@ impl UserManager {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, text).unwrap();
         }
+        let overlays = match product {
+            Product::Installed => format!(
+                "mount -t overlay overlay -o lowerdir={}/usr:/usr /usr",
+                installed_tree().display()
+            ),
+            // Upper layers on the namespace's tmpfs: whatever the test
+            // installs, dpkg's database included, vanishes with it.
+            Product::NotYet => "for d in usr etc var; do
+                     mkdir -p /run/.overlay/$d/upper /run/.overlay/$d/work
+                     mount -t overlay overlay -o lowerdir=/$d,upperdir=/run/.overlay/$d/upper,workdir=/run/.overlay/$d/work /$d
+                 done"
+                .to_owned(),
+        };
         let script = format!(
             "set -e
              mount -t tmpfs tmpfs /run
              mkdir -p /run/systemd/system {rt} /run/systemd/user
              chmod 700 {rt}
-             mount -t overlay overlay -o lowerdir={tree}/usr:/usr /usr
+             {overlays}
              echo ready
              exec sleep infinity",
             rt = RUNTIME_DIR,
-            tree = tree.display()
         );
         let mut holder = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c", &script])
@@ -148,6 +184,11 @@ impl UserManager {
             scratch,
             _one_at_a_time: guard,
         };
+        if let Product::NotYet = product {
+            // The double stands where Qubes puts the real client.
+            let client = manager.ns_path("/usr/bin/qrexec-client-vm");
+            std::fs::copy(DOUBLE, client).unwrap();
+        }
         for (name, text) in run_units {
             manager.write_file(&format!("/run/systemd/user/{name}"), text);
         }
