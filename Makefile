@@ -100,8 +100,11 @@ install-client: $(CLIENT_BINARIES) $(CLIENT_MAN)
 		> $(DESTDIR)$(USERUNITDIR)/qrexec-connect.service
 	sed 's|@bindir@|$(BINDIR)|g' units/qrexec-connect-reconcile.service.in \
 		> $(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.service
+	sed 's|@bindir@|$(BINDIR)|g' units/qrexec-connect-recover.service.in \
+		> $(DESTDIR)$(USERUNITDIR)/qrexec-connect-recover.service
 	chmod 0644 $(DESTDIR)$(USERUNITDIR)/qrexec-connect.service \
-		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.service
+		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.service \
+		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-recover.service
 	install -m 0644 units/qrexec-connect-handover.service units/qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/
 	install -m 0644 units/qrexec-connect-.socket.d/10-qrexec-connect.conf \
@@ -121,6 +124,7 @@ uninstall:
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect.service \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-handover.service \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.service \
+		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-recover.service \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/paths.target.wants/qrexec-connect-reconcile.path \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d/10-qrexec-connect.conf \

@@ -13,7 +13,8 @@
 //! * [`listener`], [`spawn`], [`notify`]: the daemon's sockets, children and
 //!   service-manager notifications (plain syscalls; the event loop is in the
 //!   daemon binary);
-//! * [`reconcile`]: making `daemon-reload` apply binding changes.
+//! * [`reconcile`]: making `daemon-reload` apply binding changes;
+//! * [`recover`]: bringing bindings back after systemd gave up on the daemon.
 //!
 //! Design notes: `docs/design.md`.
 
@@ -23,5 +24,6 @@ pub mod config;
 pub mod listener;
 pub mod notify;
 pub mod reconcile;
+pub mod recover;
 pub mod spawn;
 pub mod unit;

@@ -115,6 +115,15 @@ fn main() -> ExitCode {
             println!("qrexec-connect {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Some("recover") => {
+            return match qrexec_connect::recover::run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("qrexec-connect recover: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some("reconcile") => {
             return match qrexec_connect::reconcile::run() {
                 Ok(()) => ExitCode::SUCCESS,
