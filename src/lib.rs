@@ -14,8 +14,9 @@
 //!   service-manager notifications (plain syscalls; the event loop is in the
 //!   daemon binary);
 //! * [`reconcile`]: making `daemon-reload` apply binding changes;
+//! * [`recover`]: bringing bindings back after systemd gave up on the daemon;
 //! * [`runtime_dir`]: our directory under `$XDG_RUNTIME_DIR` (the reload
-//!   flag and the reconcile state), shared by the generator and reconcile.
+//!   flag, the reconcile and recovery state), shared by all of them.
 //!
 //! Design notes: `docs/design.md`.
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod listener;
 pub mod notify;
 pub mod reconcile;
+pub mod recover;
 pub mod runtime_dir;
 pub mod spawn;
 pub mod unit;

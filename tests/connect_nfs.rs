@@ -254,7 +254,7 @@ fn assert_clean_exit((status, stderr): (ExitStatus, String)) {
 
 #[test]
 fn the_server_sees_the_address_given_as_argument() {
-    for source in ["127.0.1.1", "127.0.1.2", "127.0.0.1"] {
+    for source in ["127.0.1.1", "127.0.1.2", "127.0.0.2"] {
         let server = Server::start();
         let (run, mut ends) = Run::start(Some(source), server.port(), Wiring::Pipes);
         let (mut stream, peer) = server.accept();
@@ -428,6 +428,7 @@ fn refused(argument: Option<&str>) -> String {
 fn refuses_arguments_that_are_not_a_loopback_host_address() {
     let cases = [
         ("10.0.0.1", "not a loopback address"),
+        ("127.0.0.1", "the NFS server's own address"),
         ("127.0.0.1:5", "the port is always the NFS port, 2049"),
         ("127.0.0.1_5", "\"1_5\" is not a decimal number"),
         ("garbage", "not the four of 127.X.Y.Z"),
@@ -560,4 +561,80 @@ fn connect_failure_is_reported_with_exit_1() {
     assert!(stderr.contains("is the NFS server running"), "{stderr}");
     assert!(output.stdout.is_empty());
     drop(holder);
+}
+
+// ---------------------------------------------------------------------------
+// The test-only port override
+// ---------------------------------------------------------------------------
+
+/// The shipped (release) build has no port override: it always connects to
+/// 2049. Building the release profile here would take minutes (LTO, every
+/// dependency), so the program's one source file is compiled the way the
+/// release profile differs for it, with debug assertions off, against the
+/// libc this test run already built.
+#[test]
+fn a_build_without_debug_assertions_ignores_the_port_variable() {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let libc_rlib = std::fs::read_dir(&deps)
+        .unwrap()
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| {
+            let name = path.file_name().unwrap().to_string_lossy();
+            name.starts_with("liblibc-") && name.ends_with(".rlib")
+        })
+        .expect("libc built for this test run");
+    let out = std::env::temp_dir().join(format!("qubes.ConnectNFS-release-{}", std::process::id()));
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let built = Command::new(rustc)
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "bin",
+            "-C",
+            "debug-assertions=off",
+        ])
+        .arg("--extern")
+        .arg(format!("libc={}", libc_rlib.display()))
+        .arg("-L")
+        .arg(format!("dependency={}", deps.display()))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/bin/qrexec-connect-nfs.rs"
+        ))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "rustc: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let server = Server::start();
+    for value in [server.port().to_string(), "nfs".to_owned()] {
+        let output = Command::new("timeout")
+            .arg("10")
+            .arg(&out)
+            .env("QREXEC_SERVICE_ARGUMENT", "127.0.1.1")
+            .env("QREXEC_CONNECT_NFS_PORT", &value)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !stderr.contains("QREXEC_CONNECT_NFS_PORT"),
+            "QREXEC_CONNECT_NFS_PORT={value}: {stderr}"
+        );
+        assert_ne!(output.status.code(), Some(2), "{stderr}");
+        if output.status.code() == Some(1) {
+            assert!(stderr.contains("127.0.0.1:2049"), "{stderr}");
+        }
+    }
+    assert!(server.saw_no_connection(), "the variable was used");
+    let _ = std::fs::remove_file(&out);
 }

@@ -113,17 +113,23 @@ fn one_version_everywhere() {
     );
     for program in [DAEMON, GENERATOR] {
         let out = stdout(Command::new(program).arg("--version"));
-        assert!(out.trim().ends_with(&format!(" {version}")), "{program}: {out}");
+        assert!(
+            out.trim().ends_with(&format!(" {version}")),
+            "{program}: {out}"
+        );
     }
     let changelog = std::fs::read_to_string(Path::new(REPO).join("debian/changelog")).unwrap();
     assert!(
         changelog.starts_with(&format!("qrexec-connect ({version})")),
         "debian/changelog does not start with {version}"
     );
-    let spec = std::fs::read_to_string(Path::new(REPO).join("rpm_spec/qrexec-connect.spec.in"))
-        .unwrap();
+    let spec =
+        std::fs::read_to_string(Path::new(REPO).join("rpm_spec/qrexec-connect.spec.in")).unwrap();
     assert!(spec.contains("Version:        @VERSION@"));
-    assert!(spec.contains(&format!("> - {version}-1\n")), "the spec's changelog");
+    assert!(
+        spec.contains(&format!("> - {version}-1\n")),
+        "the spec's changelog"
+    );
     let output = run(Command::new("make").args(["-s", "-C", REPO, "man"]));
     assert!(output.status.success());
     for page in [
@@ -161,7 +167,12 @@ fn one_version_everywhere() {
 fn lintian_and_rpmlint_find_nothing() {
     let packages = packages();
     let lintian = run(Command::new("lintian")
-        .args(["--fail-on", "error,warning", "--suppress-tags", "bad-distribution-in-changes-file"])
+        .args([
+            "--fail-on",
+            "error,warning",
+            "--suppress-tags",
+            "bad-distribution-in-changes-file",
+        ])
         .args(&packages.debs));
     let report = String::from_utf8_lossy(&lintian.stdout).into_owned()
         + &String::from_utf8_lossy(&lintian.stderr);
@@ -219,7 +230,11 @@ fn the_rpms_hold_the_same_files_as_the_debs() {
     for rpm in &packages.rpms {
         let listing = stdout(
             Command::new("rpm")
-                .args(["-qp", "--queryformat", "[%{FILEMODES:perms} %{FILENAMES}\\n]"])
+                .args([
+                    "-qp",
+                    "--queryformat",
+                    "[%{FILEMODES:perms} %{FILENAMES}\\n]",
+                ])
                 .arg(rpm),
         );
         let files: String = listing
@@ -234,7 +249,8 @@ fn the_rpms_hold_the_same_files_as_the_debs() {
         "{from_debs:#?}"
     );
     assert_eq!(
-        from_debs, from_rpms,
+        from_debs,
+        from_rpms,
         "only in .deb: {:#?}\nonly in .rpm: {:#?}",
         from_debs.difference(&from_rpms).collect::<Vec<_>>(),
         from_rpms.difference(&from_debs).collect::<Vec<_>>()
@@ -260,12 +276,14 @@ fn wait_forwarding(manager: &UserManager, port: u16, what: &str) {
 }
 
 fn wait_refused(port: u16, what: &str) {
-    wait_for(&format!("{what}: 127.0.0.1:{port} to refuse"), SETTLE, || {
-        match TcpStream::connect(("127.0.0.1", port)) {
+    wait_for(
+        &format!("{what}: 127.0.0.1:{port} to refuse"),
+        SETTLE,
+        || match TcpStream::connect(("127.0.0.1", port)) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
             _ => None,
-        }
-    });
+        },
+    );
 }
 
 /// The session's first steps after an install: one config line, one
@@ -331,13 +349,17 @@ fn the_deb_installs_into_a_running_session_serves_and_purges_clean() {
         })
         .filter(|path| !std::path::Path::new(path).is_dir() || path.contains("qrexec"))
         .collect();
-    assert!(files.iter().any(|f| f == "/usr/bin/qrexec-connect"), "{files:#?}");
+    assert!(
+        files.iter().any(|f| f == "/usr/bin/qrexec-connect"),
+        "{files:#?}"
+    );
     let enabled = "/etc/systemd/user/paths.target.wants/qrexec-connect-reconcile.path".to_owned();
     assert_eq!(still_there(&manager, &[enabled.clone()]), [enabled.clone()]);
 
-    let purge = run(manager
-        .command("dpkg")
-        .args(["--purge", "qrexec-connect", "qrexec-connect-nfs"]));
+    let purge =
+        run(manager
+            .command("dpkg")
+            .args(["--purge", "qrexec-connect", "qrexec-connect-nfs"]));
     assert!(
         purge.status.success(),
         "dpkg --purge failed: {}",
@@ -358,7 +380,14 @@ fn make_install_reaches_a_running_session_and_uninstall_removes_it() {
     let make = |target: &str| {
         let output = run(manager
             .command("make")
-            .args(["-s", "-C", REPO, target, "PREFIX=/usr/local", "PROFILE=debug"])
+            .args([
+                "-s",
+                "-C",
+                REPO,
+                target,
+                "PREFIX=/usr/local",
+                "PROFILE=debug",
+            ])
             .arg(format!("TARGET_DIR={}", target_dir().display())));
         assert!(
             output.status.success(),
@@ -375,8 +404,11 @@ fn make_install_reaches_a_running_session_and_uninstall_removes_it() {
     make("uninstall");
     wait_refused(first, "after uninstall");
     wait_refused(second, "after uninstall");
-    let left = stdout(manager.command("sh").arg("-c").arg(
-        "find /usr/local -name '*qrexec-connect*' -o -name 'qubes.ConnectNFS*' | sort",
-    ));
+    let left = stdout(
+        manager
+            .command("sh")
+            .arg("-c")
+            .arg("find /usr/local -name '*qrexec-connect*' -o -name 'qubes.ConnectNFS*' | sort"),
+    );
     assert!(left.trim().is_empty(), "left after uninstall:\n{left}");
 }

@@ -16,7 +16,7 @@
 //! * 0: both directions ended (EOF, or the peer went away with EPIPE or
 //!   ECONNRESET: a connection that ends is not an error here);
 //! * 1: could not connect to the NFS server (bind or connect failed);
-//! * 2: bad argument, or a bad `QREXEC_CONNECT_NFS_PORT`;
+//! * 2: bad argument, or (debug builds) a bad `QREXEC_CONNECT_NFS_PORT`;
 //! * 3: an unexpected I/O error while forwarding.
 //!
 //! It takes no command-line options: qrexec passes the argument in argv too,
@@ -37,7 +37,11 @@ use std::thread;
 const ARGUMENT_ENV: &str = "QREXEC_SERVICE_ARGUMENT";
 /// Set by qrexec to the calling qube; only used to make messages clearer.
 const CALLER_ENV: &str = "QREXEC_REMOTE_DOMAIN";
-/// Overrides the destination port. For tests only: the NFS port is 2049.
+/// Overrides the destination port, so the test suite can run a stand-in
+/// server. Debug builds only: a release build has no such variable and
+/// always connects to 2049, so nothing in a service qube's environment can
+/// send NFS clients elsewhere.
+#[cfg(debug_assertions)]
 const PORT_ENV: &str = "QREXEC_CONNECT_NFS_PORT";
 /// The NFSv4 port; v4 needs no other port (no rpcbind, no mountd).
 const NFS_PORT: u16 = 2049;
@@ -72,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_ARGUMENT);
         }
     };
-    let port = match nfs_port(env::var_os(PORT_ENV)) {
+    let port = match nfs_port() {
         Ok(port) => port,
         Err(message) => {
             eprintln!("{NAME}: {message}");
@@ -95,7 +99,7 @@ fn main() -> ExitCode {
 
 /// A loopback host address to connect from: four decimal numbers, the first
 /// 127, no leading zeros, not the network (127.0.0.0) or broadcast
-/// (127.255.255.255) address.
+/// (127.255.255.255) address, and not 127.0.0.1.
 ///
 /// Leading zeros are refused because tools disagree on them: `inet_aton`
 /// reads `127.0.1.010` as octal (127.0.1.8) while exports files and humans
@@ -103,7 +107,9 @@ fn main() -> ExitCode {
 /// Short forms (`127.1`) are refused for the same reason. The broadcast
 /// address is refused because Linux accepts binding it for TCP but the
 /// connection then comes from 127.0.0.1, so the server would see another
-/// client's address.
+/// client's address. 127.0.0.1 is refused because it is where the server
+/// sees the service qube's own processes (and every `qubes.ConnectTCP`
+/// caller): exports meant for those must not be granted to a client qube.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SourceAddress(Ipv4Addr);
 
@@ -153,6 +159,9 @@ impl SourceAddress {
         if octets[1..] == [255, 255, 255] {
             return bad(Why::BroadcastAddress);
         }
+        if address == NFS_HOST {
+            return bad(Why::ServerAddress);
+        }
         Ok(SourceAddress(address))
     }
 }
@@ -184,6 +193,7 @@ enum Why {
     NotLoopback,
     NetworkAddress,
     BroadcastAddress,
+    ServerAddress,
 }
 
 impl fmt::Display for ArgumentError {
@@ -233,6 +243,11 @@ impl fmt::Display for ArgumentError {
                         "127.255.255.255 is the broadcast address; connections bound to it \
                          come from 127.0.0.1",
                     ),
+                    Why::ServerAddress => f.write_str(
+                        "127.0.0.1 is the NFS server's own address, from which the server sees \
+                         this qube's own processes; give each client qube an address of its own, \
+                         such as 127.0.1.1",
+                    ),
                 }
             }
         }
@@ -256,8 +271,21 @@ fn report_bad_argument(error: &ArgumentError) {
     );
 }
 
-/// The destination port: 2049, or `QREXEC_CONNECT_NFS_PORT` (tests only).
-fn nfs_port(value: Option<OsString>) -> Result<u16, String> {
+/// The destination port: 2049 in release builds.
+#[cfg(not(debug_assertions))]
+fn nfs_port() -> Result<u16, String> {
+    Ok(NFS_PORT)
+}
+
+/// The destination port: 2049, or `QREXEC_CONNECT_NFS_PORT` (debug builds,
+/// for tests).
+#[cfg(debug_assertions)]
+fn nfs_port() -> Result<u16, String> {
+    port_from(env::var_os(PORT_ENV))
+}
+
+#[cfg(debug_assertions)]
+fn port_from(value: Option<OsString>) -> Result<u16, String> {
     let Some(value) = value else {
         return Ok(NFS_PORT);
     };
@@ -265,7 +293,7 @@ fn nfs_port(value: Option<OsString>) -> Result<u16, String> {
         Some(port) if port != 0 => Ok(port),
         _ => Err(format!(
             "bad {PORT_ENV} {value:?}: expected a port number from 1 to 65535 (this variable \
-             exists for tests only; unset it to use the NFS port, {NFS_PORT})"
+             exists in debug builds for tests only; unset it to use the NFS port, {NFS_PORT})"
         )),
     }
 }
@@ -557,7 +585,7 @@ mod tests {
     #[test]
     fn accepts_loopback_host_addresses() {
         for text in [
-            "127.0.0.1",
+            "127.0.0.2",
             "127.0.1.1",
             "127.0.1.2",
             "127.1.2.3",
@@ -575,6 +603,7 @@ mod tests {
         assert_eq!(why("0.0.0.0"), Why::NotLoopback);
         assert_eq!(why("127.0.0.0"), Why::NetworkAddress);
         assert_eq!(why("127.255.255.255"), Why::BroadcastAddress);
+        assert_eq!(why("127.0.0.1"), Why::ServerAddress);
     }
 
     #[test]
@@ -597,11 +626,12 @@ mod tests {
     }
 
     #[test]
+    #[cfg(debug_assertions)]
     fn port_override_is_checked() {
-        assert_eq!(nfs_port(None), Ok(2049));
-        assert_eq!(nfs_port(Some("12049".into())), Ok(12049));
+        assert_eq!(port_from(None), Ok(2049));
+        assert_eq!(port_from(Some("12049".into())), Ok(12049));
         for bad in ["0", "65536", "", "x", "-1"] {
-            assert!(nfs_port(Some(bad.into())).is_err(), "{bad}");
+            assert!(port_from(Some(bad.into())).is_err(), "{bad}");
         }
     }
 

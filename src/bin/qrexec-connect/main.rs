@@ -138,8 +138,16 @@ fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let first = args.next();
     // Subcommands come first and are one arm each.
-    #[allow(clippy::single_match)]
     match first.as_ref().and_then(|a| a.to_str()) {
+        Some("recover") => {
+            return match qrexec_connect::recover::run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("qrexec-connect recover: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some("reconcile") => {
             // `--runtime-dir=%t` from the unit; the environment otherwise.
             let runtime_dir = args.next().and_then(|arg| {
