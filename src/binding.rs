@@ -94,7 +94,7 @@ impl Service {
         let name_ok = name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        let argument_ok = argument.map_or(true, |a| {
+        let argument_ok = argument.is_none_or(|a| {
             a.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '+'))
         });

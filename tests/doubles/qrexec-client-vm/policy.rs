@@ -234,8 +234,8 @@ pub fn evaluate(text: &str, req: &Request) -> Verdict {
     }
     let argument = format!("+{}", req.argument);
     for r in &rules {
-        let hit = r.service.as_deref().map_or(true, |s| s == req.service)
-            && r.argument.as_deref().map_or(true, |a| a == argument)
+        let hit = r.service.as_deref().is_none_or(|s| s == req.service)
+            && r.argument.as_deref().is_none_or(|a| a == argument)
             && r.source.matches(req.source)
             && r.target.matches(req.target);
         if !hit {
