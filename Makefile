@@ -122,7 +122,7 @@ install-client-files: $(CLIENT_BINARIES) $(CLIENT_MAN)
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d $(DESTDIR)$(LIBEXECDIR)/qrexec-connect
 	install -m 0755 $(OUT)/qrexec-connect $(DESTDIR)$(BINDIR)/qrexec-connect
 	install -m 0755 $(OUT)/qrexec-connect-generator $(DESTDIR)$(USERGENERATORDIR)/qrexec-connect-generator
-	ln -sf $(USERGENERATORDIR)/qrexec-connect-generator $(DESTDIR)$(BINDIR)/qrexec-connect-generator
+	ln -sfr $(DESTDIR)$(USERGENERATORDIR)/qrexec-connect-generator $(DESTDIR)$(BINDIR)/qrexec-connect-generator
 	install -m 0755 units/user-sessions $(DESTDIR)$(LIBEXECDIR)/qrexec-connect/user-sessions
 	for template in $(UNIT_TEMPLATES); do \
 		unit=$${template##*/}; unit=$${unit%.in}; \
