@@ -23,6 +23,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::reconcile::SERVICE;
+
+/// The path unit that runs the reconcile step after each daemon-reload.
+const WATCHER: &str = "qrexec-connect-reconcile.path";
+/// The reconcile step it starts.
+const RECONCILE: &str = "qrexec-connect-reconcile.service";
 use crate::runtime_dir::RuntimeDir;
 use crate::spawn::signal_name;
 
@@ -293,31 +298,37 @@ pub fn run() -> io::Result<()> {
         .iter()
         .filter(|s| s.active_state == "failed")
         .collect();
-    if failed.is_empty() {
-        // Run by hand, or every socket came back meanwhile.
-        println!("<6>qrexec-connect recover: no binding socket is in the failed state");
-        return Ok(());
-    }
-    let daemon = parse_daemon(&systemctl(&[
+    let watcher = parse_sockets(&systemctl(&[
         "show",
         "-p",
+        "Id",
+        "-p",
+        "ActiveState",
+        "-p",
         "Result",
-        "-p",
-        "ExecMainPID",
-        "-p",
-        "ExecMainCode",
-        "-p",
-        "ExecMainStatus",
-        "-p",
-        "ExecStartPre",
-        SERVICE,
-    ])?);
-    // <4> warning: bindings are down.
-    println!(
-        "<4>qrexec-connect recover: {}",
-        describe_failure(&daemon, &failed)
-    );
-
+        WATCHER,
+    ])?)
+    .pop()
+    .filter(|w| w.active_state == "failed");
+    if let Some(watcher) = &watcher {
+        // <4> warning: reloads are not applied.
+        println!(
+            "<4>qrexec-connect recover: the reload watcher {WATCHER} failed ({}); until it \
+             runs again, daemon-reload does not apply binding changes",
+            watcher.result
+        );
+    }
+    if failed.is_empty() && watcher.is_none() {
+        // Run by hand, or everything came back meanwhile.
+        println!(
+            "<6>qrexec-connect recover: no binding socket and not the reload watcher is in \
+             the failed state"
+        );
+        return Ok(());
+    }
+    if !failed.is_empty() {
+        report_daemon_failure(&failed)?;
+    }
     let dir = RuntimeDir::from_env()?;
     let history = dir
         .read(STATE_FILE)?
@@ -338,24 +349,63 @@ pub fn run() -> io::Result<()> {
     } else {
         String::new()
     };
+    let what = match (failed.is_empty(), watcher.is_some()) {
+        (false, false) => "the binding sockets",
+        (true, _) => "the reload watcher",
+        (false, true) => "the binding sockets and the reload watcher",
+    };
     // <5> notice: what we do about it.
     println!(
-        "<5>qrexec-connect recover: restarting the binding sockets in {} s{persisting}",
+        "<5>qrexec-connect recover: restarting {what} in {} s{persisting}",
         wait.as_secs()
     );
     std::thread::sleep(wait);
 
-    // The start-limit counters go with the failed state, so the daemon gets
-    // its full allowance again. The sockets are started by the unit's
-    // OnSuccess=sockets.target once this run has ended.
-    let mut args = vec!["reset-failed", "--", SERVICE];
-    args.extend(failed.iter().map(|s| s.name.as_str()));
-    systemctl(&args)?;
+    if !failed.is_empty() {
+        // The start-limit counters go with the failed state, so the daemon
+        // gets its full allowance again. The sockets are started by the
+        // unit's OnSuccess=sockets.target once this run has ended.
+        let mut args = vec!["reset-failed", "--", SERVICE];
+        args.extend(failed.iter().map(|s| s.name.as_str()));
+        systemctl(&args)?;
+        println!(
+            "<5>qrexec-connect recover: cleared the failed state of {SERVICE} and {} socket{}; \
+             sockets.target starts them again",
+            failed.len(),
+            if failed.len() == 1 { "" } else { "s" }
+        );
+    }
+    if watcher.is_some() {
+        // A path unit pulls in nothing else: started by name. If its flag
+        // is still raised, the reload it missed is applied at once.
+        systemctl(&["reset-failed", "--", WATCHER, RECONCILE])?;
+        systemctl(&["start", "--no-block", WATCHER])?;
+        println!("<5>qrexec-connect recover: started {WATCHER} again");
+    }
+    Ok(())
+}
+
+/// Says why the daemon's sockets failed, from what systemd kept of its
+/// last run.
+fn report_daemon_failure(failed: &[&SocketState]) -> io::Result<()> {
+    let daemon = parse_daemon(&systemctl(&[
+        "show",
+        "-p",
+        "Result",
+        "-p",
+        "ExecMainPID",
+        "-p",
+        "ExecMainCode",
+        "-p",
+        "ExecMainStatus",
+        "-p",
+        "ExecStartPre",
+        SERVICE,
+    ])?);
+    // <4> warning: bindings are down.
     println!(
-        "<5>qrexec-connect recover: cleared the failed state of {SERVICE} and {} socket{}; \
-         sockets.target starts them again",
-        failed.len(),
-        if failed.len() == 1 { "" } else { "s" }
+        "<4>qrexec-connect recover: {}",
+        describe_failure(&daemon, failed)
     );
     Ok(())
 }

@@ -169,3 +169,57 @@ fn the_recovery_unit_passes_systemd_analyze_verify_without_a_word() {
     );
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
+
+/// Issue 9, item 4, the other half: whatever makes the reconcile step fail
+/// over and over (here a drop-in whose ExecStartPre= fails while a file
+/// exists, so the flag is never lowered), the reload watcher hits its
+/// start limit and fails. Once the cause is gone it must come back by
+/// itself and apply the reload it missed.
+#[test]
+fn the_reload_watcher_comes_back_after_it_failed() {
+    let echo = EchoServer::start();
+    let (a, b) = (free_port(), free_port());
+    let manager = UserManager::start_with(
+        &[(CONFIG, &line(a, echo.port))],
+        &[(
+            "qrexec-connect-reconcile.service.d/blocked.conf",
+            "[Service]\nExecStartPre=/bin/sh -c 'test ! -e /run/block-reconcile'\n",
+        )],
+    );
+    wait_for("binding a to answer", SETTLE, || answers(a).then_some(()));
+    manager.settle();
+
+    manager.write_file("/run/block-reconcile", "");
+    std::fs::write(
+        manager.home.path().join(CONFIG),
+        line(a, echo.port) + &line(b, echo.port),
+    )
+    .unwrap();
+    manager.daemon_reload();
+    wait_for("the reload watcher to fail", LIMIT, || {
+        (manager.property("qrexec-connect-reconcile.path", "ActiveState") == "failed").then_some(())
+    });
+    wait_entry_with(
+        &manager,
+        &["qrexec-connect recover", "qrexec-connect-reconcile.path"],
+        LIMIT,
+    );
+    assert!(!answers(b), "b answers although its reload was blocked");
+
+    // The cause goes; no daemon-reload from here on.
+    let gone = Instant::now();
+    std::fs::remove_file(manager.ns_path("/run/block-reconcile")).unwrap();
+    wait_for(
+        "binding b to answer without another reload",
+        COME_BACK,
+        || answers(b).then_some(()),
+    );
+    eprintln!(
+        "b answered {:.2} s after the cause was gone",
+        gone.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        manager.property("qrexec-connect-reconcile.path", "ActiveState"),
+        "active"
+    );
+}
