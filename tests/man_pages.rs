@@ -61,6 +61,10 @@ fn the_daemon_page_lists_the_messages_it_logs() {
         "must be started by systemd socket activation",
         "--max-connections limit",
         "cannot accept a connection",
+        "cannot start the splicer",
+        "log messages were dropped",
+        "restarting the binding sockets",
+        "the reload watcher",
     ] {
         assert!(
             text.contains(message),

@@ -43,6 +43,9 @@ Commands:
   qrexec-connect reconcile  apply changed qrexec-connect-*.socket units after
                             'systemctl --user daemon-reload' (run by
                             qrexec-connect-reconcile.service)
+  qrexec-connect recover    bring failed bindings or the reload watcher back,
+                            with a backoff (run by
+                            qrexec-connect-recover.service)
 
 See qrexec-connect(8).
 ";
