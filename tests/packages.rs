@@ -421,3 +421,49 @@ fn make_install_reaches_a_running_session_and_uninstall_removes_it() {
     );
     assert!(left.trim().is_empty(), "left after uninstall:\n{left}");
 }
+
+/// Issue 10's first-time-run findings: an install never builds (as root)
+/// and never installs what was not built, and a man page whose rendering
+/// failed is not left behind empty for the next make to ship.
+#[test]
+fn make_refuses_to_install_unbuilt_binaries_and_never_keeps_a_failed_man_page() {
+    let scratch = TempDir::new("make-checks");
+    let empty_target = scratch.path().join("target");
+    let output = run(Command::new("make")
+        .args(["-s", "-C", REPO, "install-client", "PROFILE=debug"])
+        .arg(format!("DESTDIR={}", scratch.path().join("root").display()))
+        .arg(format!("TARGET_DIR={}", empty_target.display())));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "installed without binaries");
+    assert!(said.contains("run 'make build' first"), "{said}");
+    assert!(!empty_target.exists(), "make built something: {said}");
+    assert!(!scratch.path().join("root/usr/bin").exists());
+
+    // A copy of the man sources, so the repository's pages are untouched.
+    let man = scratch.path().join("man");
+    std::fs::create_dir_all(&man).unwrap();
+    std::fs::copy(
+        Path::new(REPO).join("man/qrexec-connect.8.scd"),
+        man.join("qrexec-connect.8.scd"),
+    )
+    .unwrap();
+    std::fs::copy(
+        Path::new(REPO).join("version"),
+        scratch.path().join("version"),
+    )
+    .unwrap();
+    let output = run(Command::new("make")
+        .args(["-s", "-C"])
+        .arg(scratch.path())
+        .args([
+            "-f",
+            &format!("{REPO}/Makefile"),
+            "man/qrexec-connect.8",
+            "SCDOC=false",
+        ]));
+    assert!(!output.status.success());
+    assert!(
+        !man.join("qrexec-connect.8").exists(),
+        "a failed rendering left man/qrexec-connect.8 behind"
+    );
+}
