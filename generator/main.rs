@@ -24,10 +24,10 @@ Writes one qrexec-connect-*.socket unit per line of the *.conf files in
 $XDG_CONFIG_HOME/qrexec-connect/ (default ~/.config/qrexec-connect/) and
 /etc/qrexec-connect/ into NORMAL-DIR, as a systemd user generator.
 
-  --check    read the same files, print the units that would be written
-             and every problem; exit 1 if there is any problem
-  --help     show this help
-  --version  show the version
+  --check        read the same files, print the units that would be written
+                 and every problem; exit 1 if there is any problem
+  -h, --help     show this help
+  -V, --version  show the version
 
 See qrexec-connect.conf(5).
 ";
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().write_all(USAGE.as_bytes());
             ExitCode::SUCCESS
         }
-        [b"--version"] => {
+        [b"--version" | b"-V"] => {
             let version = concat!("qrexec-connect-generator ", env!("CARGO_PKG_VERSION"), "\n");
             let _ = std::io::stdout().write_all(version.as_bytes());
             ExitCode::SUCCESS
@@ -59,7 +59,7 @@ fn what_is_wrong(words: &[&[u8]]) -> String {
     let shown = |w: &[u8]| String::from_utf8_lossy(w).escape_debug().to_string();
     if let Some(option) = words.iter().find(|w| w.starts_with(b"-")) {
         return match *option {
-            b"--help" | b"-h" | b"--version" | b"--check" => format!(
+            b"--help" | b"-h" | b"--version" | b"-V" | b"--check" => format!(
                 "{} takes no other argument (got {})",
                 shown(option),
                 words.len() - 1

@@ -403,3 +403,19 @@ fn options_work_in_any_order_and_take_their_value_as_the_next_argument() {
     let _waiting = endpoint.connect().unwrap();
     daemon.wait_log("1 live connections, the --max-connections limit", LIMIT);
 }
+
+#[test]
+fn dash_capital_v_prints_the_version_of_both_programs() {
+    for program in [DAEMON, GENERATOR] {
+        let out = std::process::Command::new(program)
+            .arg("-V")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{program} -V: {text}");
+        assert!(
+            text.trim().ends_with(env!("CARGO_PKG_VERSION")),
+            "{program} -V: {text}"
+        );
+    }
+}

@@ -72,3 +72,54 @@ fn the_daemon_page_lists_the_messages_it_logs() {
         );
     }
 }
+
+/// scdoc's `_underline_` only works at word boundaries: elsewhere the
+/// underscores are printed as they are (`_SECONDS_s`, `U+_XXXX_`). The
+/// rendered text must show no such stray underscore, and every option must
+/// be described.
+#[test]
+fn rendered_pages_show_no_markup_and_describe_every_option() {
+    for page in PAGES {
+        let text = render(page);
+        let chars: Vec<char> = text.chars().collect();
+        let name = |c: Option<&char>| c.is_some_and(|c| c.is_alphanumeric() || *c == '_');
+        for i in 0..chars.len() {
+            if chars[i] != '_' {
+                continue;
+            }
+            let (before, after) = (
+                i.checked_sub(1).and_then(|j| chars.get(j)),
+                chars.get(i + 1),
+            );
+            // Half glued to a word (`RESULT_"`, `+_ADDRESS`); a lone `_`
+            // between spaces or commas is the character itself.
+            let half = name(before) != name(after);
+            // An uppercase placeholder glued to lowercase (`SECONDS_s`).
+            let glued =
+                before.is_some_and(|c| c.is_uppercase()) && after.is_some_and(|c| c.is_lowercase());
+            let stray = half || glued;
+            if stray {
+                let line = text[..text.char_indices().nth(i).unwrap().0]
+                    .lines()
+                    .count();
+                panic!(
+                    "{page}, line {line}: stray underscore in {:?}",
+                    text.lines().nth(line.saturating_sub(1)).unwrap_or("")
+                );
+            }
+        }
+    }
+    for page in ["qrexec-connect.8", "qrexec-connect-generator.8"] {
+        let text = render(page);
+        for option in ["-h, --help", "-V, --version"] {
+            let at = text
+                .find(option)
+                .unwrap_or_else(|| panic!("{page} does not list {option}"));
+            let next = text[at..].lines().nth(1).unwrap_or("");
+            assert!(
+                !next.trim().is_empty(),
+                "{page}: {option} has no description"
+            );
+        }
+    }
+}

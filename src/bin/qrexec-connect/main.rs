@@ -37,7 +37,7 @@ Options (in any order; a value may also be the next argument):
                            clients: stdout through a pipe and a splicer)
   -d, --debug              log every connection, not only its end
   -h, --help               show this help
-  --version                show the version
+  -V, --version            show the version
 
 Commands:
   qrexec-connect reconcile  apply changed qrexec-connect-*.socket units after
@@ -99,7 +99,7 @@ fn parse_options(args: Vec<OsString>) -> Result<Request, String> {
         };
         match (name, value.as_deref()) {
             ("-h" | "--help", None) => return Ok(Request::Help),
-            ("--version", None) => return Ok(Request::Version),
+            ("-V" | "--version", None) => return Ok(Request::Version),
             ("--qrexec-client-vm", Some(path)) if !path.is_empty() => options.client = path.into(),
             ("--qrexec-client-vm", Some(_)) => {
                 return Err("--qrexec-client-vm needs a path, not an empty value".to_owned())
@@ -122,7 +122,7 @@ fn parse_options(args: Vec<OsString>) -> Result<Request, String> {
                 }
             }
             ("-d" | "--debug", None) => options.debug = true,
-            ("-h" | "--help" | "--version" | "-d" | "--debug", Some(_)) => {
+            ("-h" | "--help" | "-V" | "--version" | "-d" | "--debug", Some(_)) => {
                 return Err(format!("{name} takes no value"))
             }
             _ => return Err(format!("unknown option {text:?}")),
