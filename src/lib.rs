@@ -13,6 +13,7 @@
 //! * [`listener`], [`spawn`], [`notify`]: the daemon's sockets, children and
 //!   service-manager notifications (plain syscalls; the event loop is in the
 //!   daemon binary);
+//! * [`policy`]: the dom0 policy that a config needs;
 //! * [`reconcile`]: making `daemon-reload` apply binding changes;
 //! * [`recover`]: bringing bindings back after systemd gave up on the daemon;
 //! * [`runtime_dir`]: our directory under `$XDG_RUNTIME_DIR` (the reload
@@ -25,6 +26,7 @@ pub mod binding;
 pub mod config;
 pub mod listener;
 pub mod notify;
+pub mod policy;
 pub mod reconcile;
 pub mod recover;
 pub mod runtime_dir;

@@ -29,6 +29,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
+use crate::published::Published;
 use crate::Options;
 
 /// How long the client may take to print its `--help` at start.
@@ -60,6 +61,8 @@ struct Shared {
     refused: usize,
     live: Cell<usize>,
     spawn_errors: RefCell<RateLimit>,
+    /// Counters for `qrexec-connect status`, written off the connection path.
+    published: Rc<Published>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -132,8 +135,17 @@ async fn serve_all(
         refused: refused.len(),
         live: Cell::new(0),
         spawn_errors: RefCell::new(RateLimit::default()),
+        published: Published::new(),
         options,
     });
+    for binding in &bindings {
+        shared.published.serve(
+            &binding.listen,
+            binding.destination.target.as_str(),
+            binding.destination.service.as_str(),
+        );
+    }
+    tokio::task::spawn_local(shared.published.clone().publish());
     if shared.mode.get().is_none() && shared.serving > 0 {
         shared.probe_client().await;
     }
@@ -373,6 +385,10 @@ impl Shared {
             if e.kind() == io::ErrorKind::NotFound && self.options.client_mode.is_none() {
                 self.mode.set(None); // probe again once it is back
             }
+            self.published.not_started(
+                &binding.listen,
+                &format!("cannot run {}: {e}", self.options.client.to_string_lossy()),
+            );
             self.spawn_errors.borrow_mut().warn(|suppressed| {
                 warn!(listen = %binding.listen, peer = %peer,
                     "{}: cannot run {} for {peer}: {e}; connection closed{suppressed}",
@@ -387,6 +403,8 @@ impl Shared {
         // The splicer first: if it cannot start, no client has run yet.
         if let Some(splicer) = splicer {
             if let Err(e) = splicer.start() {
+                self.published
+                    .not_started(&binding.listen, &format!("cannot start the splicer: {e}"));
                 self.spawn_errors.borrow_mut().warn(|suppressed| {
                     warn!(listen = %binding.listen, peer = %peer,
                         "{}: cannot start the splicer for {peer}: {e}; connection \
@@ -404,6 +422,7 @@ impl Shared {
         binding.live.set(binding.live.get() + 1);
         self.live.set(self.live.get() + 1);
         self.status_changed.notify_one();
+        self.published.connected(&binding.listen);
         debug!(listen = %binding.listen, qrexec_target = %destination.target,
             qrexec_service = %destination.service, peer = %peer,
             "{}: {peer} connected, running {} {}", binding.listen,
@@ -430,6 +449,7 @@ impl Shared {
             Ok(status) => (spawn::exit_code(status), spawn::describe_exit(status)),
             Err(e) => (-1, format!("cannot be waited for: {e}")),
         };
+        self.published.ended(&binding.listen, code, &words);
         let message = format!(
             "{} -> {} {}: {peer}, {:.3}s, {words}",
             binding.listen,

@@ -6,6 +6,8 @@
 
 mod daemon;
 mod log;
+mod published;
+mod status;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -43,6 +45,13 @@ Commands:
   qrexec-connect reconcile  apply changed qrexec-connect-*.socket units after
                             'systemctl --user daemon-reload' (run by
                             qrexec-connect-reconcile.service)
+  qrexec-connect status [--json]
+                            each binding: where it comes from, whether it
+                            listens, its connections and how the last ended;
+                            exit 0 only when all are well
+  qrexec-connect policy [--source NAME]
+                            the dom0 policy that allows exactly this qube's
+                            bindings (NAME: this qube, from qubesdb-read /name)
   qrexec-connect recover    bring failed bindings or the reload watcher back,
                             with a backoff (run by
                             qrexec-connect-recover.service)
@@ -142,6 +151,8 @@ fn main() -> ExitCode {
     let first = args.next();
     // Subcommands come first and are one arm each.
     match first.as_ref().and_then(|a| a.to_str()) {
+        Some("status") => return status::status(&args.collect::<Vec<_>>()),
+        Some("policy") => return status::policy(&args.collect::<Vec<_>>()),
         Some("recover") => {
             return match qrexec_connect::recover::run() {
                 Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,279 @@
+//! What the daemon publishes for `qrexec-connect status`: per binding, the
+//! live connections, the connections since the daemon started, and how the
+//! last one ended, in `$XDG_RUNTIME_DIR/qrexec-connect/connections`.
+//!
+//! Never on a connection's path: accept and spawn only bump counters in
+//! memory and wake the publisher task, which waits [`COALESCE`] and then
+//! writes the whole file at once (a fresh 0600 file renamed into place, see
+//! `RuntimeDir`), so a burst of a thousand connections is a handful of
+//! writes. A write that fails is dropped: the next change writes again.
+//!
+//! The file is machine-written and read by [`parse`]: one `[binding]`
+//! section per listening socket, `key=value` lines, values with `\`, and
+//! line breaks escaped. The key is the socket's address as the daemon reads
+//! it from the socket, which is what systemd shows as the socket unit's
+//! `Listen=` (without its ` (Stream)`).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use qrexec_connect::runtime_dir::RuntimeDir;
+use tokio::sync::Notify;
+
+/// The file's name in the runtime directory.
+pub const FILE: &str = "connections";
+/// How long the publisher waits after a change, gathering more.
+const COALESCE: Duration = Duration::from_millis(200);
+
+/// One binding's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub target: String,
+    pub service: String,
+    pub live: u64,
+    pub total: u64,
+    /// How the last connection ended, in the log's words.
+    pub last_result: Option<String>,
+    /// Its exit status as a shell reports it; -1 when no client ran.
+    pub last_status: Option<i32>,
+    /// When it ended, in seconds since the epoch.
+    pub last_end: Option<u64>,
+}
+
+/// The daemon's published state.
+pub struct Published {
+    dir: Option<RuntimeDir>,
+    started: u64,
+    pid: u32,
+    bindings: RefCell<BTreeMap<String, Counters>>,
+    changed: Notify,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Published {
+    /// Publishes into our runtime directory, or nowhere when there is none
+    /// (e.g. run by hand with systemd-socket-activate and no XDG_RUNTIME_DIR).
+    pub fn new() -> Rc<Published> {
+        Rc::new(Published {
+            dir: RuntimeDir::from_env().ok(),
+            started: now(),
+            pid: std::process::id(),
+            bindings: RefCell::new(BTreeMap::new()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// A binding the daemon serves.
+    pub fn serve(&self, listen: &str, target: &str, service: &str) {
+        self.bindings.borrow_mut().insert(
+            listen.to_owned(),
+            Counters {
+                target: target.to_owned(),
+                service: service.to_owned(),
+                ..Counters::default()
+            },
+        );
+        self.changed.notify_one();
+    }
+
+    fn update(&self, listen: &str, change: impl FnOnce(&mut Counters)) {
+        if let Some(counters) = self.bindings.borrow_mut().get_mut(listen) {
+            change(counters);
+        }
+        self.changed.notify_one();
+    }
+
+    /// A client started for a connection.
+    pub fn connected(&self, listen: &str) {
+        self.update(listen, |c| {
+            c.live += 1;
+            c.total += 1;
+        });
+    }
+
+    /// A connection's client ended.
+    pub fn ended(&self, listen: &str, status: i32, words: &str) {
+        self.update(listen, |c| {
+            c.live = c.live.saturating_sub(1);
+            c.last_result = Some(words.to_owned());
+            c.last_status = Some(status);
+            c.last_end = Some(now());
+        });
+    }
+
+    /// A connection closed because no client could be started for it.
+    pub fn not_started(&self, listen: &str, words: &str) {
+        self.update(listen, |c| {
+            c.total += 1;
+            c.last_result = Some(words.to_owned());
+            c.last_status = Some(-1);
+            c.last_end = Some(now());
+        });
+    }
+
+    /// Writes the file after every change, coalesced; runs forever.
+    pub async fn publish(self: Rc<Self>) {
+        let Some(dir) = &self.dir else { return };
+        loop {
+            self.changed.notified().await;
+            tokio::time::sleep(COALESCE).await;
+            let text = format(self.pid, self.started, &self.bindings.borrow());
+            let _ = dir.write_atomically(FILE, &text);
+        }
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
+}
+
+fn unescape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The file's text.
+pub fn format(pid: u32, started: u64, bindings: &BTreeMap<String, Counters>) -> String {
+    let mut text = format!(
+        "# Written by qrexec-connect (pid {pid}) for 'qrexec-connect status'.\n\
+         [daemon]\npid={pid}\nstarted={started}\n"
+    );
+    for (listen, c) in bindings {
+        text += &format!(
+            "\n[binding]\nlisten={}\ntarget={}\nservice={}\nlive={}\ntotal={}\n",
+            escape(listen),
+            escape(&c.target),
+            escape(&c.service),
+            c.live,
+            c.total
+        );
+        if let (Some(result), Some(status), Some(end)) = (&c.last_result, c.last_status, c.last_end)
+        {
+            text += &format!(
+                "last_result={}\nlast_status={status}\nlast_end={end}\n",
+                escape(result)
+            );
+        }
+    }
+    text
+}
+
+/// What a daemon published: its start time and the bindings by address.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub pid: Option<u32>,
+    pub started: Option<u64>,
+    pub bindings: BTreeMap<String, Counters>,
+}
+
+/// Reads the file's text; unknown keys and broken lines are skipped.
+pub fn parse(text: &str) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    let mut section = "";
+    let mut current: Option<(String, Counters)> = None;
+    fn finish(current: &mut Option<(String, Counters)>, snapshot: &mut Snapshot) {
+        if let Some((listen, counters)) = current.take() {
+            snapshot.bindings.insert(listen, counters);
+        }
+    }
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            finish(&mut current, &mut snapshot);
+            section = if name == "binding" {
+                "binding"
+            } else {
+                "daemon"
+            };
+            if section == "binding" {
+                current = Some((String::new(), Counters::default()));
+            }
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = unescape(value);
+        match (section, &mut current) {
+            ("daemon", _) => match key {
+                "pid" => snapshot.pid = value.parse().ok(),
+                "started" => snapshot.started = value.parse().ok(),
+                _ => {}
+            },
+            ("binding", Some((listen, c))) => match key {
+                "listen" => *listen = value,
+                "target" => c.target = value,
+                "service" => c.service = value,
+                "live" => c.live = value.parse().unwrap_or(0),
+                "total" => c.total = value.parse().unwrap_or(0),
+                "last_result" => c.last_result = Some(value),
+                "last_status" => c.last_status = value.parse().ok(),
+                "last_end" => c.last_end = value.parse().ok(),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    finish(&mut current, &mut snapshot);
+    snapshot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_reads_back_as_written() {
+        let mut bindings = BTreeMap::new();
+        bindings.insert(
+            "[::1]:8080".to_owned(),
+            Counters {
+                target: "@default".into(),
+                service: "qubes.ConnectTCP+8080".into(),
+                live: 2,
+                total: 7,
+                last_result: Some("refused by qrexec policy (status 126)".into()),
+                last_status: Some(126),
+                last_end: Some(1_764_650_000),
+            },
+        );
+        bindings.insert(
+            "/run/user/1000/odd\nname\\x".to_owned(),
+            Counters {
+                target: "vault".into(),
+                service: "qubes.ConnectSSHAgent".into(),
+                ..Counters::default()
+            },
+        );
+        let text = format(42, 1_764_600_000, &bindings);
+        let snapshot = parse(&text);
+        assert_eq!(snapshot.pid, Some(42));
+        assert_eq!(snapshot.started, Some(1_764_600_000));
+        assert_eq!(snapshot.bindings, bindings);
+    }
+}

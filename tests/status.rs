@@ -1,0 +1,262 @@
+//! `qrexec-connect status` and `qrexec-connect policy` on a real user
+//! manager: status reflects an added, a removed, a failed and a refused
+//! binding and a config change not yet reloaded, in its exit status and in
+//! `--json`; policy prints rules the project's checker accepts and that
+//! allow exactly the configured calls.
+
+mod common;
+#[path = "common/policy.rs"]
+mod policy;
+
+use std::net::TcpStream;
+use std::process::Output;
+use std::time::Duration;
+
+use common::user_manager::UserManager;
+use common::*;
+use policy::{check_policy_file, evaluate, Call, Verdict};
+
+const SETTLE: Duration = Duration::from_secs(20);
+const CONFIG: &str = ".config/qrexec-connect/status.conf";
+
+fn line(port: u16, target: &str, service_port: u16) -> String {
+    format!("127.0.0.1:{port} {target} qubes.ConnectTCP+{service_port}\n")
+}
+
+fn status(manager: &UserManager) -> (Output, Vec<String>) {
+    let output = run(manager.command("qrexec-connect").args(["status", "--json"]));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let rows = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .map(str::to_owned)
+        .collect();
+    (output, rows)
+}
+
+/// The value of `key` in one `--json` object line: a string's contents,
+/// or the literal (number, null).
+fn field(row: &str, key: &str) -> String {
+    let pattern = format!("\"{key}\": ");
+    let at = row
+        .find(&pattern)
+        .unwrap_or_else(|| panic!("no {key} in {row}"))
+        + pattern.len();
+    let rest = &row[at..];
+    if let Some(rest) = rest.strip_prefix('"') {
+        let mut value = String::new();
+        let mut chars = rest.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => value.push(chars.next().unwrap()),
+                c => value.push(c),
+            }
+        }
+        value
+    } else {
+        rest.split([',', '}']).next().unwrap().trim().to_owned()
+    }
+}
+
+fn row_for(rows: &[String], port: u16) -> Option<&String> {
+    let listen = format!("127.0.0.1:{port}");
+    rows.iter().find(|r| field(r, "listen") == listen)
+}
+
+/// Waits until status shows the row for `port` with `check` true.
+fn wait_row(manager: &UserManager, port: u16, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let mut last;
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let (output, rows) = status(manager);
+        if let Some(row) = row_for(&rows, port) {
+            if check(row) {
+                return row.clone();
+            }
+        }
+        last = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "127.0.0.1:{port}: {what}; status said:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn exchange(port: u16) -> Option<Vec<u8>> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    round_trip(Box::new(stream), b"ping".to_vec(), Duration::from_secs(5)).ok()
+}
+
+#[test]
+fn status_follows_bindings_through_connections_changes_and_failures() {
+    let echo = EchoServer::start();
+    let (good, refused, added, failing) = (free_port(), free_port(), free_port(), echo.port);
+    let forbidden = free_port(); // a service port no rule allows
+    let policy_file = std::env::temp_dir().join(format!("qc-status-policy-{}", std::process::id()));
+    std::fs::write(
+        &policy_file,
+        format!(
+            "qubes.ConnectTCP +{p} client server allow\n\
+             qubes.ConnectTCP * @anyvm @anyvm deny\n",
+            p = echo.port
+        ),
+    )
+    .unwrap();
+    let config = line(good, "server", echo.port) + &line(refused, "server", forbidden);
+    let manager = UserManager::start_with(
+        &[(CONFIG, &config)],
+        &[(
+            "qrexec-connect.service.d/policy.conf",
+            &format!(
+                "[Service]\nEnvironment=QREXEC_DOUBLE_POLICY={}\n",
+                policy_file.display()
+            ),
+        )],
+    );
+    wait_for("the good binding to forward", SETTLE, || {
+        (exchange(good)? == b"ping").then_some(())
+    });
+    manager.settle();
+
+    // A refused call: the client sees EOF, status says why and what to add.
+    assert_ne!(exchange(refused).as_deref(), Some(&b"ping"[..]));
+    let row = wait_row(&manager, refused, "the refusal to show", |r| {
+        field(r, "last_result").contains("refused by qrexec policy")
+    });
+    assert_eq!(field(&row, "state"), "listening");
+    assert_eq!(field(&row, "total"), "1");
+    assert!(field(&row, "last_end").ends_with('Z'), "{row}");
+    assert!(
+        field(&row, "hint").contains(&format!("qubes.ConnectTCP +{forbidden} ")),
+        "{row}"
+    );
+    assert!(field(&row, "source").ends_with("status.conf:2"), "{row}");
+    let row = wait_row(&manager, good, "one good connection", |r| {
+        field(r, "total") == "1"
+    });
+    assert!(
+        field(&row, "last_result").contains("closed normally"),
+        "{row}"
+    );
+    let (output, _) = status(&manager);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a refused binding is not healthy"
+    );
+
+    // Changes not yet applied: one line added, the refused one removed.
+    let config = line(good, "server", echo.port) + &line(added, "server", echo.port);
+    std::fs::write(manager.home.path().join(CONFIG), &config).unwrap();
+    let row = wait_row(&manager, added, "the new line to be pending", |r| {
+        field(r, "state") == "not-applied"
+    });
+    assert!(field(&row, "hint").contains("daemon-reload"), "{row}");
+    wait_row(&manager, refused, "the removed line to be pending", |r| {
+        field(r, "state") == "not-applied" && field(r, "detail").contains("removed")
+    });
+
+    // Applied: the new line listens, the removed one is gone, all is well.
+    manager.daemon_reload();
+    manager.settle();
+    wait_row(&manager, added, "the new line to listen", |r| {
+        field(r, "state") == "listening"
+    });
+    let (output, rows) = status(&manager);
+    assert!(row_for(&rows, refused).is_none(), "{rows:#?}");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A binding systemd cannot bind (its port is taken): failed, with
+    // systemd's result, and status is not healthy.
+    let config = config + &line(failing, "server", echo.port);
+    std::fs::write(manager.home.path().join(CONFIG), &config).unwrap();
+    manager.daemon_reload();
+    let row = wait_row(&manager, failing, "the taken port to fail", |r| {
+        field(r, "state") == "failed"
+    });
+    assert!(!field(&row, "detail").is_empty(), "{row}");
+    let (output, _) = status(&manager);
+    assert_eq!(output.status.code(), Some(1));
+    // The plain view has the same rows, with sources and hints.
+    let text = run(manager.command("qrexec-connect").arg("status"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("LISTEN") && text.contains("failed"), "{text}");
+    assert!(text.contains("status.conf:3"), "{text}");
+    let _ = std::fs::remove_file(policy_file);
+}
+
+#[test]
+fn policy_allows_exactly_the_configured_bindings() {
+    let config = "127.0.0.1:2222 ssh-server qubes.ConnectTCP+22\n\
+                  [::1]:2222 ssh-server qubes.ConnectTCP+22\n\
+                  %t/qrexec-connect/agent @default qubes.ConnectSSHAgent\n\
+                  127.0.0.1:2049 nfs-server qubes.ConnectNFS+127.0.1.1\n\
+                  @disposable @dispvm qubes.ConnectTCP+80\n";
+    let manager = UserManager::start(&[(CONFIG, config)]);
+    let output = run(manager
+        .command("qrexec-connect")
+        .args(["policy", "--source", "work"]));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{text}");
+    let rules: Vec<_> = check_policy_file(&text)
+        .unwrap_or_else(|e| panic!("the checker refuses the policy: {e}\n{text}"))
+        .into_iter()
+        .map(|(_, rule)| rule)
+        .collect();
+    assert_eq!(rules.len(), 4, "one rule per distinct call:\n{text}");
+    let verdict = |target: &str, service: &str| {
+        evaluate(
+            &rules,
+            Call {
+                source: "work",
+                target,
+                service,
+            },
+        )
+        .unwrap()
+    };
+    for (target, service) in [
+        ("ssh-server", "qubes.ConnectTCP+22"),
+        ("@default", "qubes.ConnectSSHAgent"),
+        ("nfs-server", "qubes.ConnectNFS+127.0.1.1"),
+    ] {
+        assert!(
+            matches!(verdict(target, service), Verdict::Allow { .. }),
+            "{target} {service} is not allowed:\n{text}"
+        );
+    }
+    for (target, service) in [
+        ("ssh-server", "qubes.ConnectTCP+23"),
+        ("nfs-server", "qubes.ConnectNFS+127.0.1.2"),
+        ("other", "qubes.ConnectTCP+22"),
+        ("@default", "qubes.ConnectSSHAgent+x"),
+    ] {
+        assert!(
+            !matches!(verdict(target, service), Verdict::Allow { .. }),
+            "{target} {service} is allowed:\n{text}"
+        );
+    }
+    assert!(text.contains("choose") || text.contains("CHOOSE"), "{text}");
+    assert!(text.contains("qrexec-connect-nfs"), "{text}");
+    assert!(
+        text.contains("/etc/qubes-rpc/qubes.ConnectSSHAgent"),
+        "{text}"
+    );
+    // Without a name and without qubesdb: a clear refusal.
+    let output = run(manager.command("qrexec-connect").arg("policy"));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--source"));
+}
