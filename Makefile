@@ -24,6 +24,15 @@ PROFILE ?= release
 BINDIR ?= $(PREFIX)/bin
 LIBEXECDIR ?= $(PREFIX)/libexec
 MANDIR ?= $(PREFIX)/share/man
+# Shell completions. zsh: Debian reads vendor-completions, Fedora (and
+# /usr/local everywhere) site-functions; the RPM spec sets ZSHCOMPDIR.
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ifeq ($(PREFIX),/usr)
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/vendor-completions
+else
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
+endif
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 
 systemd_var = $(shell pkg-config --define-variable=prefix=$(PREFIX) --variable=$(1) systemd 2>/dev/null)
 USERUNITDIR ?= $(or $(call systemd_var,systemduserunitdir),$(PREFIX)/lib/systemd/user)
@@ -132,6 +141,12 @@ install-client-files: $(CLIENT_BINARIES) $(CLIENT_MAN)
 	install -m 0644 $(UNIT_FILES) $(DESTDIR)$(USERUNITDIR)/
 	install -m 0644 units/qrexec-connect-.socket.d/10-qrexec-connect.conf \
 		$(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d/10-qrexec-connect.conf
+	install -d $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+	install -m 0644 completions/qrexec-connect.bash $(DESTDIR)$(BASHCOMPDIR)/qrexec-connect
+	ln -sf qrexec-connect $(DESTDIR)$(BASHCOMPDIR)/qrexec-connect-generator
+	install -m 0644 completions/_qrexec-connect $(DESTDIR)$(ZSHCOMPDIR)/_qrexec-connect
+	install -m 0644 completions/qrexec-connect.fish completions/qrexec-connect-generator.fish \
+		$(DESTDIR)$(FISHCOMPDIR)/
 
 # By hand: the reload watcher is enabled with a link next to the units (under
 # /usr/local in an app qube, where /etc/systemd/user would not survive a
@@ -169,7 +184,10 @@ endif
 		$(DESTDIR)$(QUBESRPCDIR)/qubes.ConnectNFS $(DESTDIR)$(RPCCONFIGDIR)/qubes.ConnectNFS \
 		$(DESTDIR)$(LIBEXECDIR)/qrexec-connect/qubes.ConnectNFS \
 		$(DESTDIR)$(MANDIR)/man8/qrexec-connect.8 $(DESTDIR)$(MANDIR)/man8/qrexec-connect-generator.8 \
-		$(DESTDIR)$(MANDIR)/man5/qrexec-connect.conf.5 $(DESTDIR)$(MANDIR)/man8/qubes.ConnectNFS.8
+		$(DESTDIR)$(MANDIR)/man5/qrexec-connect.conf.5 $(DESTDIR)$(MANDIR)/man8/qubes.ConnectNFS.8 \
+		$(DESTDIR)$(BASHCOMPDIR)/qrexec-connect $(DESTDIR)$(BASHCOMPDIR)/qrexec-connect-generator \
+		$(DESTDIR)$(ZSHCOMPDIR)/_qrexec-connect $(DESTDIR)$(FISHCOMPDIR)/qrexec-connect.fish \
+		$(DESTDIR)$(FISHCOMPDIR)/qrexec-connect-generator.fish
 	-rmdir $(DESTDIR)$(USERUNITDIR)/qrexec-connect-.socket.d $(DESTDIR)$(LIBEXECDIR)/qrexec-connect
 
 # The source tarball: the tracked files as they are in the work tree, the

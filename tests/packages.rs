@@ -197,7 +197,8 @@ fn lintian_and_rpmlint_find_nothing() {
 }
 
 /// The installed paths of a package, man pages without their compression
-/// suffix, without the distribution's own documentation directories
+/// suffix, zsh completions in one directory (Fedora's zsh reads
+/// site-functions, Debian's vendor-completions), without the distribution's own documentation directories
 /// (/usr/share/doc on Debian, /usr/share/licenses on Fedora), RPM's
 /// build-id links (RPM metadata, not our files) and the RPM preset (Debian
 /// enables the same unit through deb-systemd-helper).
@@ -206,6 +207,8 @@ fn file_list(listing: &str) -> BTreeSet<String> {
         .lines()
         .map(|line| line.trim().trim_start_matches('.').to_owned())
         .map(|path| path.trim_end_matches(".gz").to_owned())
+        // Where each distribution's zsh looks for completions.
+        .map(|path| path.replace("/zsh/site-functions/", "/zsh/vendor-completions/"))
         .filter(|path| {
             !path.is_empty()
                 && path != "/"
