@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # A live qrexec-connect demo on any Linux machine with systemd installed: no
-# Qubes, no root. Pieces:
-#   - a web server on a free loopback port plays the "service qube";
-#   - the qrexec-client-vm test double plays qrexec + dom0 policy: it allows
-#     web-server qubes.ConnectTCP+PORT and refuses everything else;
-#   - systemd-socket-activate plays the user manager, passing two listening
-#     sockets to qrexec-connect exactly as the generated socket units would
-#     for this config:
-#         127.0.0.1:WEB   web-server  qubes.ConnectTCP+PORT
-#         127.0.0.1:DENY  web-server  qubes.ConnectTCP+22      (policy says no)
+# Qubes, no root. It follows the path a user takes:
+#   1. two config lines (one the policy allows, one it refuses);
+#   2. the socket units qrexec-connect-generator writes from them;
+#   3. those sockets served by the daemon: systemd-socket-activate stands in
+#      for the user manager, passing the sockets and their
+#      FileDescriptorName= exactly as the units say, and the qrexec-client-vm
+#      test double stands in for qrexec, dom0 policy and the service qube
+#      (a web server on a free loopback port);
+#   4. a request through each binding, then `qrexec-connect status`, which
+#      explains the refused one, and `qrexec-connect policy`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN_DIR:-target/debug}
@@ -30,51 +31,76 @@ import sys, urllib.request
 try:
     print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())
 except Exception as e:
-    print(f"(no answer: {e.__class__.__name__}: {e})")
+    print(f"(connection closed, no answer: {e.__class__.__name__})")
 PY
 }
-wait_listening() { # port
+# Waits until something listens on the port, without connecting to it (a
+# connection would start the daemon and count as a call).
+wait_listening() {
     for _ in $(seq 200); do
-        python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
+        [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ] && return 0
         sleep 0.05
     done
-    echo "nothing listens on port $1" >&2; return 1
+    echo "nothing listens on port $1" >&2
+    return 1
 }
+step() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 
 service_port=$(free_port)
 web_port=$(free_port)
 deny_port=$(free_port)
-mkdir -p "$work/www"
-echo "Hello from the web server in the service qube (port $service_port)" > "$work/www/index.html"
+mkdir -p "$work/www" "$work/config/qrexec-connect" "$work/run"
+chmod 700 "$work/run"
+echo "Hello from the web server in the service qube" > "$work/www/index.html"
 python3 -m http.server --bind 127.0.0.1 --directory "$work/www" "$service_port" >/dev/null 2>&1 &
 pids+=($!)
 wait_listening "$service_port"
 
+# What dom0 would say: this qube may reach the web server's port, nothing else.
 cat > "$work/policy" <<POLICY
 qubes.ConnectTCP +$service_port @anyvm web-server allow
 qubes.ConnectTCP * @anyvm @anyvm deny
 POLICY
 
+export XDG_CONFIG_HOME="$work/config" XDG_RUNTIME_DIR="$work/run" HOME="$work"
+config="$XDG_CONFIG_HOME/qrexec-connect/web.conf"
+cat > "$config" <<CONFIG
+127.0.0.1:$web_port   web-server  qubes.ConnectTCP+$service_port
+127.0.0.1:$deny_port   web-server  qubes.ConnectTCP+22
+CONFIG
+
+step "1. The config: ~/.config/qrexec-connect/web.conf"
+sed 's/^/    /' "$config"
+
+step "2. The socket unit the generator writes for the first line (qrexec-connect-generator --check)"
+units=$("$bin/qrexec-connect-generator" --check 2>/dev/null)
+awk '/^==> /{n++} n==1' <<<"$units" | sed 's/^/    /'
+fdnames=$(sed -n 's/^FileDescriptorName=//p' <<<"$units" | paste -sd:)
+
+step "3. The daemon serves both sockets (systemd-socket-activate plays the user manager)"
 systemd-socket-activate \
     --listen="127.0.0.1:$web_port" --listen="127.0.0.1:$deny_port" \
-    --fdname="web-server qubes.ConnectTCP+$service_port:web-server qubes.ConnectTCP+22" \
-    -E QREXEC_DOUBLE_POLICY="$work/policy" \
-    "$bin/qrexec-connect" --qrexec-client-vm="$bin/qrexec-client-vm-double" &
+    --fdname="$fdnames" \
+    -E QREXEC_DOUBLE_POLICY="$work/policy" -E XDG_RUNTIME_DIR \
+    "$bin/qrexec-connect" --qrexec-client-vm="$bin/qrexec-client-vm-double" \
+    2>"$work/daemon.log" &
 pids+=($!)
-wait_listening "$web_port" # this first connection starts the daemon, as socket activation does
+wait_listening "$web_port"
+wait_listening "$deny_port"
+echo "    curl http://127.0.0.1:$web_port/   =>  $(fetch "http://127.0.0.1:$web_port/")"
+echo "    curl http://127.0.0.1:$deny_port/   =>  $(fetch "http://127.0.0.1:$deny_port/")"
+sleep 0.4 # the daemon publishes its counters within 200 ms of a change
 
-cat <<TEXT
+step "4. Why did the second one close? qrexec-connect status"
+"$bin/qrexec-connect" status 2>&1 | grep -v "^problem: the user manager" | sed "1{/^$/d}; s/^/    /" || true
+echo "    (no user manager runs in this demo, so the state column says unknown)"
 
-qrexec-connect is listening (log lines start with "qrexec-connect:").
+step "   ... and the rules dom0 needs: qrexec-connect policy --source demo-client"
+"$bin/qrexec-connect" policy --source demo-client | sed 's/^/    /'
 
-  127.0.0.1:$web_port  ->  web-server qubes.ConnectTCP+$service_port   (allowed)
-  127.0.0.1:$deny_port  ->  web-server qubes.ConnectTCP+22     (refused by policy)
+step "The daemon's log"
+grep -E "^qrexec-connect" "$work/daemon.log" | sed 's/^/    /' || true
 
-Two requests through it (the second is refused by the policy, so the connection just closes):
-TEXT
-echo "  curl http://127.0.0.1:$web_port/  =>  $(fetch "http://127.0.0.1:$web_port/")"
-echo "  curl http://127.0.0.1:$deny_port/  =>  $(fetch "http://127.0.0.1:$deny_port/")"
-sleep 0.2 # let the log lines of those two calls print before the prompt
 if [ -t 0 ] && [ -z "${CI:-}" ]; then
     echo
     echo "Try it yourself in another terminal:"

@@ -145,6 +145,9 @@ async fn serve_all(
             binding.destination.service.as_str(),
         );
     }
+    shared
+        .published
+        .client(&shared.options.client.to_string_lossy(), None);
     tokio::task::spawn_local(shared.published.clone().publish());
     if shared.mode.get().is_none() && shared.serving > 0 {
         shared.probe_client().await;
@@ -367,6 +370,13 @@ impl Shared {
             }
         );
         self.mode.set(Some(mode));
+        self.published.client(
+            &client.to_string_lossy(),
+            Some(match mode {
+                ClientMode::StdinSocket => "stdin-socket",
+                ClientMode::Pipe => "pipe",
+            }),
+        );
         Some(mode)
     }
 

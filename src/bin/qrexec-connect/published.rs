@@ -48,6 +48,8 @@ pub struct Published {
     started: u64,
     pid: u32,
     bindings: RefCell<BTreeMap<String, Counters>>,
+    /// The client it runs and how (`stdin-socket`, `pipe`), once known.
+    client: RefCell<(String, Option<&'static str>)>,
     changed: Notify,
 }
 
@@ -66,8 +68,15 @@ impl Published {
             started: now(),
             pid: std::process::id(),
             bindings: RefCell::new(BTreeMap::new()),
+            client: RefCell::new((String::new(), None)),
             changed: Notify::new(),
         })
+    }
+
+    /// The client the daemon runs, and its mode once probed.
+    pub fn client(&self, path: &str, mode: Option<&'static str>) {
+        *self.client.borrow_mut() = (path.to_owned(), mode);
+        self.changed.notify_one();
     }
 
     /// A binding the daemon serves.
@@ -124,7 +133,14 @@ impl Published {
         loop {
             self.changed.notified().await;
             tokio::time::sleep(COALESCE).await;
-            let text = format(self.pid, self.started, &self.bindings.borrow());
+            let (client, mode) = self.client.borrow().clone();
+            let daemon = Daemon {
+                pid: self.pid,
+                started: self.started,
+                client,
+                client_mode: mode.map(str::to_owned),
+            };
+            let text = format(&daemon, &self.bindings.borrow());
             let _ = dir.write_atomically(FILE, &text);
         }
     }
@@ -155,12 +171,27 @@ fn unescape(value: &str) -> String {
     out
 }
 
+/// What the file says of the daemon itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Daemon {
+    pub pid: u32,
+    pub started: u64,
+    pub client: String,
+    pub client_mode: Option<String>,
+}
+
 /// The file's text.
-pub fn format(pid: u32, started: u64, bindings: &BTreeMap<String, Counters>) -> String {
+pub fn format(daemon: &Daemon, bindings: &BTreeMap<String, Counters>) -> String {
     let mut text = format!(
         "# Written by qrexec-connect (pid {pid}) for 'qrexec-connect status'.\n\
-         [daemon]\npid={pid}\nstarted={started}\n"
+         [daemon]\npid={pid}\nstarted={started}\nclient={client}\n",
+        pid = daemon.pid,
+        started = daemon.started,
+        client = escape(&daemon.client)
     );
+    if let Some(mode) = &daemon.client_mode {
+        text += &format!("client_mode={mode}\n");
+    }
     for (listen, c) in bindings {
         text += &format!(
             "\n[binding]\nlisten={}\ntarget={}\nservice={}\nlive={}\ntotal={}\n",
@@ -186,6 +217,8 @@ pub fn format(pid: u32, started: u64, bindings: &BTreeMap<String, Counters>) -> 
 pub struct Snapshot {
     pub pid: Option<u32>,
     pub started: Option<u64>,
+    pub client: Option<String>,
+    pub client_mode: Option<String>,
     pub bindings: BTreeMap<String, Counters>,
 }
 
@@ -223,6 +256,8 @@ pub fn parse(text: &str) -> Snapshot {
             ("daemon", _) => match key {
                 "pid" => snapshot.pid = value.parse().ok(),
                 "started" => snapshot.started = value.parse().ok(),
+                "client" => snapshot.client = Some(value),
+                "client_mode" => snapshot.client_mode = Some(value),
                 _ => {}
             },
             ("binding", Some((listen, c))) => match key {
@@ -270,10 +305,20 @@ mod tests {
                 ..Counters::default()
             },
         );
-        let text = format(42, 1_764_600_000, &bindings);
-        let snapshot = parse(&text);
+        let daemon = Daemon {
+            pid: 42,
+            started: 1_764_600_000,
+            client: "/usr/bin/qrexec-client-vm".into(),
+            client_mode: Some("pipe".into()),
+        };
+        let snapshot = parse(&format(&daemon, &bindings));
         assert_eq!(snapshot.pid, Some(42));
         assert_eq!(snapshot.started, Some(1_764_600_000));
+        assert_eq!(
+            snapshot.client.as_deref(),
+            Some("/usr/bin/qrexec-client-vm")
+        );
+        assert_eq!(snapshot.client_mode.as_deref(), Some("pipe"));
         assert_eq!(snapshot.bindings, bindings);
     }
 }

@@ -67,6 +67,8 @@ enum State {
     Stopped,
     /// A config line that is not a binding; the `--check` message.
     Invalid(String),
+    /// No user manager to ask (e.g. the daemon run by hand).
+    Unknown,
 }
 
 impl State {
@@ -77,6 +79,7 @@ impl State {
             State::NotApplied(_) => "not-applied",
             State::Stopped => "stopped",
             State::Invalid(_) => "invalid",
+            State::Unknown => "unknown",
         }
     }
 }
@@ -205,8 +208,9 @@ fn unit_state(unit: &Unit) -> State {
 fn inventory(qube: Option<&str>) -> Inventory {
     let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
     let units = socket_units();
+    let manager = units.is_some();
     let mut problems = Vec::new();
-    if units.is_none() {
+    if !manager {
         problems.push(
             "the user manager cannot be asked (systemctl --user failed): states are unknown"
                 .to_owned(),
@@ -223,13 +227,22 @@ fn inventory(qube: Option<&str>) -> Inventory {
         .map(|text| published::parse(&text))
         .unwrap_or_default();
     let daemon_state = property(DAEMON, "ActiveState");
-    let daemon_running = matches!(daemon_state.as_str(), "active" | "activating" | "reloading");
-    let counters_of = |unit: &Unit| -> Option<Counters> {
+    // Without a manager to ask, a daemon run by hand counts while it lives.
+    let daemon_running = if manager {
+        matches!(daemon_state.as_str(), "active" | "activating" | "reloading")
+    } else {
+        published
+            .pid
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let counters_at = |address: &str| -> Option<Counters> {
         if !daemon_running {
             return None;
         }
-        published.bindings.get(unit.address()).cloned()
+        published.bindings.get(address).cloned()
     };
+    let counters_of = |unit: &Unit| counters_at(unit.address());
+    let specifiers = Specifiers::from_env();
 
     let mut rows = Vec::new();
     let mut bindings = Vec::new();
@@ -239,6 +252,7 @@ fn inventory(qube: Option<&str>) -> Inventory {
         let unit = units.get(binding.unit_name());
         seen.insert(binding.unit_name().to_owned());
         let state = match unit {
+            None if !manager => State::Unknown,
             None => State::NotApplied("new line".into()),
             Some(u) if u.load_state != "loaded" => State::NotApplied("new line".into()),
             Some(u) if u.fd_name != binding.fd_name() => {
@@ -256,7 +270,17 @@ fn inventory(qube: Option<&str>) -> Inventory {
             target: destination.target.as_str().to_owned(),
             service: destination.service.as_str().to_owned(),
             source: binding.source().to_string(),
-            counters: unit.and_then(counters_of),
+            counters: match unit {
+                Some(unit) => counters_of(unit),
+                // The address as the daemon reads it from its socket.
+                None => counters_at(
+                    &binding
+                        .listen()
+                        .expanded_path(&specifiers)
+                        .map(|path| String::from_utf8_lossy(&path).into_owned())
+                        .unwrap_or_else(|| binding.listen().to_string()),
+                ),
+            },
             state,
             hint: None,
         });
@@ -312,7 +336,7 @@ fn inventory(qube: Option<&str>) -> Inventory {
         });
     }
 
-    if property(WATCHER, "ActiveState") != "active" {
+    if manager && property(WATCHER, "ActiveState") != "active" {
         problems.push(format!(
             "the reload watcher {WATCHER} is not running: daemon-reload does not apply \
              changes (systemctl --user start {WATCHER})"
@@ -324,9 +348,20 @@ fn inventory(qube: Option<&str>) -> Inventory {
             property(DAEMON, "Result")
         ));
     }
-    if !std::path::Path::new(DEFAULT_CLIENT).exists() {
+    // The client the running daemon uses, else the default one.
+    let client = published
+        .client
+        .clone()
+        .filter(|c| daemon_running && !c.is_empty())
+        .unwrap_or_else(|| DEFAULT_CLIENT.to_owned());
+    if !std::path::Path::new(&client).exists() {
         problems.push(format!(
-            "{DEFAULT_CLIENT} is missing: install qubes-core-agent (the qrexec client)"
+            "{client} is missing: install qubes-core-agent-qrexec (the qrexec client)"
+        ));
+    } else if daemon_running && published.client_mode.as_deref() == Some("pipe") {
+        problems.push(format!(
+            "{client} has no --use-stdin-socket (qrexec before 4.2.19): connections work, \
+             each with a splicer process; update qubes-core-agent when you can"
         ));
     }
     for row in &mut rows {
@@ -358,7 +393,7 @@ fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
             ));
         }
         State::Stopped => return Some(format!("not listening: {RELOAD}")),
-        State::Listening => {}
+        State::Listening | State::Unknown => {}
     }
     let status = row.counters.as_ref()?.last_status?;
     let destination = Destination::from_fd_name(&format!("{} {}", row.target, row.service)).ok()?;
