@@ -10,6 +10,7 @@
 #   make dist                       source tarball with every crate vendored (offline builds)
 #   make deb / make rpm             packages, built from that tarball (docs/packaging.md)
 #   make bench                      the benchmark (bench/README.md)
+#   make salt-venv                  Salt for tests/salt.rs (target/salt-venv; make test makes it)
 #
 # DESTDIR is honoured everywhere. With PREFIX=/usr the systemd directories
 # come from pkg-config; with another prefix they move under it
@@ -84,7 +85,7 @@ DIST_TARBALL := $(DIST_DIR)/$(DIST_NAME).tar.gz
 # empty file behind for the next make to install.
 .DELETE_ON_ERROR:
 
-.PHONY: all build test demo bench bench-reload man install install-client install-client-files \
+.PHONY: all build test salt-venv demo bench bench-reload man install install-client install-client-files \
 	install-connectnfs uninstall dist deb rpm clean
 
 all: build
@@ -105,8 +106,23 @@ $(CLIENT_BINARIES) $(NFS_BINARY):
 	@echo "$@ is missing or older than its sources: run 'make build' first (as yourself, not as root)" >&2
 	@exit 1
 
-test:
-	$(CARGO) test --locked
+test: salt-venv
+	QREXEC_CONNECT_SALT_CALL=$(abspath $(SALT_CALL)) $(CARGO) test --locked
+
+# tests/salt.rs applies the formula in salt/ with a real salt-call: Salt from
+# PyPI with every dependency pinned (--no-deps: nothing unpinned gets in), in
+# a virtualenv made again whenever the pins change.
+SALT_VENV := $(TARGET_DIR)/salt-venv
+SALT_CALL := $(SALT_VENV)/bin/salt-call
+salt-venv: $(SALT_CALL)
+
+$(SALT_CALL): tests/salt/requirements.txt
+	rm -rf $(SALT_VENV)
+	python3 -m venv $(SALT_VENV)
+	$(SALT_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps \
+		-r tests/salt/requirements.txt
+	$(SALT_VENV)/bin/pip check --disable-pip-version-check
+	touch $@
 
 demo:
 	$(CARGO) build --locked --bin qrexec-connect --bin qrexec-client-vm-double
