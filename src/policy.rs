@@ -7,13 +7,19 @@
 //! SERVICE +ARGUMENT SOURCE TARGET allow [target=QUBE]
 //! ```
 //!
-//! The argument is written exactly (`+22`, or `+` for a call without
-//! one), never `*`: the rules allow this qube's bindings and nothing more.
+//! The lines follow `docs/policy-lines.md`, shared with the Salt formula:
+//! the argument is written exactly (`+22`); a service without one gets `*`
+//! (qrexec runs `SERVICE` for any `SERVICE+ARG` call that has no file of
+//! its own, so `+` alone would refuse nothing the service answers
+//! differently).
 //! A binding whose target is left to policy (`@default`, `''`) gets
 //! `@default allow target=…` with a placeholder qube and a comment saying
 //! to choose it: only the dom0 administrator knows which qube serves it.
 //! A service that is not part of Qubes gets a comment on what its service
-//! qube needs.
+//! qube needs. Unlike the Salt formula's file, which holds every client's
+//! rules, this one holds one qube's: it ends with no `qubes.ConnectNFS *
+//! @anyvm @anyvm deny`, which would refuse the other clients' rules in
+//! files that sort after it.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -51,14 +57,14 @@ pub fn render(source_qube: &str, bindings: &[PolicyBinding]) -> String {
     for binding in bindings {
         let service = binding.destination.service.as_str();
         let (name, argument) = match service.split_once('+') {
-            Some((name, argument)) => (name, argument),
-            None => (service, ""),
+            Some((name, argument)) => (name, format!("+{argument}")),
+            None => (service, "*".to_owned()),
         };
         let (target, params) = match binding.destination.target.as_str() {
             "" | "@default" => ("@default", format!(" target={CHOOSE}")),
             other => (other, String::new()),
         };
-        let rule = format!("{name} +{argument} {source_qube} {target} allow{params}");
+        let rule = format!("{name} {argument} {source_qube} {target} allow{params}");
         if !written.insert(rule.clone()) {
             continue;
         }
@@ -125,7 +131,7 @@ mod tests {
             rules,
             [
                 "qubes.ConnectTCP +22 work ssh-server allow",
-                "qubes.ConnectSSHAgent + work @default allow target=CHOOSE-A-QUBE",
+                "qubes.ConnectSSHAgent * work @default allow target=CHOOSE-A-QUBE",
                 "qubes.ConnectNFS +127.0.1.1 work nfs allow",
             ]
         );

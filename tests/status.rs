@@ -242,7 +242,6 @@ fn policy_allows_exactly_the_configured_bindings() {
         ("ssh-server", "qubes.ConnectTCP+23"),
         ("nfs-server", "qubes.ConnectNFS+127.0.1.2"),
         ("other", "qubes.ConnectTCP+22"),
-        ("@default", "qubes.ConnectSSHAgent+x"),
     ] {
         assert!(
             !matches!(verdict(target, service), Verdict::Allow { .. }),
@@ -259,4 +258,36 @@ fn policy_allows_exactly_the_configured_bindings() {
     let output = run(manager.command("qrexec-connect").arg("policy"));
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--source"));
+}
+
+/// `qrexec-connect policy` and the Salt formula write the same allow rules
+/// (docs/policy-lines.md): for the README's ssh-client, the rules of the
+/// policy examples, with the one difference the format allows, the
+/// placeholder for a target that only dom0 can choose.
+#[test]
+fn policy_prints_the_rules_of_the_policy_examples() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let read = |path: &str| std::fs::read_to_string(format!("{repo}/{path}")).unwrap();
+    let config = read("examples/ssh.conf") + &read("examples/ssh-agent.conf");
+    let manager = UserManager::start(&[(CONFIG, &config)]);
+    let output = run(manager
+        .command("qrexec-connect")
+        .args(["policy", "--source", "ssh-client"]));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let rules: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.replace("target=CHOOSE-A-QUBE", "target=vault"))
+        .collect();
+    let expected: Vec<String> = ["tcp", "ssh-agent"]
+        .iter()
+        .flat_map(|name| {
+            read(&format!("policy-examples/30-qrexec-connect-{name}.policy"))
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(rules, expected, "{text}");
 }
