@@ -15,7 +15,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-const PROGRAM: &str = env!("CARGO_BIN_EXE_qrexec-connect-nfs");
+#[path = "common/program.rs"]
+#[allow(dead_code)]
+mod program;
+
+use program::CONNECT_NFS as PROGRAM;
 /// Upper bound for anything a test waits on; only reached when a test fails.
 const PATIENCE: Duration = Duration::from_secs(30);
 const MIB: usize = 1024 * 1024;
@@ -604,7 +608,7 @@ fn a_build_without_debug_assertions_ignores_the_port_variable() {
         .arg(format!("dependency={}", deps.display()))
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/src/bin/qrexec-connect-nfs.rs"
+            "/../connect-nfs/main.rs"
         ))
         .arg("-o")
         .arg(&out)

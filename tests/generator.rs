@@ -38,7 +38,11 @@ use std::process::{Command, Output};
 
 use walkdir::WalkDir;
 
-const GENERATOR: &str = env!("CARGO_BIN_EXE_qrexec-connect-generator");
+#[path = "common/program.rs"]
+#[allow(dead_code)]
+mod program;
+
+use program::{workspace, GENERATOR};
 
 /// Mounts, then runs "$@" with the environment the runner chose.
 const RUN_IN_NAMESPACE: &str = r#"
@@ -419,7 +423,7 @@ fn fixtures() {
         eprintln!("SKIPPED: the generator fixtures need root (unshare -m)");
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/generator");
+    let root = workspace().join("tests/generator");
     let mut cases: Vec<PathBuf> = fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -503,7 +507,7 @@ fn help_version_and_usage() {
 /// the LISTEN forms must say who can connect to one.
 #[test]
 fn abstract_sockets_are_documented_as_open_to_the_whole_qube() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = workspace();
     let readme = fs::read_to_string(root.join("README.md")).unwrap();
     let config_section = readme
         .split("\n## Config\n")

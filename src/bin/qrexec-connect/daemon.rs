@@ -20,11 +20,11 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use qrexec_connect::address::ListenAddress;
-use qrexec_connect::binding::Destination;
-use qrexec_connect::listener::{self, Connection, InheritedSocket};
-use qrexec_connect::notify::Notifier;
-use qrexec_connect::spawn::{self, ClientMode};
+use crate::listener::{self, Connection, InheritedSocket};
+use crate::notify::Notifier;
+use crate::spawn::{self, ClientMode};
+use qrexec_connect_binding::address::ListenAddress;
+use qrexec_connect_binding::destination::Destination;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};

@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::process::Command;
 
-use crate::runtime_dir::{RuntimeDir, STATE_FILE};
+use qrexec_connect_binding::runtime_dir::{RuntimeDir, STATE_FILE};
 
 /// The daemon every binding socket feeds.
 pub const SERVICE: &str = "qrexec-connect.service";
@@ -340,6 +340,93 @@ fn systemctl(args: &[&str]) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Untrusted text (arbitrary Unicode, or systemd's fd-name alphabet).
+    fn untrusted_text() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "[ -9;-~]{0,255}"]
+    }
+
+    fn socket_unit() -> impl Strategy<Value = (String, String, String, Vec<String>, String)> {
+        (
+            "qrexec-connect-[a-zA-Z0-9:@._\\\\-]{1,40}\\.socket",
+            prop::sample::select(vec!["loaded", "not-found", "masked", "error"]),
+            prop::sample::select(vec!["active", "inactive", "failed", "activating"]),
+            // systemctl prints one Listen= line per address: no newline inside.
+            prop::collection::vec("[^\n\r]{0,60}", 0..3),
+            "[^\n\r]{0,255}",
+        )
+            .prop_map(|(name, load, active, listens, fd_name)| {
+                (name, load.to_owned(), active.to_owned(), listens, fd_name)
+            })
+    }
+
+    // The manager's output and our own state file are read back after any
+    // edit by hand: no text may make the reader panic or grow.
+    proptest! {
+    #[test]
+    fn systemctl_show_output_never_panics_and_never_grows(text in untrusted_text()) {
+        let units = parse_show(&text);
+        prop_assert!(units.len() <= text.split("\n\n").count());
+        for unit in &units {
+            for field in [&unit.name, &unit.load_state, &unit.active_state,
+                          &unit.config.listen, &unit.config.fd_name] {
+                prop_assert!(field.len() <= text.len());
+            }
+        }
+    }
+
+    #[test]
+    fn systemctl_show_output_is_read_back_as_written(
+        units in prop::collection::vec(socket_unit(), 0..5)
+    ) {
+        let mut text = String::new();
+        for (name, load, active, listens, fd_name) in &units {
+            text += &format!("Id={name}\nLoadState={load}\nActiveState={active}\n");
+            for listen in listens {
+                text += &format!("Listen={listen}\n");
+            }
+            text += &format!("FileDescriptorName={fd_name}\n\n");
+        }
+        let parsed = parse_show(&text);
+        prop_assert_eq!(parsed.len(), units.len());
+        for (unit, (name, load, active, listens, fd_name)) in parsed.iter().zip(&units) {
+            prop_assert_eq!(&unit.name, name);
+            prop_assert_eq!(&unit.load_state, load);
+            prop_assert_eq!(&unit.active_state, active);
+            prop_assert_eq!(&unit.config.listen, &listens.join(" "));
+            prop_assert_eq!(&unit.config.fd_name, fd_name);
+        }
+    }
+
+    #[test]
+    fn the_state_file_never_panics_and_never_grows(text in untrusted_text()) {
+        let state = parse_state(&text);
+        prop_assert!(state.len() <= text.lines().count());
+        for (name, config) in &state {
+            prop_assert!(name.len() + config.listen.len() + config.fd_name.len() <= text.len());
+        }
+    }
+
+    #[test]
+    fn the_state_file_is_read_back_as_written(
+        entries in prop::collection::btree_map(
+            "[^\t\n\r]{0,40}", ("[^\t\n\r]{0,60}", "[^\n\r]{0,255}"), 0..6)
+    ) {
+        let units: Vec<SocketUnit> = entries
+            .iter()
+            .map(|(name, (listen, fd_name))| SocketUnit {
+                name: name.clone(),
+                load_state: "loaded".into(),
+                active_state: "active".into(),
+                config: SocketConfig { listen: listen.clone(), fd_name: fd_name.clone() },
+            })
+            .collect();
+        let expected: BTreeMap<String, SocketConfig> =
+            units.iter().map(|u| (u.name.clone(), u.config.clone())).collect();
+        prop_assert_eq!(parse_state(&format_state(&units)), expected);
+    }
+    }
 
     fn unit(name: &str, load: &str, active: &str, listen: &str, fd: &str) -> SocketUnit {
         SocketUnit {

@@ -17,7 +17,7 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::address::{self, ListenAddress};
+use qrexec_connect_binding::address::{self, ListenAddress};
 
 /// One socket inherited from systemd, with its `FileDescriptorName=`.
 #[derive(Debug)]
