@@ -22,7 +22,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use qrexec_connect_binding::address::{self, ListenAddress};
+use qrexec_connect_binding::address::ListenAddress;
 use qrexec_connect_binding::destination::{
     split_words, BindingError, Destination, Service, Target,
 };
@@ -151,32 +151,6 @@ proptest! {
         if let Ok(address) = ListenAddress::parse(&text) {
             prop_assert!(address.to_listen_stream().len() <= 2 * text.len());
             prop_assert_eq!(ListenAddress::parse(&address.to_string()), Ok(address));
-        }
-    }
-
-    #[test]
-    fn any_kernel_socket_address_is_read_without_panic(
-        bytes in prop::collection::vec(any::<u8>(), 128),
-        family in prop_oneof![
-            Just(libc::AF_INET), Just(libc::AF_INET6), Just(libc::AF_UNIX), any::<i32>()
-        ],
-        len in 0u32..=128,
-    ) {
-        // SAFETY: sockaddr_storage is 128 bytes of plain data.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                (&mut storage as *mut libc::sockaddr_storage).cast::<u8>(),
-                std::mem::size_of::<libc::sockaddr_storage>(),
-            );
-        }
-        storage.ss_family = family as libc::sa_family_t;
-        if let Some(ListenAddress::Path(path) | ListenAddress::Abstract(path)) =
-            address::from_sockaddr(&storage, len)
-        {
-            // Lossy UTF-8 may triple a byte; never more.
-            prop_assert!(path.len() <= 3 * len as usize);
         }
     }
 }
