@@ -103,7 +103,8 @@ pub fn listen_address(address: &SockAddr) -> Option<ListenAddress> {
 /// Why an inherited fd cannot serve connections.
 #[derive(Debug)]
 pub enum UnusableSocket {
-    NotASocket(io::Error),
+    /// Its socket type cannot be read: not a socket at all.
+    Unreadable(io::Error),
     NotStream,
     NotListening,
 }
@@ -111,7 +112,7 @@ pub enum UnusableSocket {
 impl fmt::Display for UnusableSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UnusableSocket::NotASocket(e) => write!(f, "not a socket ({e})"),
+            UnusableSocket::Unreadable(e) => write!(f, "not a socket ({e})"),
             UnusableSocket::NotStream => f.write_str(
                 "not a stream socket: qrexec carries byte streams, use ListenStream= (not \
                  ListenDatagram= or ListenSequentialPacket=)",
@@ -126,7 +127,7 @@ impl fmt::Display for UnusableSocket {
 
 /// Checks that an inherited fd is a listening stream socket.
 pub fn check_listening_stream(socket: &Socket) -> Result<(), UnusableSocket> {
-    if socket.r#type().map_err(UnusableSocket::NotASocket)? != Type::STREAM {
+    if socket.r#type().map_err(UnusableSocket::Unreadable)? != Type::STREAM {
         return Err(UnusableSocket::NotStream);
     }
     match socket.is_listener() {
