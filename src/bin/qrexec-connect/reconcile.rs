@@ -26,9 +26,10 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::io;
 use std::process::Command;
+
+use serde::{Deserialize, Serialize};
 
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, STATE_FILE};
 
@@ -36,7 +37,8 @@ use qrexec_connect_binding::runtime_dir::{RuntimeDir, STATE_FILE};
 pub const SERVICE: &str = "qrexec-connect.service";
 
 /// What matters of one socket unit for the daemon: its addresses and name.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// One section of the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SocketConfig {
     pub listen: String,
     pub fd_name: String,
@@ -151,6 +153,9 @@ pub fn parse_show(text: &str) -> Vec<SocketUnit> {
             let Some((key, value)) = line.split_once('=') else {
                 continue;
             };
+            // Space around a value means nothing to systemd or to us (an fd
+            // name is split into words), and the INI state file trims it.
+            let value = value.trim();
             match key {
                 "Id" => unit.name = value.to_owned(),
                 "LoadState" => unit.load_state = value.to_owned(),
@@ -168,32 +173,33 @@ pub fn parse_show(text: &str) -> Vec<SocketUnit> {
     units
 }
 
-/// Reads the state file: `UNIT<TAB>LISTEN<TAB>FDNAME` lines.
+/// Reads the state file. One INI section per socket unit:
+///
+/// ```ini
+/// [qrexec-connect-127.0.0.1:2222.socket]
+/// listen=127.0.0.1:2222 (Stream)
+/// fd_name=ssh-server qubes.ConnectTCP+22
+/// ```
+///
+/// A file that does not parse (edited by hand, cut short) counts as empty:
+/// like a first run, that changes nothing, and the next write replaces it.
 pub fn parse_state(text: &str) -> BTreeMap<String, SocketConfig> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.splitn(3, '\t');
-            let name = fields.next()?.to_owned();
-            let listen = fields.next()?.to_owned();
-            let fd_name = fields.next()?.to_owned();
-            Some((name, SocketConfig { listen, fd_name }))
-        })
-        .collect()
+    serde_ini::from_str(text).unwrap_or_default()
 }
 
-/// Writes the state of every socket that is loaded and active.
+/// Writes the state of every socket that is loaded and active, with LF line
+/// ends (serde_ini's default is CRLF; its writer takes the choice).
 pub fn format_state(units: &[SocketUnit]) -> String {
-    let mut text = String::new();
-    for unit in units {
-        if unit.is_loaded() && unit.is_active() {
-            let _ = writeln!(
-                text,
-                "{}\t{}\t{}",
-                unit.name, unit.config.listen, unit.config.fd_name
-            );
-        }
-    }
-    text
+    let state: BTreeMap<&str, &SocketConfig> = units
+        .iter()
+        .filter(|unit| unit.is_loaded() && unit.is_active())
+        .map(|unit| (unit.name.as_str(), &unit.config))
+        .collect();
+    let mut text = Vec::new();
+    let writer = serde_ini::Writer::new(&mut text, serde_ini::LineEnding::Linefeed);
+    // Strings into a Vec: serialization cannot fail.
+    let _ = state.serialize(&mut serde_ini::Serializer::new(writer));
+    String::from_utf8(text).unwrap_or_default()
 }
 
 /// Runs one reconcile pass against the user manager. Messages go to
@@ -394,8 +400,9 @@ mod tests {
             prop_assert_eq!(&unit.name, name);
             prop_assert_eq!(&unit.load_state, load);
             prop_assert_eq!(&unit.active_state, active);
+            let listens: Vec<&str> = listens.iter().map(|l| l.trim()).collect();
             prop_assert_eq!(&unit.config.listen, &listens.join(" "));
-            prop_assert_eq!(&unit.config.fd_name, fd_name);
+            prop_assert_eq!(unit.config.fd_name.as_str(), fd_name.trim());
         }
     }
 
@@ -411,7 +418,10 @@ mod tests {
     #[test]
     fn the_state_file_is_read_back_as_written(
         entries in prop::collection::btree_map(
-            "[^\t\n\r]{0,40}", ("[^\t\n\r]{0,60}", "[^\n\r]{0,255}"), 0..6)
+            "qrexec-connect-[a-zA-Z0-9:@._\\\\-]{1,40}\\.socket",
+            ("[^\n\r]{0,60}", "[^\n\r]{0,255}")
+                .prop_map(|(l, f): (String, String)| (l.trim().to_owned(), f.trim().to_owned())),
+            0..6)
     ) {
         let units: Vec<SocketUnit> = entries
             .iter()
@@ -539,6 +549,31 @@ mod tests {
             let plan = plan(&units, &[], &BTreeMap::new(), state);
             assert!(!plan.stop_daemon, "{state}");
         }
+    }
+
+    #[test]
+    fn the_state_file_is_ini_with_one_section_per_unit_and_lf_line_ends() {
+        let units = [
+            unit(
+                "qrexec-connect-a.socket",
+                "loaded",
+                "active",
+                "127.0.0.1:1 (Stream)",
+                "x s",
+            ),
+            unit(
+                "qrexec-connect-b.socket",
+                "loaded",
+                "inactive",
+                "b (Stream)",
+                "y s",
+            ),
+        ];
+        assert_eq!(
+            format_state(&units),
+            "[qrexec-connect-a.socket]\nlisten=127.0.0.1:1 (Stream)\nfd_name=x s\n"
+        );
+        assert!(parse_state("garbage without equals\n").is_empty());
     }
 
     #[test]
