@@ -172,7 +172,8 @@ impl Specifiers {
                 .filter(|v| v.first() == Some(&b'/'))
         };
         Specifiers {
-            runtime_dir: absolute(runtime_dir),
+            runtime_dir: crate::runtime_dir::usable(runtime_dir)
+                .map(|path| path.into_os_string().into_vec()),
             home: absolute(home).map(|h| simplify_path(&h)),
         }
     }
