@@ -248,7 +248,7 @@ fn run_case(case: &Path, scratch: &Path) -> (Vec<String>, BTreeSet<(String, Vec<
     } = in_namespace(
         unshare()
             .args(["sh", "-c", RUN_IN_NAMESPACE, "sh"])
-            .arg(&GENERATOR)
+            .arg(GENERATOR)
             .args(&args)
             .env_clear()
             .envs(&env)
