@@ -65,13 +65,14 @@ SCDOC ?= scdoc
 CLIENT_MAN := man/qrexec-connect.8 man/qrexec-connect-generator.8 man/qrexec-connect.conf.5
 NFS_MAN := man/qubes.ConnectNFS.8
 NFS_BINARY := $(OUT)/qrexec-connect-nfs
-# The sources each binary is built from (cargo relinks every binary when the
-# library changes): an install refuses a binary that is missing or older
-# than these, rather than building it as root.
-LIB_SOURCES := $(wildcard src/*.rs)
-$(OUT)/qrexec-connect: $(LIB_SOURCES) $(wildcard src/bin/qrexec-connect/*.rs)
-$(OUT)/qrexec-connect-generator: $(LIB_SOURCES) $(wildcard generator/*.rs)
-$(OUT)/qrexec-connect-nfs: $(LIB_SOURCES) src/bin/qrexec-connect-nfs.rs
+# The sources each binary is built from (its package, and the shared crate
+# it links): an install refuses a binary that is missing or older than
+# these, rather than building it as root.
+BINDING_SOURCES := $(wildcard crates/binding/src/*.rs) crates/binding/Cargo.toml
+$(OUT)/qrexec-connect: $(BINDING_SOURCES) $(wildcard src/bin/qrexec-connect/*.rs) Cargo.toml \
+	generator/lib.rs generator/config.rs generator/unit.rs
+$(OUT)/qrexec-connect-generator: $(BINDING_SOURCES) $(wildcard generator/*.rs) generator/Cargo.toml
+$(OUT)/qrexec-connect-nfs: $(wildcard connect-nfs/*.rs) connect-nfs/Cargo.toml
 
 # Every user unit, generated from units/*.in where it names the bindir.
 UNIT_TEMPLATES := $(wildcard units/*.service.in units/*.path.in)
@@ -90,10 +91,11 @@ DIST_TARBALL := $(DIST_DIR)/$(DIST_NAME).tar.gz
 
 all: build
 
-# Only the programs that get installed: not the test double.
+# Only the programs that get installed: not the test double (its package,
+# tests/, is not among the workspace's default members).
 build: man
 	$(CARGO) build $(CARGO_PROFILE_FLAG) --locked $(CARGO_FLAGS) \
-		--bin qrexec-connect --bin qrexec-connect-generator --bin qrexec-connect-nfs
+		-p qrexec-connect -p qrexec-connect-generator -p qrexec-connect-nfs
 
 # Man pages are written in scdoc (Debian/Fedora package scdoc); the footer
 # carries the version.
@@ -106,8 +108,12 @@ $(CLIENT_BINARIES) $(NFS_BINARY):
 	@echo "$@ is missing or older than its sources: run 'make build' first (as yourself, not as root)" >&2
 	@exit 1
 
+# Every test of every package. The integration tests run the programs from
+# target/debug, so those are built first (cargo test builds only the test
+# double's package's binary); a missing or stale one fails its test.
 test: salt-venv
-	QREXEC_CONNECT_SALT_CALL=$(abspath $(SALT_CALL)) $(CARGO) test --locked
+	$(CARGO) build --workspace --locked
+	QREXEC_CONNECT_SALT_CALL=$(abspath $(SALT_CALL)) $(CARGO) test --workspace --locked
 
 # tests/salt.rs applies the formula in salt/ with a real salt-call: Salt from
 # PyPI with every dependency pinned (--no-deps: nothing unpinned gets in), in
@@ -125,7 +131,7 @@ $(SALT_CALL): tests/salt/requirements.txt
 	touch $@
 
 demo:
-	$(CARGO) build --locked --bin qrexec-connect --bin qrexec-client-vm-double
+	$(CARGO) build --locked -p qrexec-connect -p qrexec-connect-tests
 	./demo/run.sh
 
 bench:
@@ -133,7 +139,8 @@ bench:
 
 # Time from daemon-reload to a new binding answering (real user manager; root).
 bench-reload:
-	$(CARGO) test --locked --test reload_latency -- --ignored --nocapture
+	$(CARGO) build --workspace --locked
+	$(CARGO) test --locked -p qrexec-connect-tests --test reload_latency -- --ignored --nocapture
 
 install: install-client
 

@@ -39,7 +39,7 @@ if [ "${1:-}" != --inner ]; then
             || { echo "bench: could not install ${missing[*]}; install them and retry" >&2; exit 1; }
     fi
     echo "bench: building (cargo build --release)" >&2
-    cargo build --release --locked --bins --example loadgen
+    cargo build --release --locked --workspace --bins --example loadgen
     mkdir -p "$RESULTS"
     exec unshare --mount --net --propagation private -- "$0" --inner
 fi

@@ -5,16 +5,16 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use qrexec_connect::address::Specifiers;
-use qrexec_connect::config::{Config, ConfigDirs, Problem};
-use qrexec_connect::unit;
+use qrexec_connect_binding::address::Specifiers;
+use qrexec_connect_generator::config::{Config, ConfigDirs, Problem};
+use qrexec_connect_generator::unit;
 
 /// Prefix for messages that do not start with a config file's path.
 const ME: &str = "qrexec-connect-generator";
 
 // The flag that asks `qrexec-connect reconcile` to apply the new units: one
 // definition of where it lives, shared with the reconcile step.
-use qrexec_connect::runtime_dir::RuntimeDir;
+use qrexec_connect_binding::runtime_dir::RuntimeDir;
 
 /// Normal run: units into `out`, then the reload flag. Fails only when
 /// there were units to write and not one could be written.

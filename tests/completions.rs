@@ -7,9 +7,10 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::program::Program;
 use common::{run, DAEMON, GENERATOR};
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/completions");
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../completions");
 
 fn stdout(command: &mut Command) -> String {
     let output = run(command);
@@ -49,7 +50,7 @@ fn fish(line: &str) -> Vec<String> {
 }
 
 /// The options and commands a program's `--help` names.
-fn help_words(program: &str) -> Vec<String> {
+fn help_words(program: Program) -> Vec<String> {
     let help = stdout(Command::new(program).arg("--help"));
     // Options are the first column of lines that start with a dash.
     let mut words: Vec<String> = help
@@ -103,7 +104,8 @@ fn every_option_and_command_of_help_is_completed_by_every_shell() {
                 let spelled = word.trim_start_matches("--");
                 assert!(
                     text.contains(word.as_str()) || text.contains(&format!("-l {spelled}")),
-                    "{file} does not complete {word} of {program}"
+                    "{file} does not complete {word} of {}",
+                    program.name
                 );
             }
         }

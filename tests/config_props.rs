@@ -5,10 +5,10 @@
 
 use proptest::prelude::*;
 
-use qrexec_connect::address::ListenAddress;
-use qrexec_connect::binding::Destination;
-use qrexec_connect::config::{is_invisible, printable, Binding, Config, Problem};
-use qrexec_connect::unit::{socket_unit, socket_unit_name, MAX_UNIT_NAME};
+use qrexec_connect_binding::address::ListenAddress;
+use qrexec_connect_binding::destination::Destination;
+use qrexec_connect_generator::config::{is_invisible, printable, Binding, Config, Problem};
+use qrexec_connect_generator::unit::{socket_unit, socket_unit_name, MAX_UNIT_NAME};
 
 /// Undoes systemd's specifier expansion as far as a value may use it:
 /// `%%` is `%`, and `%t`/`%h` only as the very start of a value; any other

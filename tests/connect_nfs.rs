@@ -15,7 +15,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-const PROGRAM: &str = env!("CARGO_BIN_EXE_qrexec-connect-nfs");
+#[path = "common/program.rs"]
+#[allow(dead_code)]
+mod program;
+
+use program::CONNECT_NFS as PROGRAM;
 /// Upper bound for anything a test waits on; only reached when a test fails.
 const PATIENCE: Duration = Duration::from_secs(30);
 const MIB: usize = 1024 * 1024;
@@ -579,14 +583,19 @@ fn a_build_without_debug_assertions_ignores_the_port_variable() {
         .parent()
         .unwrap()
         .to_path_buf();
-    let libc_rlib = std::fs::read_dir(&deps)
-        .unwrap()
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .find(|path| {
-            let name = path.file_name().unwrap().to_string_lossy();
-            name.starts_with("liblibc-") && name.ends_with(".rlib")
-        })
-        .expect("libc built for this test run");
+    // The newest build of each crate the program uses (older ones may
+    // linger in deps/ from earlier builds).
+    let rlib = |krate: &str| {
+        std::fs::read_dir(&deps)
+            .unwrap()
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| {
+                let name = path.file_name().unwrap().to_string_lossy();
+                name.starts_with(&format!("lib{krate}-")) && name.ends_with(".rlib")
+            })
+            .max_by_key(|path| std::fs::metadata(path).unwrap().modified().unwrap())
+            .unwrap_or_else(|| panic!("{krate} built for this test run"))
+    };
     let out = std::env::temp_dir().join(format!("qubes.ConnectNFS-release-{}", std::process::id()));
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let built = Command::new(rustc)
@@ -599,12 +608,14 @@ fn a_build_without_debug_assertions_ignores_the_port_variable() {
             "debug-assertions=off",
         ])
         .arg("--extern")
-        .arg(format!("libc={}", libc_rlib.display()))
+        .arg(format!("libc={}", rlib("libc").display()))
+        .arg("--extern")
+        .arg(format!("socket2={}", rlib("socket2").display()))
         .arg("-L")
         .arg(format!("dependency={}", deps.display()))
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/src/bin/qrexec-connect-nfs.rs"
+            "/../connect-nfs/main.rs"
         ))
         .arg("-o")
         .arg(&out)

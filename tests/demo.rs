@@ -7,16 +7,17 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{run, DAEMON};
+use common::program::out_dir;
+use common::{run, workspace, DAEMON, DOUBLE, GENERATOR};
 
 #[test]
 fn the_demo_walks_from_config_line_to_status_row() {
-    let bin = Path::new(DAEMON).parent().unwrap();
-    let output = run(
-        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/demo/run.sh"))
-            .env("BIN_DIR", bin)
-            .env("CI", "true"),
-    );
+    // Checked up to date (the demo runs them from the same directory).
+    let _ = (DAEMON.path(), GENERATOR.path(), Path::new(DOUBLE));
+    let bin = out_dir();
+    let output = run(Command::new(workspace().join("demo/run.sh"))
+        .env("BIN_DIR", bin)
+        .env("CI", "true"));
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{text}");

@@ -2,17 +2,17 @@
 //! wrote, fed with arbitrary text, and peers and launchers that misbehave.
 //!
 //! * Property tests of the parsers of untrusted text: `FileDescriptorName=`
-//!   (`Destination::from_fd_name`, `split_words`), the `systemctl show`
-//!   output and state file read by reconcile (`parse_show`, `parse_state`),
-//!   the client's `--help` (`ClientMode::from_help_text`), listen addresses,
-//!   and kernel socket addresses. None may panic, what they return is never
-//!   larger than what they read, and valid values round-trip.
+//!   (`Destination::from_fd_name`, `split_words`) and listen addresses.
+//!   None may panic, what they return is never larger than what they read,
+//!   and valid values round-trip. The daemon's own readers of untrusted text
+//!   (`systemctl show` output, the state file, the client's `--help`, kernel
+//!   socket addresses) have the same properties tested next to them, in
+//!   `src/bin/qrexec-connect/`.
 //! * End to end: a peer that connects and never sends, fd names that are
 //!   garbage, fewer fd names than sockets, a garbage `NOTIFY_SOCKET`.
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,10 +22,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use qrexec_connect::address::{self, ListenAddress};
-use qrexec_connect::binding::{split_words, BindingError, Destination, Service, Target};
-use qrexec_connect::reconcile::{format_state, parse_show, parse_state, SocketConfig, SocketUnit};
-use qrexec_connect::spawn::ClientMode;
+use qrexec_connect_binding::address::ListenAddress;
+use qrexec_connect_binding::destination::{
+    split_words, BindingError, Destination, Service, Target,
+};
 
 use common::*;
 
@@ -86,20 +86,6 @@ fn shell_quote(words: &[String]) -> String {
         .join(" ")
 }
 
-fn socket_unit() -> impl Strategy<Value = (String, String, String, Vec<String>, String)> {
-    (
-        "qrexec-connect-[a-zA-Z0-9:@._\\\\-]{1,40}\\.socket",
-        prop::sample::select(vec!["loaded", "not-found", "masked", "error"]),
-        prop::sample::select(vec!["active", "inactive", "failed", "activating"]),
-        // systemctl prints one Listen= line per address: no newline inside.
-        prop::collection::vec("[^\n\r]{0,60}", 0..3),
-        "[^\n\r]{0,255}",
-    )
-        .prop_map(|(name, load, active, listens, fd_name)| {
-            (name, load.to_owned(), active.to_owned(), listens, fd_name)
-        })
-}
-
 // ---------------------------------------------------------------------------
 // Property tests
 
@@ -158,83 +144,6 @@ proptest! {
     }
 
     #[test]
-    fn systemctl_show_output_never_panics_and_never_grows(text in untrusted_text()) {
-        let units = parse_show(&text);
-        prop_assert!(units.len() <= text.split("\n\n").count());
-        for unit in &units {
-            for field in [&unit.name, &unit.load_state, &unit.active_state,
-                          &unit.config.listen, &unit.config.fd_name] {
-                prop_assert!(field.len() <= text.len());
-            }
-        }
-    }
-
-    #[test]
-    fn systemctl_show_output_is_read_back_as_written(
-        units in prop::collection::vec(socket_unit(), 0..5)
-    ) {
-        let mut text = String::new();
-        for (name, load, active, listens, fd_name) in &units {
-            text += &format!("Id={name}\nLoadState={load}\nActiveState={active}\n");
-            for listen in listens {
-                text += &format!("Listen={listen}\n");
-            }
-            text += &format!("FileDescriptorName={fd_name}\n\n");
-        }
-        let parsed = parse_show(&text);
-        prop_assert_eq!(parsed.len(), units.len());
-        for (unit, (name, load, active, listens, fd_name)) in parsed.iter().zip(&units) {
-            prop_assert_eq!(&unit.name, name);
-            prop_assert_eq!(&unit.load_state, load);
-            prop_assert_eq!(&unit.active_state, active);
-            prop_assert_eq!(&unit.config.listen, &listens.join(" "));
-            prop_assert_eq!(&unit.config.fd_name, fd_name);
-        }
-    }
-
-    #[test]
-    fn the_state_file_never_panics_and_never_grows(text in untrusted_text()) {
-        let state = parse_state(&text);
-        prop_assert!(state.len() <= text.lines().count());
-        for (name, config) in &state {
-            prop_assert!(name.len() + config.listen.len() + config.fd_name.len() <= text.len());
-        }
-    }
-
-    #[test]
-    fn the_state_file_is_read_back_as_written(
-        entries in prop::collection::btree_map(
-            "[^\t\n\r]{0,40}", ("[^\t\n\r]{0,60}", "[^\n\r]{0,255}"), 0..6)
-    ) {
-        let units: Vec<SocketUnit> = entries
-            .iter()
-            .map(|(name, (listen, fd_name))| SocketUnit {
-                name: name.clone(),
-                load_state: "loaded".into(),
-                active_state: "active".into(),
-                config: SocketConfig { listen: listen.clone(), fd_name: fd_name.clone() },
-            })
-            .collect();
-        let expected: BTreeMap<String, SocketConfig> =
-            units.iter().map(|u| (u.name.clone(), u.config.clone())).collect();
-        prop_assert_eq!(parse_state(&format_state(&units)), expected);
-    }
-
-    #[test]
-    fn any_help_text_gives_a_mode(
-        before in prop::collection::vec(any::<u8>(), 0..300),
-        after in prop::collection::vec(any::<u8>(), 0..300),
-    ) {
-        let mut with_option = before.clone();
-        with_option.extend_from_slice(b"--use-stdin-socket");
-        with_option.extend_from_slice(&after);
-        prop_assert_eq!(ClientMode::from_help_text(&with_option), ClientMode::StdinSocket);
-        let mut without: Vec<u8> = before.into_iter().chain(after).collect();
-        without.retain(|&b| b != b'-');
-        prop_assert_eq!(ClientMode::from_help_text(&without), ClientMode::Pipe);
-    }
-
-    #[test]
     fn listen_addresses_never_panic_and_valid_ones_round_trip(text in prop_oneof![
         untrusted_text(),
         "(@|/|%t/|%h/|127\\.0\\.0\\.1:|\\[::1\\]:)[ -~]{0,120}",
@@ -242,32 +151,6 @@ proptest! {
         if let Ok(address) = ListenAddress::parse(&text) {
             prop_assert!(address.to_listen_stream().len() <= 2 * text.len());
             prop_assert_eq!(ListenAddress::parse(&address.to_string()), Ok(address));
-        }
-    }
-
-    #[test]
-    fn any_kernel_socket_address_is_read_without_panic(
-        bytes in prop::collection::vec(any::<u8>(), 128),
-        family in prop_oneof![
-            Just(libc::AF_INET), Just(libc::AF_INET6), Just(libc::AF_UNIX), any::<i32>()
-        ],
-        len in 0u32..=128,
-    ) {
-        // SAFETY: sockaddr_storage is 128 bytes of plain data.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                (&mut storage as *mut libc::sockaddr_storage).cast::<u8>(),
-                std::mem::size_of::<libc::sockaddr_storage>(),
-            );
-        }
-        storage.ss_family = family as libc::sa_family_t;
-        if let Some(ListenAddress::Path(path) | ListenAddress::Abstract(path)) =
-            address::from_sockaddr(&storage, len)
-        {
-            // Lossy UTF-8 may triple a byte; never more.
-            prop_assert!(path.len() <= 3 * len as usize);
         }
     }
 }

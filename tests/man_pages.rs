@@ -11,7 +11,7 @@ const PAGES: [&str; 4] = [
 ];
 
 fn render(page: &str) -> String {
-    let dir = env!("CARGO_MANIFEST_DIR");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let made = Command::new("make")
         .args(["-s", "-C", dir, &format!("man/{page}")])
         .output()

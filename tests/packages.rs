@@ -22,7 +22,8 @@ use common::*;
 
 const SETTLE: Duration = Duration::from_secs(20);
 const CONFIG: &str = ".config/qrexec-connect/test.conf";
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// The workspace root (this package is its tests/ directory).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 fn version() -> String {
     std::fs::read_to_string(Path::new(REPO).join("version"))
@@ -115,7 +116,8 @@ fn one_version_everywhere() {
         let out = stdout(Command::new(program).arg("--version"));
         assert!(
             out.trim().ends_with(&format!(" {version}")),
-            "{program}: {out}"
+            "{}: {out}",
+            program.name
         );
     }
     let changelog = std::fs::read_to_string(Path::new(REPO).join("debian/changelog")).unwrap();

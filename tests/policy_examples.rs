@@ -12,8 +12,8 @@ use policy::{
     check_policy_file, check_policy_file_name, check_policy_line, evaluate, Action, Argument, Call,
     PolicyLine, Verdict,
 };
-use qrexec_connect::address::ListenAddress;
-use qrexec_connect::binding::{split_words, Service, Target};
+use qrexec_connect_binding::address::ListenAddress;
+use qrexec_connect_binding::destination::{split_words, Service, Target};
 
 /// One README example: a client config, the policy that allows it, the
 /// qube that makes the call and the qube that must answer it.
@@ -46,7 +46,7 @@ const EXAMPLES: [Example; 3] = [
 ];
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 fn read(path: &Path) -> String {

@@ -20,7 +20,7 @@ const POLICY: &str = "etc/qubes/policy.d/30-qrexec-connect-salt.policy";
 const SALT_CONF: &str = "home/user/.config/qrexec-connect/salt.conf";
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 fn read(path: &Path) -> String {
@@ -143,7 +143,8 @@ impl SaltRoot {
     /// (as the package puts it in a client qube).
     fn salt(&self, id: &str, args: &[&str]) -> (bool, String) {
         let root = self.dir.path();
-        let generator_dir = Path::new(GENERATOR).parent().unwrap();
+        let generator = GENERATOR.path();
+        let generator_dir = generator.parent().unwrap();
         let path = format!(
             "{}:{}",
             generator_dir.display(),

@@ -266,7 +266,7 @@ fn policy_allows_exactly_the_configured_bindings() {
 /// placeholder for a target that only dom0 can choose.
 #[test]
 fn policy_prints_the_rules_of_the_policy_examples() {
-    let repo = env!("CARGO_MANIFEST_DIR");
+    let repo = common::workspace().display().to_string();
     let read = |path: &str| std::fs::read_to_string(format!("{repo}/{path}")).unwrap();
     let config = read("examples/ssh.conf") + &read("examples/ssh-agent.conf");
     let manager = UserManager::start(&[(CONFIG, &config)]);

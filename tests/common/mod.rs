@@ -21,9 +21,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-pub const DAEMON: &str = env!("CARGO_BIN_EXE_qrexec-connect");
-pub const GENERATOR: &str = env!("CARGO_BIN_EXE_qrexec-connect-generator");
-pub const DOUBLE: &str = env!("CARGO_BIN_EXE_qrexec-client-vm-double");
+pub mod program;
+#[allow(unused_imports)] // each test binary uses some
+pub use program::{workspace, CONNECT_NFS, DAEMON, DOUBLE, GENERATOR};
 
 /// Polls `check` every few milliseconds until it returns Some or `limit` passes.
 pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {

@@ -75,7 +75,7 @@ fn installed_tree() -> &'static Path {
         let output = run(Command::new("make")
             .arg("-s")
             .arg("-C")
-            .arg(env!("CARGO_MANIFEST_DIR"))
+            .arg(super::workspace())
             .arg("install-client")
             .arg(format!("DESTDIR={}", dest.display()))
             .arg("PREFIX=/usr")
@@ -94,11 +94,7 @@ fn installed_tree() -> &'static Path {
 
 /// Cargo's target directory (where the debug binaries under test are).
 pub fn target_dir() -> PathBuf {
-    Path::new(super::DAEMON)
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_path_buf()
+    super::program::out_dir().parent().unwrap().to_path_buf()
 }
 
 /// What the namespace holds of the project when the manager starts.

@@ -1,30 +1,32 @@
-//! The event loop: one accept task per binding, one waiter per child.
+//! The event loop: one accept task per served socket, one waiter per child.
 //!
-//! The flow, in the order a reader meets it:
-//! 1. [`run`] turns each inherited socket into a [`Binding`] (or logs why it
-//!    cannot be one), tells systemd READY=1, and waits for SIGTERM/SIGINT.
-//! 2. [`serve`] accepts connections on one binding, at most
+//! The flow, in the order a reader meets it (fds in, serve, spawn, wait):
+//! 1. [`run`] turns each inherited socket into a [`ServedSocket`] (or logs
+//!    why it cannot be one), tells systemd READY=1, and waits for
+//!    SIGTERM/SIGINT.
+//! 2. [`serve`] accepts connections on one socket, at most
 //!    `--max-connections` live at a time, backing off on resource errors.
-//! 3. [`Shared::start_client`] runs qrexec-client-vm with the connection as
-//!    its stdio; [`Shared::wait_client`] logs how it ended.
-//! 4. A binding whose `FileDescriptorName=` is invalid is still drained by
-//!    [`refuse`], so its clients see EOF at once instead of hanging.
+//! 3. [`Daemon::start_client`] runs qrexec-client-vm for the socket's
+//!    destination with the connection as its stdio.
+//! 4. [`Daemon::wait_client`] waits for it and logs how it ended.
+//!
+//! A socket whose `FileDescriptorName=` is not a valid destination is still
+//! drained by [`refuse`], so its clients see EOF at once instead of hanging.
 //!
 //! Everything runs on one thread (a tokio current-thread runtime with a
 //! LocalSet): the daemon only accepts and spawns, it never moves data.
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use qrexec_connect::address::ListenAddress;
-use qrexec_connect::binding::Destination;
-use qrexec_connect::listener::{self, Connection, InheritedSocket};
-use qrexec_connect::notify::Notifier;
-use qrexec_connect::spawn::{self, ClientMode};
+use crate::listener::{self, Connection, InheritedSocket};
+use crate::notify::Notifier;
+use crate::spawn::{self, ClientMode};
+use qrexec_connect_binding::destination::Destination;
+use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
@@ -41,18 +43,20 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one repeated warning per this interval, with a count of the rest.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A listening socket whose name parsed into a destination.
-struct Binding {
+/// A listening socket whose fd name parsed into a destination: what the
+/// daemon serves for one binding.
+struct ServedSocket {
+    /// The address, as the log names the binding.
     listen: String,
     destination: Destination,
-    socket: AsyncFd<OwnedFd>,
+    listener: AsyncFd<Socket>,
     live: Cell<usize>,
     slot_freed: Notify,
     accept_errors: RefCell<RateLimit>,
 }
 
-/// State every task shares.
-struct Shared {
+/// The daemon's state, daemon by every task.
+struct Daemon {
     options: Options,
     mode: Cell<Option<ClientMode>>,
     notifier: Notifier,
@@ -86,18 +90,22 @@ async fn serve_all(
     sockets: Vec<InheritedSocket>,
     notifier: Notifier,
 ) -> ExitCode {
-    let mut bindings = Vec::new();
+    let mut served = Vec::new();
     let mut refused = Vec::new();
-    for InheritedSocket { fd, name } in sockets {
-        let listen = ListenAddress::of_socket(fd.as_fd())
+    for InheritedSocket {
+        socket,
+        fd_name: name,
+    } in sockets
+    {
+        let listen = listener::local_address(&socket)
             .map(|a| a.to_string())
             .unwrap_or_else(|e| format!("(unknown address: {e})"));
-        if let Err(why) = listener::check_listening_stream(fd.as_fd()) {
+        if let Err(why) = listener::check_listening_stream(&socket) {
             error!(listen = %listen, fd_name = %name,
                 "{listen} (socket named {name:?}) cannot be served: {why}; other bindings are not affected");
             continue;
         }
-        let socket = match listener::set_nonblocking(fd.as_fd()).and_then(|()| watch(fd)) {
+        let socket = match socket.set_nonblocking(true).and_then(|()| watch(socket)) {
             Ok(socket) => socket,
             Err(e) => {
                 error!(listen = %listen, "{listen}: cannot watch this socket: {e}");
@@ -109,10 +117,10 @@ async fn serve_all(
                 info!(listen = %listen, qrexec_target = %destination.target,
                     qrexec_service = %destination.service,
                     "{listen} (target {}, service {})", destination.target, destination.service);
-                bindings.push(Binding {
+                served.push(ServedSocket {
                     listen,
                     destination,
-                    socket,
+                    listener: socket,
                     live: Cell::new(0),
                     slot_freed: Notify::new(),
                     accept_errors: RefCell::new(RateLimit::default()),
@@ -127,44 +135,44 @@ async fn serve_all(
         }
     }
 
-    let shared = Rc::new(Shared {
+    let daemon = Rc::new(Daemon {
         mode: Cell::new(options.client_mode),
         notifier,
         status_changed: Notify::new(),
-        serving: bindings.len(),
+        serving: served.len(),
         refused: refused.len(),
         live: Cell::new(0),
         spawn_errors: RefCell::new(RateLimit::default()),
         published: Published::new(),
         options,
     });
-    for binding in &bindings {
-        shared.published.serve(
-            &binding.listen,
-            binding.destination.target.as_str(),
-            binding.destination.service.as_str(),
+    for socket in &served {
+        daemon.published.serve(
+            &socket.listen,
+            socket.destination.target.as_str(),
+            socket.destination.service.as_str(),
         );
     }
-    shared
+    daemon
         .published
-        .client(&shared.options.client.to_string_lossy(), None);
-    tokio::task::spawn_local(shared.published.clone().publish());
-    if shared.mode.get().is_none() && shared.serving > 0 {
-        shared.probe_client().await;
+        .client(&daemon.options.client.to_string_lossy(), None);
+    tokio::task::spawn_local(daemon.published.clone().publish());
+    if daemon.mode.get().is_none() && daemon.serving > 0 {
+        daemon.probe_client().await;
     }
-    for binding in bindings {
-        tokio::task::spawn_local(serve(Rc::new(binding), shared.clone()));
+    for socket in served {
+        tokio::task::spawn_local(serve(Rc::new(socket), daemon.clone()));
     }
     for socket in refused {
         tokio::task::spawn_local(refuse(socket));
     }
-    tokio::task::spawn_local(report_status(shared.clone()));
+    tokio::task::spawn_local(report_status(daemon.clone()));
 
     wait_for_stop_signal().await;
-    let _ = shared.notifier.notify("STOPPING=1");
+    let _ = daemon.notifier.notify("STOPPING=1");
     info!(
         "stopping; {} live connection(s) go on without the daemon",
-        shared.live.get()
+        daemon.live.get()
     );
     // Leave at once: the children are independent processes, and with
     // KillMode=process systemd leaves them running too.
@@ -172,9 +180,10 @@ async fn serve_all(
 }
 
 /// Registers a listening socket with the event loop.
-fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: an OwnedFd keeps its descriptor open and unchanged until dropped.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+fn watch(socket: Socket) -> io::Result<AsyncFd<Socket>> {
+    // SAFETY: the Socket owns its descriptor, which stays open and the same
+    // until the AsyncFd (which owns the Socket) drops it.
+    unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into())
 }
 
@@ -197,40 +206,40 @@ async fn wait_for_stop_signal() {
     }
 }
 
-/// Accepts connections on one binding for as long as the daemon runs.
-async fn serve(binding: Rc<Binding>, shared: Rc<Shared>) {
-    let max = shared.options.max_connections;
+/// Accepts connections on one socket for as long as the daemon runs.
+async fn serve(served: Rc<ServedSocket>, daemon: Rc<Daemon>) {
+    let max = daemon.options.max_connections;
     let mut backoff = BACKOFF_MIN;
     // From the limit warning until no client is left waiting: one episode,
     // one warning and one all-clear, however many slots free up in between.
     let mut saturated = false;
     loop {
-        if binding.live.get() >= max {
+        if served.live.get() >= max {
             if !saturated {
-                warn!(listen = %binding.listen,
+                warn!(listen = %served.listen,
                     "{}: {max} live connections, the --max-connections limit; new clients \
-                     wait until one ends", binding.listen);
+                     wait until one ends", served.listen);
                 saturated = true;
             }
-            while binding.live.get() >= max {
-                binding.slot_freed.notified().await;
+            while served.live.get() >= max {
+                served.slot_freed.notified().await;
             }
         }
-        let mut ready = match binding.socket.readable().await {
+        let mut ready = match served.listener.readable().await {
             Ok(ready) => ready,
             Err(e) => {
-                error!(listen = %binding.listen, "{}: cannot wait for connections: {e}; \
-                    this binding stops", binding.listen);
+                error!(listen = %served.listen, "{}: cannot wait for connections: {e}; \
+                    this binding stops", served.listen);
                 return;
             }
         };
-        let accepted = match ready.try_io(|socket| listener::accept(socket.get_ref().as_fd())) {
+        let accepted = match ready.try_io(|socket| listener::accept(socket.get_ref())) {
             Ok(result) => result,
             Err(_would_block) => {
                 // The backlog is empty while below the limit: nobody waits.
                 if saturated {
-                    info!(listen = %binding.listen, "{}: below the limit again, accepting",
-                        binding.listen);
+                    info!(listen = %served.listen, "{}: below the limit again, accepting",
+                        served.listen);
                     saturated = false;
                 }
                 continue;
@@ -239,10 +248,10 @@ async fn serve(binding: Rc<Binding>, shared: Rc<Shared>) {
         match accepted {
             Ok(connection) => {
                 backoff = BACKOFF_MIN;
-                shared.start_client(&binding, connection).await;
+                daemon.start_client(&served, connection).await;
             }
             Err(e) if listener::is_per_connection(&e) => {
-                debug!(listen = %binding.listen, "{}: accept: {e}", binding.listen);
+                debug!(listen = %served.listen, "{}: accept: {e}", served.listen);
             }
             Err(e) => {
                 let hint = if listener::is_resource_exhaustion(&e) {
@@ -250,9 +259,9 @@ async fn serve(binding: Rc<Binding>, shared: Rc<Shared>) {
                 } else {
                     "waiting before the next accept"
                 };
-                binding.accept_errors.borrow_mut().warn(|suppressed| {
-                    warn!(listen = %binding.listen, "{}: cannot accept a connection: {e}; \
-                        {hint}{suppressed}", binding.listen)
+                served.accept_errors.borrow_mut().warn(|suppressed| {
+                    warn!(listen = %served.listen, "{}: cannot accept a connection: {e}; \
+                        {hint}{suppressed}", served.listen)
                 });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -263,12 +272,12 @@ async fn serve(binding: Rc<Binding>, shared: Rc<Shared>) {
 
 /// Closes every connection to a binding that cannot be served, so clients
 /// get EOF instead of waiting for a reply that will never come.
-async fn refuse(socket: AsyncFd<OwnedFd>) {
+async fn refuse(socket: AsyncFd<Socket>) {
     loop {
         let Ok(mut ready) = socket.readable().await else {
             return;
         };
-        match ready.try_io(|socket| listener::accept(socket.get_ref().as_fd())) {
+        match ready.try_io(|socket| listener::accept(socket.get_ref())) {
             Ok(Ok(connection)) => drop(connection),
             Ok(Err(e)) if listener::is_per_connection(&e) => {}
             Ok(Err(_)) => tokio::time::sleep(BACKOFF_MAX).await,
@@ -283,19 +292,19 @@ async fn refuse(socket: AsyncFd<OwnedFd>) {
 /// the next change) with the status of that moment, so READY=1 is never
 /// lost (without it systemd would kill the daemon after its start timeout)
 /// and a STATUS= that could not be sent is replaced by the current one.
-async fn report_status(shared: Rc<Shared>) {
+async fn report_status(daemon: Rc<Daemon>) {
     let mut ready_sent = false;
     let mut pause = BACKOFF_MIN;
     loop {
         let ready = if ready_sent { "" } else { "READY=1\n" };
-        match shared
+        match daemon
             .notifier
-            .notify(&format!("{ready}STATUS={}", shared.status()))
+            .notify(&format!("{ready}STATUS={}", daemon.status()))
         {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = shared.status_changed.notified() => {}
+                    _ = daemon.status_changed.notified() => {}
                 }
                 pause = (pause * 2).min(BACKOFF_MAX);
                 continue;
@@ -307,11 +316,11 @@ async fn report_status(shared: Rc<Shared>) {
                 pause = BACKOFF_MIN;
             }
         }
-        shared.status_changed.notified().await;
+        daemon.status_changed.notified().await;
     }
 }
 
-impl Shared {
+impl Daemon {
     fn status(&self) -> String {
         let mut status = format!(
             "{} binding(s), {} live connection(s)",
@@ -381,7 +390,7 @@ impl Shared {
     }
 
     /// Runs qrexec-client-vm for one accepted connection.
-    async fn start_client(self: &Rc<Self>, binding: &Rc<Binding>, connection: Connection) {
+    async fn start_client(self: &Rc<Self>, served: &Rc<ServedSocket>, connection: Connection) {
         let Connection { socket, peer } = connection;
         let mode = match self.mode.get() {
             Some(mode) => mode,
@@ -390,19 +399,19 @@ impl Shared {
                 None => return, // the connection closes here; the client sees EOF
             },
         };
-        let destination = &binding.destination;
+        let destination = &served.destination;
         let cannot_run = |e: io::Error| {
             if e.kind() == io::ErrorKind::NotFound && self.options.client_mode.is_none() {
                 self.mode.set(None); // probe again once it is back
             }
             self.published.not_started(
-                &binding.listen,
+                &served.listen,
                 &format!("cannot run {}: {e}", self.options.client.to_string_lossy()),
             );
             self.spawn_errors.borrow_mut().warn(|suppressed| {
-                warn!(listen = %binding.listen, peer = %peer,
+                warn!(listen = %served.listen, peer = %peer,
                     "{}: cannot run {} for {peer}: {e}; connection closed{suppressed}",
-                    binding.listen, self.options.client.to_string_lossy())
+                    served.listen, self.options.client.to_string_lossy())
             });
         };
         let (command, splicer) =
@@ -414,11 +423,11 @@ impl Shared {
         if let Some(splicer) = splicer {
             if let Err(e) = splicer.start() {
                 self.published
-                    .not_started(&binding.listen, &format!("cannot start the splicer: {e}"));
+                    .not_started(&served.listen, &format!("cannot start the splicer: {e}"));
                 self.spawn_errors.borrow_mut().warn(|suppressed| {
-                    warn!(listen = %binding.listen, peer = %peer,
+                    warn!(listen = %served.listen, peer = %peer,
                         "{}: cannot start the splicer for {peer}: {e}; connection \
-                        closed{suppressed}", binding.listen)
+                        closed{suppressed}", served.listen)
                 });
                 return;
             }
@@ -429,47 +438,47 @@ impl Shared {
             Ok(child) => child,
             Err(e) => return cannot_run(e),
         };
-        binding.live.set(binding.live.get() + 1);
+        served.live.set(served.live.get() + 1);
         self.live.set(self.live.get() + 1);
         self.status_changed.notify_one();
-        self.published.connected(&binding.listen);
-        debug!(listen = %binding.listen, qrexec_target = %destination.target,
+        self.published.connected(&served.listen);
+        debug!(listen = %served.listen, qrexec_target = %destination.target,
             qrexec_service = %destination.service, peer = %peer,
-            "{}: {peer} connected, running {} {}", binding.listen,
+            "{}: {peer} connected, running {} {}", served.listen,
             destination.target, destination.service);
-        tokio::task::spawn_local(self.clone().wait_client(binding.clone(), child, peer));
+        tokio::task::spawn_local(self.clone().wait_client(served.clone(), child, peer));
     }
 
     /// Waits for one client to end, frees its slot and logs how it ended.
     async fn wait_client(
         self: Rc<Self>,
-        binding: Rc<Binding>,
+        served: Rc<ServedSocket>,
         mut child: tokio::process::Child,
         peer: listener::Peer,
     ) {
         let started = Instant::now();
         let status = child.wait().await;
-        binding.live.set(binding.live.get() - 1);
+        served.live.set(served.live.get() - 1);
         self.live.set(self.live.get() - 1);
-        binding.slot_freed.notify_one();
+        served.slot_freed.notify_one();
         self.status_changed.notify_one();
         let duration = started.elapsed();
-        let destination = &binding.destination;
+        let destination = &served.destination;
         let (code, words) = match status {
             Ok(status) => (spawn::exit_code(status), spawn::describe_exit(status)),
             Err(e) => (-1, format!("cannot be waited for: {e}")),
         };
-        self.published.ended(&binding.listen, code, &words);
+        self.published.ended(&served.listen, code, &words);
         let message = format!(
             "{} -> {} {}: {peer}, {:.3}s, {words}",
-            binding.listen,
+            served.listen,
             destination.target,
             destination.service,
             duration.as_secs_f64()
         );
         macro_rules! log_end {
             ($level:ident) => {
-                $level!(listen = %binding.listen, qrexec_target = %destination.target,
+                $level!(listen = %served.listen, qrexec_target = %destination.target,
                     qrexec_service = %destination.service, peer = %peer,
                     duration_ms = duration.as_millis() as u64, exit_status = code, "{message}")
             };

@@ -16,10 +16,10 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::mem::size_of;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use socket2::{Domain, SockRef, Type};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Subscriber};
@@ -71,28 +71,20 @@ impl Journal {
             .ok()?
             .with_field_prefix(None)
             .with_syslog_identifier("qrexec-connect".to_owned());
-        // Never fd 0-2 (shared with children); only an AF_UNIX datagram
-        // socket, which is what the layer creates.
-        if expected <= 2 || !is_unix_datagram(expected) {
+        // SAFETY: `expected` is open from here on: it is either the layer's
+        // socket, which lives as long as the layer (for the whole process,
+        // once installed), or whatever else holds that number, which the
+        // checks below only query.
+        let fd = unsafe { BorrowedFd::borrow_raw(expected) };
+        let socket = SockRef::from(&fd);
+        // Only an AF_UNIX datagram socket, which is what the layer creates.
+        let is_unix_datagram =
+            socket.domain().ok() == Some(Domain::UNIX) && socket.r#type().ok() == Some(Type::DGRAM);
+        if !is_unix_datagram || socket.set_nonblocking(true).is_err() {
             return None;
         }
-        // SAFETY: fcntl and setsockopt on the layer's socket, which lives
-        // as long as the layer; nobody else has it (close-on-exec).
-        unsafe {
-            let flags = libc::fcntl(expected, libc::F_GETFL);
-            if flags < 0 || libc::fcntl(expected, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-                return None;
-            }
-            // Room for bursts: the kernel caps this at net.core.wmem_max.
-            let size: libc::c_int = 8 << 20;
-            libc::setsockopt(
-                expected,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&size as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // Room for bursts: the kernel caps this at net.core.wmem_max.
+        let _ = socket.set_send_buffer_size(8 << 20);
         Some(Journal {
             layer,
             socket: expected,
@@ -186,37 +178,12 @@ where
     }
 }
 
-/// The descriptor number the next socket(2) will get.
+/// The descriptor number the next socket(2) will get, if it is above 2
+/// (never fds 0-2, shared with children): a duplicate of stderr takes the
+/// lowest free number from 3 up, and is closed again at once.
 fn lowest_free_fd() -> Option<RawFd> {
-    // SAFETY: duplicates fd 2 to the lowest free number, then closes that.
-    unsafe {
-        let fd = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        libc::close(fd);
-        Some(fd)
-    }
-}
-
-fn is_unix_datagram(fd: RawFd) -> bool {
-    let option = |name| {
-        let mut value: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: value and len describe a c_int.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                name,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0).then_some(value)
-    };
-    option(libc::SO_DOMAIN) == Some(libc::AF_UNIX)
-        && option(libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
+    let probe = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
+    Some(probe.as_raw_fd())
 }
 
 /// True when systemd connected our stderr to the journal: `$JOURNAL_STREAM`

@@ -5,14 +5,20 @@
 //! `daemon.rs`, logging in `log.rs`.
 
 mod daemon;
+mod listener;
 mod log;
+mod notify;
+mod policy;
 mod published;
+mod reconcile;
+mod recover;
+mod spawn;
 mod status;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use qrexec_connect::spawn::{ClientMode, DEFAULT_CLIENT};
+use spawn::{ClientMode, DEFAULT_CLIENT};
 
 /// LSB exit status for "program is not configured".
 const EXIT_NOT_CONFIGURED: u8 = 6;
@@ -144,8 +150,8 @@ fn main() -> ExitCode {
     // Claim what systemd handed us before anything else runs: this scrubs
     // LISTEN_* and NOTIFY_SOCKET from the environment while there is only
     // one thread, so no child ever inherits them.
-    let sockets = qrexec_connect::listener::take_from_systemd();
-    let notifier = qrexec_connect::notify::Notifier::from_env();
+    let sockets = listener::take_from_systemd();
+    let notifier = notify::Notifier::from_env();
 
     let mut args = std::env::args_os().skip(1);
     let first = args.next();
@@ -154,7 +160,7 @@ fn main() -> ExitCode {
         Some("status") => return status::status(&args.collect::<Vec<_>>()),
         Some("policy") => return status::policy(&args.collect::<Vec<_>>()),
         Some("recover") => {
-            return match qrexec_connect::recover::run() {
+            return match recover::run() {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("qrexec-connect recover: {e}");
@@ -169,7 +175,7 @@ fn main() -> ExitCode {
                     .strip_prefix("--runtime-dir=")
                     .map(OsString::from)
             });
-            return match qrexec_connect::reconcile::run(runtime_dir) {
+            return match reconcile::run(runtime_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("qrexec-connect reconcile: {e}");

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qrexec_connect::runtime_dir::RuntimeDir;
+use qrexec_connect_binding::runtime_dir::RuntimeDir;
 use tokio::sync::Notify;
 
 /// The file's name in the runtime directory.

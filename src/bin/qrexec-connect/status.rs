@@ -17,12 +17,12 @@ use std::fmt::Write as _;
 use std::process::{Command, ExitCode};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use qrexec_connect::address::Specifiers;
-use qrexec_connect::binding::Destination;
-use qrexec_connect::config::{Config, ConfigDirs};
-use qrexec_connect::policy::{self, PolicyBinding};
-use qrexec_connect::runtime_dir::RuntimeDir;
-use qrexec_connect::spawn::DEFAULT_CLIENT;
+use crate::policy::{self, PolicyBinding};
+use crate::spawn::DEFAULT_CLIENT;
+use qrexec_connect_binding::address::Specifiers;
+use qrexec_connect_binding::destination::Destination;
+use qrexec_connect_binding::runtime_dir::RuntimeDir;
+use qrexec_connect_generator::config::{Config, ConfigDirs};
 
 use crate::published::{self, Counters};
 

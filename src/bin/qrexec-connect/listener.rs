@@ -11,20 +11,26 @@
 //! connection is born in blocking mode, which is what `qrexec-client-vm`
 //! expects on its stdin (the O_NONBLOCK flag lives in the open file
 //! description, which the child shares).
+//!
+//! The socket calls go through socket2; only `SO_PEERCRED`, which it does
+//! not cover, is a raw `getsockopt`.
 
 use std::fmt;
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
-use crate::address::{self, ListenAddress};
+use qrexec_connect_binding::address::ListenAddress;
+use socket2::{SockAddr, SockRef, Socket, Type};
 
 /// One socket inherited from systemd, with its `FileDescriptorName=`.
 #[derive(Debug)]
 pub struct InheritedSocket {
-    pub fd: OwnedFd,
+    pub socket: Socket,
     /// The name systemd gave it (`FileDescriptorName=`, or the unit name).
-    pub name: String,
+    pub fd_name: String,
 }
 
 /// Takes the sockets systemd passed, then removes `LISTEN_FDS`, `LISTEN_PID`
@@ -48,68 +54,57 @@ pub fn take_from_systemd() -> Vec<InheritedSocket> {
     (0..fds.len())
         .filter_map(|index| {
             let raw = fds.take_raw_fd(index).ok().flatten()?;
-            set_cloexec(raw);
             // SAFETY: systemd handed this fd to us, and listenfd gives each
             // index out only once, so nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let name = names.get(index).map_or("unknown", |n| n).to_owned();
-            Some(InheritedSocket { fd, name })
+            let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(raw) });
+            // Failure leaves the flag as it was; the fd is ours either way.
+            let _ = socket.set_cloexec(true);
+            let fd_name = names.get(index).map_or("unknown", |n| n).to_owned();
+            Some(InheritedSocket { socket, fd_name })
         })
         .collect()
 }
 
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: fcntl on an fd we own; failure leaves it as it was.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        }
-    }
-}
-
-/// Puts a listening socket in non-blocking mode for the event loop.
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fcntl on a valid fd.
-    let rc = unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 {
-            -1
-        } else {
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
-        }
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn get_int_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: value and len describe a c_int-sized buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
+/// The local address of an inherited socket, as a binding names it.
+pub fn local_address(socket: &Socket) -> io::Result<ListenAddress> {
+    let address = socket.local_addr()?;
+    listen_address(&address).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("socket family {} is not supported", address.family()),
         )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(value)
+    })
+}
+
+/// A kernel socket address (from getsockname or accept) as a printable
+/// address; `None` for families other than IPv4, IPv6 and Unix.
+pub fn listen_address(address: &SockAddr) -> Option<ListenAddress> {
+    if let Some(inet) = address.as_socket() {
+        return Some(ListenAddress::Inet(inet));
     }
+    if !address.is_unix() {
+        return None;
+    }
+    if let Some(name) = address.as_abstract_namespace() {
+        return Some(ListenAddress::Abstract(
+            String::from_utf8_lossy(name).into_owned(),
+        ));
+    }
+    // An unnamed socket (a client that never bound) reads as an empty path.
+    let path = address
+        .as_pathname()
+        .map_or(&[][..], |p| p.as_os_str().as_bytes());
+    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+    Some(ListenAddress::Path(
+        String::from_utf8_lossy(&path[..end]).into_owned(),
+    ))
 }
 
 /// Why an inherited fd cannot serve connections.
 #[derive(Debug)]
 pub enum UnusableSocket {
-    NotASocket(io::Error),
+    /// Its socket type cannot be read: not a socket at all.
+    Unreadable(io::Error),
     NotStream,
     NotListening,
 }
@@ -117,7 +112,7 @@ pub enum UnusableSocket {
 impl fmt::Display for UnusableSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UnusableSocket::NotASocket(e) => write!(f, "not a socket ({e})"),
+            UnusableSocket::Unreadable(e) => write!(f, "not a socket ({e})"),
             UnusableSocket::NotStream => f.write_str(
                 "not a stream socket: qrexec carries byte streams, use ListenStream= (not \
                  ListenDatagram= or ListenSequentialPacket=)",
@@ -131,13 +126,12 @@ impl fmt::Display for UnusableSocket {
 }
 
 /// Checks that an inherited fd is a listening stream socket.
-pub fn check_listening_stream(fd: BorrowedFd<'_>) -> Result<(), UnusableSocket> {
-    let kind = get_int_option(fd, libc::SO_TYPE).map_err(UnusableSocket::NotASocket)?;
-    if kind != libc::SOCK_STREAM {
+pub fn check_listening_stream(socket: &Socket) -> Result<(), UnusableSocket> {
+    if socket.r#type().map_err(UnusableSocket::Unreadable)? != Type::STREAM {
         return Err(UnusableSocket::NotStream);
     }
-    match get_int_option(fd, libc::SO_ACCEPTCONN) {
-        Ok(1) => Ok(()),
+    match socket.is_listener() {
+        Ok(true) => Ok(()),
         _ => Err(UnusableSocket::NotListening),
     }
 }
@@ -145,7 +139,7 @@ pub fn check_listening_stream(fd: BorrowedFd<'_>) -> Result<(), UnusableSocket> 
 /// The other end of an accepted connection, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
-    Inet(std::net::SocketAddr),
+    Inet(SocketAddr),
     /// A Unix peer, identified by its credentials at connect time.
     Unix {
         pid: i32,
@@ -172,39 +166,28 @@ pub struct Connection {
 }
 
 /// Accepts one connection. `WouldBlock` means none is pending.
-pub fn accept(listener: BorrowedFd<'_>) -> io::Result<Connection> {
-    // SAFETY: sockaddr_storage is plain data, sized for any address.
-    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: storage/len describe a writable buffer of that size.
-    let raw = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: accept4 returned a new fd that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-    let peer = match address::from_sockaddr(&storage, len) {
-        Some(ListenAddress::Inet(addr)) => Peer::Inet(addr),
-        Some(_) => unix_peer(socket.as_raw_fd()),
+pub fn accept(listener: impl AsFd) -> io::Result<Connection> {
+    // socket2's accept is accept4(SOCK_CLOEXEC) on Linux: no SOCK_NONBLOCK.
+    let (socket, address) = SockRef::from(&listener).accept()?;
+    let socket = OwnedFd::from(socket);
+    let peer = match address.as_socket() {
+        Some(inet) => Peer::Inet(inet),
+        None if address.is_unix() => unix_peer(&socket),
         None => Peer::Unknown,
     };
     Ok(Connection { socket, peer })
 }
 
-fn unix_peer(fd: RawFd) -> Peer {
-    // SAFETY: ucred is plain data; len describes it.
+/// The credentials of a Unix peer (`SO_PEERCRED`: neither std nor socket2
+/// offers it on stable Rust).
+fn unix_peer(socket: &OwnedFd) -> Peer {
+    // SAFETY: ucred is plain data, for which all zeroes is a valid value.
     let mut cred: libc::ucred = unsafe { zeroed() };
     let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len describe a writable ucred; the fd is open.
     let rc = unsafe {
         libc::getsockopt(
-            fd,
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&mut cred as *mut libc::ucred).cast(),
@@ -249,4 +232,63 @@ pub fn is_per_connection(error: &io::Error) -> bool {
                 | libc::ENETUNREACH
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use socket2::SockAddrStorage;
+
+    proptest! {
+        #[test]
+        fn any_kernel_socket_address_is_read_without_panic(
+            bytes in prop::collection::vec(any::<u8>(), 128),
+            family in prop_oneof![
+                Just(libc::AF_INET), Just(libc::AF_INET6), Just(libc::AF_UNIX), any::<i32>()
+            ],
+            len in 0u32..=128,
+        ) {
+            let mut storage = SockAddrStorage::zeroed();
+            // SAFETY: sockaddr_storage is 128 bytes of plain data; any bytes
+            // are a valid value of it.
+            let raw: &mut libc::sockaddr_storage = unsafe { storage.view_as() };
+            // SAFETY: the source and the destination are 128 bytes long.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    (raw as *mut libc::sockaddr_storage).cast::<u8>(),
+                    size_of::<libc::sockaddr_storage>(),
+                );
+            }
+            raw.ss_family = family as libc::sa_family_t;
+            // SAFETY: len is at most the storage's size.
+            let address = unsafe { SockAddr::new(storage, len) };
+            if let Some(ListenAddress::Path(path) | ListenAddress::Abstract(path)) =
+                listen_address(&address)
+            {
+                // Lossy UTF-8 may triple a byte; never more.
+                prop_assert!(path.len() <= 3 * len as usize);
+            }
+        }
+    }
+
+    #[test]
+    fn inherited_sockets_are_checked_and_named_by_address() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let socket = Socket::from(OwnedFd::from(listener));
+        assert!(check_listening_stream(&socket).is_ok());
+        assert_eq!(
+            local_address(&socket).unwrap().to_string(),
+            format!("127.0.0.1:{port}")
+        );
+        let datagram = Socket::from(OwnedFd::from(
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        ));
+        assert!(matches!(
+            check_listening_stream(&datagram),
+            Err(UnusableSocket::NotStream)
+        ));
+    }
 }

@@ -28,8 +28,8 @@ use crate::reconcile::SERVICE;
 const WATCHER: &str = "qrexec-connect-reconcile.path";
 /// The reconcile step it starts.
 const RECONCILE: &str = "qrexec-connect-reconcile.service";
-use crate::runtime_dir::RuntimeDir;
 use crate::spawn::signal_name;
+use qrexec_connect_binding::runtime_dir::RuntimeDir;
 
 /// Our record of recent recoveries, in [`RuntimeDir`].
 pub const STATE_FILE: &str = "recovery";

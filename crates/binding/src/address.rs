@@ -1,15 +1,14 @@
 //! Listen addresses: the LISTEN column of a config line, and what the daemon
-//! reads back from an inherited socket with `getsockname(2)`.
+//! reads back from an inherited socket (in the daemon's `listener.rs`).
 //!
 //! Both sides print an address the same way (`127.0.0.1:2222`, `[::1]:8080`,
 //! `/run/user/1000/agent`, `@name`), so a journal line names a binding exactly
 //! as the user wrote it in the config (after `%t`/`%h` expansion).
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::ffi::OsStringExt;
 
 /// Longest `ListenStream=` socket address systemd 252 accepts, in bytes after
 /// specifier expansion: a path of 107 bytes, or `@` and a name of 106
@@ -135,29 +134,6 @@ impl ListenAddress {
             ListenAddress::Abstract(name) => format!("@{}", name.replace('%', "%%")),
         }
     }
-
-    /// Reads the local address of a socket inherited from systemd.
-    pub fn of_socket(fd: BorrowedFd<'_>) -> std::io::Result<ListenAddress> {
-        // SAFETY: sockaddr_storage is plain data; getsockname fills at most len bytes.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let rc = unsafe {
-            libc::getsockname(
-                fd.as_raw_fd(),
-                (&mut storage as *mut libc::sockaddr_storage).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        from_sockaddr(&storage, len).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                format!("socket family {} is not supported", storage.ss_family),
-            )
-        })
-    }
 }
 
 /// How far a non-loopback IP listen address is open.
@@ -196,7 +172,8 @@ impl Specifiers {
                 .filter(|v| v.first() == Some(&b'/'))
         };
         Specifiers {
-            runtime_dir: absolute(runtime_dir),
+            runtime_dir: crate::runtime_dir::usable(runtime_dir)
+                .map(|path| path.into_os_string().into_vec()),
             home: absolute(home).map(|h| simplify_path(&h)),
         }
     }
@@ -237,63 +214,6 @@ fn out_of_range_port(text: &str) -> Option<u64> {
     // Digits beyond u64 are out of range too.
     let value = port.parse::<u64>().unwrap_or(u64::MAX);
     (host_ok && value > u64::from(u16::MAX)).then_some(value)
-}
-
-/// Converts a kernel socket address (from getsockname, getpeername or
-/// accept) into a printable address; `None` for families other than
-/// IPv4, IPv6 and Unix.
-pub fn from_sockaddr(
-    storage: &libc::sockaddr_storage,
-    len: libc::socklen_t,
-) -> Option<ListenAddress> {
-    match storage.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the family says this is a sockaddr_in.
-            let sin: &libc::sockaddr_in =
-                unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
-            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Some(ListenAddress::Inet(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sin.sin_port),
-            ))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this is a sockaddr_in6.
-            let sin6: &libc::sockaddr_in6 =
-                unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
-            Some(ListenAddress::Inet(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-                u32::from_be(sin6.sin6_flowinfo),
-                sin6.sin6_scope_id,
-            ))))
-        }
-        libc::AF_UNIX => {
-            // SAFETY: the family says this is a sockaddr_un.
-            let sun: &libc::sockaddr_un =
-                unsafe { &*(storage as *const _ as *const libc::sockaddr_un) };
-            let offset = std::mem::size_of::<libc::sa_family_t>();
-            let path_len = (len as usize)
-                .saturating_sub(offset)
-                .min(sun.sun_path.len());
-            let bytes: Vec<u8> = sun.sun_path[..path_len].iter().map(|&c| c as u8).collect();
-            match bytes.split_first() {
-                None => Some(ListenAddress::Path(String::new())), // unnamed
-                Some((0, name)) => Some(ListenAddress::Abstract(
-                    String::from_utf8_lossy(name).into_owned(),
-                )),
-                Some(_) => {
-                    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-                    Some(ListenAddress::Path(
-                        OsStr::from_bytes(&bytes[..end])
-                            .to_string_lossy()
-                            .into_owned(),
-                    ))
-                }
-            }
-        }
-        _ => None,
-    }
 }
 
 impl fmt::Display for ListenAddress {

@@ -30,6 +30,13 @@ pub const RELOAD_FLAG: &str = "reload-requested";
 /// What the reconcile step last applied.
 pub const STATE_FILE: &str = "applied";
 
+/// The one rule for a runtime dir value: an absolute path (systemd refuses
+/// a relative one for `%t`, and ours would depend on the working directory).
+/// Taken as set, without tidying, as systemd does.
+pub fn usable(value: Option<OsString>) -> Option<PathBuf> {
+    value.map(PathBuf::from).filter(|path| path.is_absolute())
+}
+
 /// Our directory, checked (and created if missing).
 #[derive(Debug)]
 pub struct RuntimeDir {
@@ -45,10 +52,7 @@ impl RuntimeDir {
     /// Our directory under `runtime_dir` (`%t`), or under `$XDG_RUNTIME_DIR`
     /// when `None`.
     pub fn under(runtime_dir: Option<OsString>) -> io::Result<RuntimeDir> {
-        let runtime_dir = runtime_dir
-            .or_else(|| std::env::var_os("XDG_RUNTIME_DIR"))
-            .map(PathBuf::from)
-            .filter(|path| path.is_absolute())
+        let runtime_dir = usable(runtime_dir.or_else(|| std::env::var_os("XDG_RUNTIME_DIR")))
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,

@@ -26,17 +26,19 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::io;
 use std::process::Command;
 
-use crate::runtime_dir::{RuntimeDir, STATE_FILE};
+use serde::{Deserialize, Serialize};
+
+use qrexec_connect_binding::runtime_dir::{RuntimeDir, STATE_FILE};
 
 /// The daemon every binding socket feeds.
 pub const SERVICE: &str = "qrexec-connect.service";
 
 /// What matters of one socket unit for the daemon: its addresses and name.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// One section of the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SocketConfig {
     pub listen: String,
     pub fd_name: String,
@@ -151,6 +153,9 @@ pub fn parse_show(text: &str) -> Vec<SocketUnit> {
             let Some((key, value)) = line.split_once('=') else {
                 continue;
             };
+            // Space around a value means nothing to systemd or to us (an fd
+            // name is split into words), and the INI state file trims it.
+            let value = value.trim();
             match key {
                 "Id" => unit.name = value.to_owned(),
                 "LoadState" => unit.load_state = value.to_owned(),
@@ -168,32 +173,33 @@ pub fn parse_show(text: &str) -> Vec<SocketUnit> {
     units
 }
 
-/// Reads the state file: `UNIT<TAB>LISTEN<TAB>FDNAME` lines.
+/// Reads the state file. One INI section per socket unit:
+///
+/// ```ini
+/// [qrexec-connect-127.0.0.1:2222.socket]
+/// listen=127.0.0.1:2222 (Stream)
+/// fd_name=ssh-server qubes.ConnectTCP+22
+/// ```
+///
+/// A file that does not parse (edited by hand, cut short) counts as empty:
+/// like a first run, that changes nothing, and the next write replaces it.
 pub fn parse_state(text: &str) -> BTreeMap<String, SocketConfig> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.splitn(3, '\t');
-            let name = fields.next()?.to_owned();
-            let listen = fields.next()?.to_owned();
-            let fd_name = fields.next()?.to_owned();
-            Some((name, SocketConfig { listen, fd_name }))
-        })
-        .collect()
+    serde_ini::from_str(text).unwrap_or_default()
 }
 
-/// Writes the state of every socket that is loaded and active.
+/// Writes the state of every socket that is loaded and active, with LF line
+/// ends (serde_ini's default is CRLF; its writer takes the choice).
 pub fn format_state(units: &[SocketUnit]) -> String {
-    let mut text = String::new();
-    for unit in units {
-        if unit.is_loaded() && unit.is_active() {
-            let _ = writeln!(
-                text,
-                "{}\t{}\t{}",
-                unit.name, unit.config.listen, unit.config.fd_name
-            );
-        }
-    }
-    text
+    let state: BTreeMap<&str, &SocketConfig> = units
+        .iter()
+        .filter(|unit| unit.is_loaded() && unit.is_active())
+        .map(|unit| (unit.name.as_str(), &unit.config))
+        .collect();
+    let mut text = Vec::new();
+    let writer = serde_ini::Writer::new(&mut text, serde_ini::LineEnding::Linefeed);
+    // Strings into a Vec: serialization cannot fail.
+    let _ = state.serialize(&mut serde_ini::Serializer::new(writer));
+    String::from_utf8(text).unwrap_or_default()
 }
 
 /// Runs one reconcile pass against the user manager. Messages go to
@@ -340,6 +346,97 @@ fn systemctl(args: &[&str]) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Untrusted text (arbitrary Unicode, or systemd's fd-name alphabet).
+    fn untrusted_text() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "[ -9;-~]{0,255}"]
+    }
+
+    fn socket_unit() -> impl Strategy<Value = (String, String, String, Vec<String>, String)> {
+        (
+            "qrexec-connect-[a-zA-Z0-9:@._\\\\-]{1,40}\\.socket",
+            prop::sample::select(vec!["loaded", "not-found", "masked", "error"]),
+            prop::sample::select(vec!["active", "inactive", "failed", "activating"]),
+            // systemctl prints one Listen= line per address: no newline inside.
+            prop::collection::vec("[^\n\r]{0,60}", 0..3),
+            "[^\n\r]{0,255}",
+        )
+            .prop_map(|(name, load, active, listens, fd_name)| {
+                (name, load.to_owned(), active.to_owned(), listens, fd_name)
+            })
+    }
+
+    // The manager's output and our own state file are read back after any
+    // edit by hand: no text may make the reader panic or grow.
+    proptest! {
+    #[test]
+    fn systemctl_show_output_never_panics_and_never_grows(text in untrusted_text()) {
+        let units = parse_show(&text);
+        prop_assert!(units.len() <= text.split("\n\n").count());
+        for unit in &units {
+            for field in [&unit.name, &unit.load_state, &unit.active_state,
+                          &unit.config.listen, &unit.config.fd_name] {
+                prop_assert!(field.len() <= text.len());
+            }
+        }
+    }
+
+    #[test]
+    fn systemctl_show_output_is_read_back_as_written(
+        units in prop::collection::vec(socket_unit(), 0..5)
+    ) {
+        let mut text = String::new();
+        for (name, load, active, listens, fd_name) in &units {
+            text += &format!("Id={name}\nLoadState={load}\nActiveState={active}\n");
+            for listen in listens {
+                text += &format!("Listen={listen}\n");
+            }
+            text += &format!("FileDescriptorName={fd_name}\n\n");
+        }
+        let parsed = parse_show(&text);
+        prop_assert_eq!(parsed.len(), units.len());
+        for (unit, (name, load, active, listens, fd_name)) in parsed.iter().zip(&units) {
+            prop_assert_eq!(&unit.name, name);
+            prop_assert_eq!(&unit.load_state, load);
+            prop_assert_eq!(&unit.active_state, active);
+            let listens: Vec<&str> = listens.iter().map(|l| l.trim()).collect();
+            prop_assert_eq!(&unit.config.listen, &listens.join(" "));
+            prop_assert_eq!(unit.config.fd_name.as_str(), fd_name.trim());
+        }
+    }
+
+    #[test]
+    fn the_state_file_never_panics_and_never_grows(text in untrusted_text()) {
+        let state = parse_state(&text);
+        prop_assert!(state.len() <= text.lines().count());
+        for (name, config) in &state {
+            prop_assert!(name.len() + config.listen.len() + config.fd_name.len() <= text.len());
+        }
+    }
+
+    #[test]
+    fn the_state_file_is_read_back_as_written(
+        entries in prop::collection::btree_map(
+            "qrexec-connect-[a-zA-Z0-9:@._\\\\-]{1,40}\\.socket",
+            ("[^\n\r]{0,60}", "[^\n\r]{0,255}")
+                .prop_map(|(l, f): (String, String)| (l.trim().to_owned(), f.trim().to_owned())),
+            0..6)
+    ) {
+        let units: Vec<SocketUnit> = entries
+            .iter()
+            .map(|(name, (listen, fd_name))| SocketUnit {
+                name: name.clone(),
+                load_state: "loaded".into(),
+                active_state: "active".into(),
+                config: SocketConfig { listen: listen.clone(), fd_name: fd_name.clone() },
+            })
+            .collect();
+        let expected: BTreeMap<String, SocketConfig> =
+            units.iter().map(|u| (u.name.clone(), u.config.clone())).collect();
+        prop_assert_eq!(parse_state(&format_state(&units)), expected);
+    }
+    }
 
     fn unit(name: &str, load: &str, active: &str, listen: &str, fd: &str) -> SocketUnit {
         SocketUnit {
@@ -452,6 +549,31 @@ mod tests {
             let plan = plan(&units, &[], &BTreeMap::new(), state);
             assert!(!plan.stop_daemon, "{state}");
         }
+    }
+
+    #[test]
+    fn the_state_file_is_ini_with_one_section_per_unit_and_lf_line_ends() {
+        let units = [
+            unit(
+                "qrexec-connect-a.socket",
+                "loaded",
+                "active",
+                "127.0.0.1:1 (Stream)",
+                "x s",
+            ),
+            unit(
+                "qrexec-connect-b.socket",
+                "loaded",
+                "inactive",
+                "b (Stream)",
+                "y s",
+            ),
+        ];
+        assert_eq!(
+            format_state(&units),
+            "[qrexec-connect-a.socket]\nlisten=127.0.0.1:1 (Stream)\nfd_name=x s\n"
+        );
+        assert!(parse_state("garbage without equals\n").is_empty());
     }
 
     #[test]

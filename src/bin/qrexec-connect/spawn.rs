@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 
-use crate::binding::Destination;
+use qrexec_connect_binding::destination::Destination;
 
 /// Where qrexec-client-vm lives on a Qubes qube.
 pub const DEFAULT_CLIENT: &str = "/usr/bin/qrexec-client-vm";
@@ -331,6 +331,24 @@ pub fn signal_name(signal: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    // Whatever the client prints for --help, a mode comes out.
+    proptest! {
+    #[test]
+    fn any_help_text_gives_a_mode(
+        before in prop::collection::vec(any::<u8>(), 0..300),
+        after in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let mut with_option = before.clone();
+        with_option.extend_from_slice(b"--use-stdin-socket");
+        with_option.extend_from_slice(&after);
+        prop_assert_eq!(ClientMode::from_help_text(&with_option), ClientMode::StdinSocket);
+        let mut without: Vec<u8> = before.into_iter().chain(after).collect();
+        without.retain(|&b| b != b'-');
+        prop_assert_eq!(ClientMode::from_help_text(&without), ClientMode::Pipe);
+    }
+    }
 
     #[test]
     fn arguments_put_the_destination_after_double_dash() {

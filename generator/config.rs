@@ -41,9 +41,11 @@ use std::sync::Arc;
 
 use walkdir::WalkDir;
 
-use crate::address::{AddressError, Exposure, ListenAddress, Specifiers, MAX_SOCKET_PATH};
-use crate::binding::{BindingError, Destination, Service, Target};
 use crate::unit::socket_unit_name;
+use qrexec_connect_binding::address::{
+    AddressError, Exposure, ListenAddress, Specifiers, MAX_SOCKET_PATH,
+};
+use qrexec_connect_binding::destination::{BindingError, Destination, Service, Target};
 
 /// Template-wide config directory.
 pub const SYSTEM_DIR: &str = "/etc/qrexec-connect";

@@ -24,7 +24,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use crate::binding::Destination;
+use qrexec_connect_binding::destination::Destination;
 
 /// What the policy needs of one binding.
 #[derive(Debug, Clone)]

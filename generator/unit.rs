@@ -50,8 +50,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use crate::address::ListenAddress;
 use crate::config::{printable, Binding};
+use qrexec_connect_binding::address::ListenAddress;
 
 /// Every generated unit name starts with this, so the shipped drop-in
 /// `qrexec-connect-.socket.d/` applies to all of them.

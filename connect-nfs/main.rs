@@ -26,12 +26,15 @@
 use std::env;
 use std::ffi::OsString;
 use std::fmt;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::mem::size_of;
-use std::net::{Ipv4Addr, Shutdown, TcpStream};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::thread;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// Where qrexec puts the `+ARG` part of the service name.
 const ARGUMENT_ENV: &str = "QREXEC_SERVICE_ARGUMENT";
@@ -56,7 +59,6 @@ const EXIT_FORWARD_FAILED: u8 = 3;
 /// the syscall count low without holding much memory per connection.
 const BUFFER_SIZE: usize = 64 * 1024;
 
-const STDIN: RawFd = 0;
 const STDOUT: RawFd = 1;
 
 /// Prefix of every message; the journal also tags them with the service.
@@ -345,50 +347,35 @@ impl fmt::Display for ConnectError {
 }
 
 /// Opens a TCP connection to the NFS server from `source` (port chosen by
-/// the kernel). std's `TcpStream::connect` cannot bind first, hence libc.
+/// the kernel). std's `TcpStream::connect` cannot bind first, socket2 can.
 fn connect(source: SourceAddress, port: u16) -> Result<TcpStream, ConnectError> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(ConnectError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh socket that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Close-on-exec, as socket2 makes every socket.
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(ConnectError::Socket)?;
 
     // Let the kernel pick the source port at connect time rather than at
     // bind time, so ports are shared across destinations instead of being
     // reserved by bind(2). Only an optimisation: failure is ignored.
-    let _ = set_option(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1);
+    // socket2 has no call for this option, hence the raw setsockopt.
+    let _ = set_option(
+        socket.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1,
+    );
 
-    let from = sockaddr(source.0, 0);
-    // SAFETY: `from` is a valid sockaddr_in of the length given.
-    let bound = unsafe {
-        libc::bind(
-            fd,
-            (&from as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if bound < 0 {
-        return Err(ConnectError::Bind(source, io::Error::last_os_error()));
-    }
+    let from = SocketAddr::from((source.0, 0));
+    socket
+        .bind(&from.into())
+        .map_err(|e| ConnectError::Bind(source, e))?;
 
-    let to = sockaddr(NFS_HOST, port);
     // One attempt: this program installs no signal handler, so connect(2)
     // cannot fail with EINTR (and retrying an interrupted connect would be
     // wrong anyway: the first attempt carries on in the kernel).
-    // SAFETY: `to` is a valid sockaddr_in of the length given.
-    let connected = unsafe {
-        libc::connect(
-            fd,
-            (&to as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if connected < 0 {
-        let error = io::Error::last_os_error();
-        return Err(ConnectError::Connect(source, port, error));
-    }
+    let to = SocketAddr::from((NFS_HOST, port));
+    socket
+        .connect(&to.into())
+        .map_err(|e| ConnectError::Connect(source, port, e))?;
     let stream = TcpStream::from(socket);
     // NFS is request/response: a record split across two reads must not wait
     // for an ACK (Nagle) before its tail goes out. Loopback, so no cost.
@@ -396,17 +383,7 @@ fn connect(source: SourceAddress, port: u16) -> Result<TcpStream, ConnectError> 
     Ok(stream)
 }
 
-fn sockaddr(address: Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(address).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
+/// Sets an integer socket option socket2 has no call for.
 fn set_option(
     fd: RawFd,
     level: libc::c_int,
@@ -450,10 +427,22 @@ enum End {
 ///   the TCP socket, so the server sees EOF while its replies still flow;
 /// * NFS server to qrexec client: TCP EOF ends stdout (see [`end_stdout`]).
 fn forward(stream: TcpStream) -> ExitCode {
+    // fd 0 through a duplicate; fd 1 taken over, so that it can be closed
+    // when the server's side ends (see `end_stdout`).
+    let stdin = match io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => File::from(fd),
+        Err(e) => {
+            eprintln!("{NAME}: cannot use stdin: {e}");
+            return ExitCode::from(EXIT_FORWARD_FAILED);
+        }
+    };
+    // SAFETY: qrexec starts a service with fd 1 open, and nothing else in
+    // this program uses it (no print to stdout), so this is its only owner.
+    let stdout = File::from(unsafe { OwnedFd::from_raw_fd(STDOUT) });
     let (upstream, downstream) = thread::scope(|scope| {
         let upstream = scope.spawn(|| {
             let end = pump(
-                ReadFd(STDIN),
+                stdin,
                 &stream,
                 "reading from qrexec (stdin)",
                 "writing to the NFS server",
@@ -465,11 +454,11 @@ fn forward(stream: TcpStream) -> ExitCode {
         let downstream = scope.spawn(|| {
             let end = pump(
                 &stream,
-                WriteFd(STDOUT),
+                &stdout,
                 "reading from the NFS server",
                 "writing to qrexec (stdout)",
             );
-            end_stdout();
+            end_stdout(stdout);
             end
         });
         // A direction thread never panics (no unwrap in it); if it did, the
@@ -528,47 +517,9 @@ fn peer_gone(error: &io::Error) -> bool {
 /// and a close would send nothing (the hang of qubes-issues #9169), so a
 /// socket gets `shutdown(SHUT_WR)` first; that ends only our sending side,
 /// and data from the client keeps arriving on fd 0.
-fn end_stdout() {
-    // SAFETY: shutdown and close on fd 1, which this program owns and no
-    // other code uses; errors (ENOTSOCK for a pipe) are expected and ignored.
-    unsafe {
-        libc::shutdown(STDOUT, libc::SHUT_WR);
-        libc::close(STDOUT);
-    }
-}
-
-/// Reads from a raw fd this program does not own (no close on drop).
-struct ReadFd(RawFd);
-
-impl Read for ReadFd {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buffer` is valid for writes of its length.
-        let count = unsafe { libc::read(self.0, buffer.as_mut_ptr().cast(), buffer.len()) };
-        if count < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(count as usize)
-        }
-    }
-}
-
-/// Writes to a raw fd this program does not own (no close on drop).
-struct WriteFd(RawFd);
-
-impl Write for WriteFd {
-    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
-        // SAFETY: `buffer` is valid for reads of its length.
-        let count = unsafe { libc::write(self.0, buffer.as_ptr().cast(), buffer.len()) };
-        if count < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(count as usize)
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+fn end_stdout(stdout: File) {
+    // ENOTSOCK for a pipe is expected and ignored; the close is the drop.
+    let _ = SockRef::from(&stdout).shutdown(Shutdown::Write);
 }
 
 #[cfg(test)]
