@@ -295,3 +295,61 @@ fn a_burst_of_reloads_ends_in_the_right_state() {
         .count();
     assert!(daemons <= 1, "{daemons} daemons run under the manager");
 }
+
+/// Every applied change restarts the daemon; the restarted one must not
+/// run `qrexec-client-vm --help` again before its first connection (that
+/// cost milliseconds of the next connection), unless the client binary
+/// changed.
+#[test]
+fn a_restarted_daemon_remembers_its_client_mode_until_the_client_changes() {
+    let echo = EchoServer::start();
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let log = std::env::temp_dir().join(format!("qc-probe-log-{}", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let manager = UserManager::start(&[(CONFIG, &line(a, "@default", echo.port))]);
+    // The client is a copy in the scratch directory, so that the test can
+    // put a new build in its place.
+    let client = manager.scratch.path().join("qrexec-client-vm");
+    std::fs::copy(DOUBLE, &client).unwrap();
+    manager.write_file(
+        "/run/systemd/user/qrexec-connect.service.d/client.conf",
+        &format!(
+            "[Service]\nEnvironment=QREXEC_DOUBLE_LOG={}\nExecStart=\n\
+             ExecStart=/usr/bin/qrexec-connect --qrexec-client-vm={}\n",
+            log.display(),
+            client.display()
+        ),
+    );
+    manager.daemon_reload();
+    manager.settle();
+    let probes = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"--help\""))
+            .count()
+    };
+    wait_forwarding(a, b"a", b"a");
+    assert_eq!(probes(), 1, "the first start probes");
+
+    write_config(
+        &manager,
+        &(line(a, "@default", echo.port) + &line(b, "@default", echo.port)),
+    );
+    manager.daemon_reload();
+    wait_forwarding(b, b"b", b"b");
+    assert_eq!(probes(), 1, "the restarted daemon probed again");
+
+    // A new build of the client (here: its inode changes) is probed again.
+    let copy = manager.scratch.path().join("qrexec-client-vm.new");
+    std::fs::copy(&client, &copy).unwrap();
+    std::fs::rename(&copy, &client).unwrap();
+    write_config(
+        &manager,
+        &(line(a, "@default", echo.port) + &line(c, "@default", echo.port)),
+    );
+    manager.daemon_reload();
+    wait_forwarding(c, b"c", b"c");
+    assert_eq!(probes(), 2, "a changed client was not probed");
+    let _ = std::fs::remove_file(&log);
+}

@@ -26,6 +26,7 @@ use crate::listener::{self, Connection, InheritedSocket};
 use crate::notify::Notifier;
 use crate::spawn::{self, ClientMode};
 use qrexec_connect_binding::destination::Destination;
+use qrexec_connect_binding::runtime_dir::RuntimeDir;
 use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -339,6 +340,15 @@ impl Daemon {
     /// Asks the client once whether it has `--use-stdin-socket`.
     async fn probe_client(&self) -> Option<ClientMode> {
         let client = &self.options.client;
+        let dir = RuntimeDir::from_env().ok();
+        if let Some(mode) = dir.as_ref().and_then(|dir| ClientMode::recall(dir, client)) {
+            debug!(
+                "{}: mode remembered from an earlier start",
+                client.to_string_lossy()
+            );
+            self.set_mode(mode);
+            return Some(mode);
+        }
         let output = tokio::process::Command::new(client)
             .arg("--help")
             .stdin(std::process::Stdio::null())
@@ -348,7 +358,11 @@ impl Daemon {
             Ok(Ok(output)) => {
                 let mut text = output.stdout;
                 text.extend_from_slice(&output.stderr);
-                ClientMode::from_help_text(&text)
+                let mode = ClientMode::from_help_text(&text);
+                if let Some(dir) = &dir {
+                    mode.remember(dir, client);
+                }
+                mode
             }
             Ok(Err(e)) => {
                 self.spawn_errors.borrow_mut().warn(|suppressed| {
@@ -378,15 +392,19 @@ impl Daemon {
                     "has no --use-stdin-socket; its output goes through a pipe and a splicer",
             }
         );
+        self.set_mode(mode);
+        Some(mode)
+    }
+
+    fn set_mode(&self, mode: ClientMode) {
         self.mode.set(Some(mode));
         self.published.client(
-            &client.to_string_lossy(),
+            &self.options.client.to_string_lossy(),
             Some(match mode {
                 ClientMode::StdinSocket => "stdin-socket",
                 ClientMode::Pipe => "pipe",
             }),
         );
-        Some(mode)
     }
 
     /// Runs qrexec-client-vm for one accepted connection.

@@ -24,6 +24,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 
 use qrexec_connect_binding::destination::Destination;
+use qrexec_connect_binding::runtime_dir::RuntimeDir;
 
 /// Where qrexec-client-vm lives on a Qubes qube.
 pub const DEFAULT_CLIENT: &str = "/usr/bin/qrexec-client-vm";
@@ -38,6 +39,39 @@ pub enum ClientMode {
 }
 
 impl ClientMode {
+    fn word(self) -> &'static str {
+        match self {
+            ClientMode::StdinSocket => "stdin-socket",
+            ClientMode::Pipe => "pipe",
+        }
+    }
+
+    /// The mode found for this very client binary by an earlier start, from
+    /// `$XDG_RUNTIME_DIR/qrexec-connect/client-mode`: a restarted daemon
+    /// (each applied config change restarts it) then serves its first
+    /// connection without running `--help` first. The binary is known by
+    /// its device, inode, size and change time, so an upgraded client is
+    /// probed again.
+    pub fn recall(dir: &RuntimeDir, client: &OsStr) -> Option<ClientMode> {
+        let text = dir.read(MODE_FILE).ok()??;
+        let (identity, mode) = text.trim_end().rsplit_once('\n')?;
+        if identity != client_identity(client)? {
+            return None;
+        }
+        match mode.strip_prefix("mode=")? {
+            "stdin-socket" => Some(ClientMode::StdinSocket),
+            "pipe" => Some(ClientMode::Pipe),
+            _ => None,
+        }
+    }
+
+    /// Remembers a probed mode for [`ClientMode::recall`]; best effort.
+    pub fn remember(self, dir: &RuntimeDir, client: &OsStr) {
+        if let Some(identity) = client_identity(client) {
+            let _ = dir.write_atomically(MODE_FILE, &format!("{identity}\nmode={}\n", self.word()));
+        }
+    }
+
     /// Reads a client's `--help` text: does it offer `--use-stdin-socket`?
     pub fn from_help_text(help: &[u8]) -> ClientMode {
         let needle = b"--use-stdin-socket";
@@ -47,6 +81,24 @@ impl ClientMode {
             ClientMode::Pipe
         }
     }
+}
+
+/// The file of [`ClientMode::recall`] in our runtime directory.
+const MODE_FILE: &str = "client-mode";
+
+/// What tells one build of the client from another.
+fn client_identity(client: &OsStr) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(client).ok()?;
+    Some(format!(
+        "client={}\ndev={}\nino={}\nsize={}\nctime={}.{}",
+        client.to_string_lossy().replace('\n', "?"),
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    ))
 }
 
 /// The client's arguments for one call: never filter the data stream, always
