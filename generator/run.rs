@@ -1,12 +1,13 @@
 //! The generator's two modes: writing units (as systemd runs it) and
 //! `--check` (a dry run for people).
 
+use std::collections::HashSet;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qrexec_connect_binding::address::Specifiers;
-use qrexec_connect_generator::config::{Config, ConfigDirs, Problem};
+use qrexec_connect_generator::config::{Binding, Config, ConfigDirs, Problem};
 use qrexec_connect_generator::unit;
 
 /// Prefix for messages that do not start with a config file's path.
@@ -14,7 +15,7 @@ const ME: &str = "qrexec-connect-generator";
 
 // The flag that asks `qrexec-connect reconcile` to apply the new units: one
 // definition of where it lives, shared with the reconcile step.
-use qrexec_connect_binding::runtime_dir::RuntimeDir;
+use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 
 /// Normal run: units into `out`, then the reload flag. Fails only when
 /// there were units to write and not one could be written.
@@ -27,10 +28,25 @@ pub fn generate(out: &Path) -> ExitCode {
     for error in &errors {
         report(&format!("{ME}: {error}"));
     }
-    if let Err(why) = request_reload() {
-        report(&format!(
+    // The record of what was written, then the flag that asks the reload
+    // step to apply it (see RuntimeDir).
+    match RuntimeDir::from_env() {
+        Err(why) => report(&format!(
             "{ME}: cannot request a reload of the daemon: {why}"
-        ));
+        )),
+        Ok(dir) => {
+            if let Err(why) = write_manifest(&dir, out, &config.bindings) {
+                report(&format!(
+                    "{ME}: cannot record the units written (the reload step will ask the \
+                     manager about each one): {why}"
+                ));
+            }
+            if let Err(why) = dir.raise_reload_flag() {
+                report(&format!(
+                    "{ME}: cannot request a reload of the daemon: {why}"
+                ));
+            }
+        }
     }
     if written == 0 && !config.bindings.is_empty() {
         ExitCode::FAILURE
@@ -102,10 +118,83 @@ fn report(message: &str) {
         .write_all(format!("{message}\n").as_bytes());
 }
 
-/// Raises `$XDG_RUNTIME_DIR/qrexec-connect/reload-requested` (directory
-/// 0700, empty file 0600; see [`RuntimeDir`]).
-fn request_reload() -> Result<(), String> {
-    RuntimeDir::from_env()
-        .and_then(|dir| dir.raise_reload_flag())
-        .map_err(|e| e.to_string())
+/// Records what this run wrote, for the reload step
+/// (`$XDG_RUNTIME_DIR/qrexec-connect/generated`, see [`GENERATED_FILE`]):
+/// the units now in `out`, except those that a unit file or drop-in of the
+/// same name elsewhere may change. On failure the old record is removed,
+/// so that a stale one is never trusted.
+fn write_manifest(dir: &RuntimeDir, out: &Path, bindings: &[Binding]) -> io::Result<()> {
+    let overridden = units_elsewhere();
+    let mut text = String::new();
+    for binding in bindings {
+        let name = binding.unit_name();
+        if overridden.contains(name) || !out.join(name).exists() {
+            continue;
+        }
+        // Names, addresses and fd names never hold line breaks or ']'
+        // (the grammar and the unit-name escaping see to it).
+        text += &format!(
+            "[{name}]\nlisten={}\nfd_name={}\n",
+            binding.listen().to_listen_stream(),
+            binding.fd_name()
+        );
+    }
+    dir.write_atomically(GENERATED_FILE, &text)
+        .inspect_err(|_| {
+            let _ = dir.remove(GENERATED_FILE);
+        })
+}
+
+/// Names of `qrexec-connect-*.socket` units (and `*.socket.d` drop-in
+/// directories) in the user unit directories other than ours: a file there
+/// may replace or change a generated unit.
+fn units_elsewhere() -> HashSet<String> {
+    let env = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let home = env("HOME");
+    let config = env("XDG_CONFIG_HOME").or_else(|| home.as_ref().map(|h| h.join(".config")));
+    let data = env("XDG_DATA_HOME").or_else(|| home.as_ref().map(|h| h.join(".local/share")));
+    let runtime = env("XDG_RUNTIME_DIR");
+    let mut dirs: Vec<PathBuf> = [
+        "/etc/systemd/user",
+        "/etc/xdg/systemd/user",
+        "/run/systemd/user",
+        "/usr/local/share/systemd/user",
+        "/usr/share/systemd/user",
+        "/usr/local/lib/systemd/user",
+        "/usr/lib/systemd/user",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    for base in config.iter() {
+        dirs.push(base.join("systemd/user"));
+        dirs.push(base.join("systemd/user.control"));
+    }
+    for base in data.iter() {
+        dirs.push(base.join("systemd/user"));
+    }
+    for base in runtime.iter() {
+        for sub in [
+            "user",
+            "user.control",
+            "transient",
+            "generator.early",
+            "generator.late",
+        ] {
+            dirs.push(base.join("systemd").join(sub));
+        }
+    }
+    let mut names = HashSet::new();
+    for dir in dirs {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(unit) = name.strip_suffix(".d") {
+                names.insert(unit.to_owned());
+            } else {
+                names.insert(name);
+            }
+        }
+    }
+    names.retain(|name| name.starts_with("qrexec-connect-") && name.ends_with(".socket"));
+    names
 }

@@ -29,6 +29,13 @@ pub const SUBDIR: &str = "qrexec-connect";
 pub const RELOAD_FLAG: &str = "reload-requested";
 /// What the reconcile step last applied.
 pub const STATE_FILE: &str = "applied";
+/// What the generator's last run wrote, in the state file's format (one
+/// INI section per socket unit, `listen=` and `fd_name=`): the reconcile
+/// step reads the generated units' settings here instead of asking the
+/// manager for each unit, which costs about 3 ms a unit. A unit that a
+/// file or drop-in of the user's may change is left out, so the manager is
+/// asked about it.
+pub const GENERATED_FILE: &str = "generated";
 
 /// The one rule for a runtime dir value: an absolute path (systemd refuses
 /// a relative one for `%t`, and ours would depend on the working directory).
@@ -116,6 +123,14 @@ impl RuntimeDir {
         };
         match result {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(at(&flag, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes one of our files, if it is there.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.path.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
