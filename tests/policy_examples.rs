@@ -2,18 +2,15 @@
 //! each allows exactly the call its paired client config (`examples/`)
 //! makes, to the qube the README says.
 
-#[path = "common/policy.rs"]
-mod policy;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use policy::{
+use qrexec_connect_binding::address::ListenAddress;
+use qrexec_connect_binding::destination::{split_words, Service, Target};
+use qubes_policy::{
     check_policy_file, check_policy_file_name, check_policy_line, evaluate, Action, Argument, Call,
     PolicyLine, Verdict,
 };
-use qrexec_connect_binding::address::ListenAddress;
-use qrexec_connect_binding::destination::{split_words, Service, Target};
 
 /// One README example: a client config, the policy that allows it, the
 /// qube that makes the call and the qube that must answer it.
