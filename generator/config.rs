@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use walkdir::WalkDir;
 
-use crate::unit::socket_unit_name;
+use crate::unit_name::socket_unit_name;
 use qrexec_connect_binding::address::{
     AddressError, Exposure, ListenAddress, Specifiers, MAX_SOCKET_PATH,
 };
@@ -100,21 +100,17 @@ impl fmt::Display for Location {
     }
 }
 
-/// What one config line asks for, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub listen: ListenAddress,
-    pub destination: Destination,
-    /// `destination` as `FileDescriptorName=` carries it.
-    pub fd_name: String,
-}
-
-/// A valid binding with where it came from and the unit it becomes. Only
-/// [`Config`] makes them, so every one is safe to write into a unit.
+/// A binding: a listen address tied to a destination (TARGET SERVICE), as
+/// one config line asks for it, checked, with where it came from and the
+/// unit it becomes. The one binding type of the generator, and what
+/// `qrexec-connect status` and `policy` read the config as. Only this module
+/// makes them (from a line, [`parse_line`]), so every one is safe to write
+/// into a unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
     pub(crate) listen: ListenAddress,
     pub(crate) destination: Destination,
+    /// `destination` as `FileDescriptorName=` carries it.
     pub(crate) fd_name: String,
     pub(crate) unit_name: String,
     pub(crate) source: Location,
@@ -130,7 +126,7 @@ impl Binding {
     pub fn fd_name(&self) -> &str {
         &self.fd_name
     }
-    /// `qrexec-connect-KEY.socket`, see [`crate::unit`].
+    /// `qrexec-connect-KEY.socket`, see [`crate::unit_name`].
     pub fn unit_name(&self) -> &str {
         &self.unit_name
     }
@@ -390,39 +386,33 @@ impl Config {
                 error,
                 text: printable(content(line)),
             };
-            let checked = parse_line(line).and_then(|entry| match entry {
-                Some(entry) => {
-                    check_socket_path(&entry.listen, &self.specifiers).map(|()| Some(entry))
+            let checked = parse_line(line, at()).and_then(|binding| match binding {
+                Some(binding) => {
+                    check_socket_path(&binding.listen, &self.specifiers).map(|()| Some(binding))
                 }
                 None => Ok(None),
             });
             match checked {
                 Ok(None) => {}
-                Ok(Some(entry)) => {
-                    let unit_name = socket_unit_name(&entry.listen);
-                    if let Some(&earlier) = self.by_unit.get(&unit_name) {
+                Ok(Some(binding)) => {
+                    if let Some(&earlier) = self.by_unit.get(&binding.unit_name) {
                         self.problems.push(problem(LineError::Duplicate {
                             earlier: self.bindings[earlier].source.clone(),
-                            unit: unit_name,
+                            unit: binding.unit_name,
                         }));
                         continue;
                     }
-                    if let Some(exposure) = entry.listen.exposure() {
+                    if let Some(exposure) = binding.listen.exposure() {
                         self.problems.push(Problem::Exposed {
                             at: at(),
-                            listen: entry.listen.to_string(),
+                            listen: binding.listen.to_string(),
                             exposure,
                             text: printable(content(line)),
                         });
                     }
-                    self.by_unit.insert(unit_name.clone(), self.bindings.len());
-                    self.bindings.push(Binding {
-                        listen: entry.listen,
-                        destination: entry.destination,
-                        fd_name: entry.fd_name,
-                        unit_name,
-                        source: at(),
-                    });
+                    self.by_unit
+                        .insert(binding.unit_name.clone(), self.bindings.len());
+                    self.bindings.push(binding);
                 }
                 Err(error) => self.problems.push(problem(error)),
             }
@@ -430,8 +420,10 @@ impl Config {
     }
 }
 
-/// Parses one line (without its `\n`); `Ok(None)` for a blank or comment line.
-pub fn parse_line(line: &[u8]) -> Result<Option<Entry>, LineError> {
+/// Parses one line (without its `\n`), found `at` a file's line; `Ok(None)`
+/// for a blank or comment line. The socket path and duplicates are checked
+/// by [`Config`], which knows the environment and the lines before.
+pub fn parse_line(line: &[u8], at: Location) -> Result<Option<Binding>, LineError> {
     let content = content(line);
     if content.is_empty() {
         return Ok(None);
@@ -457,10 +449,12 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Entry>, LineError> {
         service: Service::parse(service).map_err(LineError::Binding)?,
     };
     let fd_name = destination.to_fd_name().map_err(LineError::Binding)?;
-    Ok(Some(Entry {
+    Ok(Some(Binding {
+        unit_name: socket_unit_name(&listen),
         listen,
         destination,
         fd_name,
+        source: at,
     }))
 }
 
@@ -685,29 +679,36 @@ pub fn is_invisible(c: char) -> bool {
 mod tests {
     use super::*;
 
-    fn entry(line: &str) -> Entry {
-        parse_line(line.as_bytes()).unwrap().unwrap()
+    fn at() -> Location {
+        Location {
+            file: Arc::from("/a.conf"),
+            line: 1,
+        }
+    }
+
+    fn binding(line: &str) -> Binding {
+        parse_line(line.as_bytes(), at()).unwrap().unwrap()
     }
 
     #[test]
     fn grammar() {
-        let e = entry("127.0.0.1:2222  ssh-server\tqubes.ConnectTCP+22 # ssh");
+        let e = binding("127.0.0.1:2222  ssh-server\tqubes.ConnectTCP+22 # ssh");
         assert_eq!(e.listen.to_string(), "127.0.0.1:2222");
         assert_eq!(e.fd_name, "ssh-server qubes.ConnectTCP+22");
-        assert_eq!(entry("@c '' svc").fd_name, "'' svc");
-        assert_eq!(entry("@c \"\" svc\r").fd_name, "'' svc");
+        assert_eq!(binding("@c '' svc").fd_name, "'' svc");
+        assert_eq!(binding("@c \"\" svc\r").fd_name, "'' svc");
         assert_eq!(
-            entry("/run/a#b @default svc").listen.to_string(),
+            binding("/run/a#b @default svc").listen.to_string(),
             "/run/a#b"
         );
         for blank in ["", "  ", "# x", "   # 1 2 3", "\r", "#"] {
-            assert_eq!(parse_line(blank.as_bytes()), Ok(None), "{blank:?}");
+            assert_eq!(parse_line(blank.as_bytes(), at()), Ok(None), "{blank:?}");
         }
     }
 
     #[test]
     fn rejections() {
-        let err = |line: &[u8]| parse_line(line).unwrap_err();
+        let err = |line: &[u8]| parse_line(line, at()).unwrap_err();
         assert_eq!(err(b"a b"), LineError::FieldCount(2));
         assert_eq!(err(b"a b c d"), LineError::FieldCount(4));
         assert_eq!(err(b"@x vm svc\x1b"), LineError::ControlCharacter('\x1b'));
@@ -721,7 +722,7 @@ mod tests {
         ));
         // A control character in a comment is harmless; bad UTF-8 too.
         assert_eq!(
-            parse_line(b"@x vm svc # \x1b\xff")
+            parse_line(b"@x vm svc # \x1b\xff", at())
                 .unwrap()
                 .unwrap()
                 .fd_name,

@@ -1,7 +1,11 @@
-//! The generator's two halves, as a library so that property tests can
-//! drive them: [`config`] turns the config files into typed bindings once,
-//! at the edge; [`unit`](mod@unit) turns each binding into a socket unit.
-//! The command line and the two modes are in `main.rs` and `run.rs`.
+//! The generator's library half, so that property tests (and the daemon's
+//! `status` and `policy`) can use it. Dependencies point one way:
+//! [`unit_name`] needs only a listen address; [`config`] turns the config
+//! files into typed [`config::Binding`]s once, at the edge, naming each
+//! binding's unit with [`unit_name`]; [`unit`](mod@unit) turns each binding
+//! into a socket unit. The command line and the two modes are in `main.rs`
+//! and `run.rs`.
 
 pub mod config;
 pub mod unit;
+pub mod unit_name;

@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use qrexec_connect_binding::address::ListenAddress;
 use qrexec_connect_binding::destination::Destination;
 use qrexec_connect_generator::config::{is_invisible, printable, Binding, Config, Problem};
-use qrexec_connect_generator::unit::{socket_unit, socket_unit_name, MAX_UNIT_NAME};
+use qrexec_connect_generator::unit::socket_unit;
+use qrexec_connect_generator::unit_name::{socket_unit_name, MAX_UNIT_NAME};
 
 /// Undoes systemd's specifier expansion as far as a value may use it:
 /// `%%` is `%`, and `%t`/`%h` only as the very start of a value; any other

@@ -2,18 +2,15 @@
 //! each allows exactly the call its paired client config (`examples/`)
 //! makes, to the qube the README says.
 
-#[path = "common/policy.rs"]
-mod policy;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use policy::{
+use qrexec_connect_binding::address::Specifiers;
+use qrexec_connect_generator::config::{Binding, Config};
+use qubes_policy::{
     check_policy_file, check_policy_file_name, check_policy_line, evaluate, Action, Argument, Call,
     PolicyLine, Verdict,
 };
-use qrexec_connect_binding::address::ListenAddress;
-use qrexec_connect_binding::destination::{split_words, Service, Target};
 
 /// One README example: a client config, the policy that allows it, the
 /// qube that makes the call and the qube that must answer it.
@@ -62,34 +59,30 @@ fn policy_rules(name: &str) -> Vec<PolicyLine> {
         .collect()
 }
 
-/// A config line, checked with the crate's own grammar.
-struct Binding {
+/// A binding of a client config and its line as written.
+struct ConfigLine {
     line: String,
-    target: String,
-    service: String,
+    binding: Binding,
 }
 
-fn config_bindings(name: &str) -> Vec<Binding> {
-    let text = read(&root().join("examples").join(name));
-    let mut bindings = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let words = split_words(line).unwrap_or_else(|e| panic!("{name}: {line:?}: {e}"));
-        let [listen, target, service] = <[String; 3]>::try_from(words)
-            .unwrap_or_else(|w| panic!("{name}: {line:?}: {} words, not 3", w.len()));
-        ListenAddress::parse(&listen).unwrap_or_else(|e| panic!("{name}: {e}"));
-        Target::parse(&target).unwrap_or_else(|e| panic!("{name}: {e}"));
-        Service::parse(&service).unwrap_or_else(|e| panic!("{name}: {e}"));
-        bindings.push(Binding {
-            line: line.to_owned(),
-            target,
-            service,
-        });
-    }
-    bindings
+/// The bindings of `examples/NAME`, read with the generator's own grammar;
+/// a line it would refuse or warn about fails the test.
+fn config_bindings(name: &str) -> Vec<ConfigLine> {
+    let path = root().join("examples").join(name);
+    let text = read(&path);
+    let mut config = Config::new(Specifiers::default());
+    config.add_text(path.to_str().unwrap(), text.as_bytes());
+    let problems: Vec<String> = config.problems.iter().map(ToString::to_string).collect();
+    assert!(problems.is_empty(), "{name}: {problems:#?}");
+    let lines: Vec<&str> = text.lines().collect();
+    config
+        .bindings
+        .into_iter()
+        .map(|binding| ConfigLine {
+            line: lines[binding.source().line - 1].trim().to_owned(),
+            binding,
+        })
+        .collect()
 }
 
 fn files_in(dir: &str, suffix: &str) -> Vec<String> {
@@ -177,11 +170,12 @@ fn each_policy_allows_its_client_config_to_the_right_qube() {
         let rules = policy_rules(example.policy);
         let bindings = config_bindings(example.config);
         assert!(!bindings.is_empty(), "{} has no binding", example.config);
-        for binding in &bindings {
+        for ConfigLine { line, binding } in &bindings {
+            let destination = binding.destination();
             let call = Call {
                 source: example.client,
-                target: &binding.target,
-                service: &binding.service,
+                target: destination.target.as_str(),
+                service: destination.service.as_str(),
             };
             assert_eq!(
                 evaluate(&rules, call),
@@ -190,7 +184,7 @@ fn each_policy_allows_its_client_config_to_the_right_qube() {
                 }),
                 "{} with {}",
                 example.policy,
-                binding.line
+                line
             );
         }
     }

@@ -5,8 +5,6 @@
 //! host never changes. Needs root (mounts), as the other system tests do.
 
 mod common;
-#[path = "common/policy.rs"]
-mod policy;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -14,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{TempDir, GENERATOR};
-use policy::{check_policy_file, evaluate, Action, Call, PolicyLine, Verdict};
+use qubes_policy::{check_policy_file, evaluate, Action, Call, PolicyLine, Verdict};
 
 const POLICY: &str = "etc/qubes/policy.d/30-qrexec-connect-salt.policy";
 const SALT_CONF: &str = "home/user/.config/qrexec-connect/salt.conf";

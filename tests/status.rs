@@ -5,8 +5,6 @@
 //! allow exactly the configured calls.
 
 mod common;
-#[path = "common/policy.rs"]
-mod policy;
 
 use std::net::TcpStream;
 use std::process::Output;
@@ -14,7 +12,7 @@ use std::time::Duration;
 
 use common::user_manager::UserManager;
 use common::*;
-use policy::{check_policy_file, evaluate, Call, Verdict};
+use qubes_policy::{check_policy_file, evaluate, Call, Verdict};
 
 const SETTLE: Duration = Duration::from_secs(20);
 const CONFIG: &str = ".config/qrexec-connect/status.conf";

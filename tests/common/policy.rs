@@ -2,8 +2,10 @@
 //! `/etc/qubes/policy.d/`, for tests that must not ship a policy line Qubes
 //! would refuse (the examples, and the README's code blocks).
 //!
-//! Include it with `#[path = "common/policy.rs"] mod policy;` and call
-//! [`check_policy_line`], [`check_policy_file`] or [`check_policy_file_name`].
+//! It is the library `qubes_policy` of the tests package: the tests call
+//! [`check_policy_line`], [`check_policy_file`] or [`check_policy_file_name`],
+//! and the qrexec-client-vm double reads its policy with [`check_policy_file`]
+//! (one grammar for both; each evaluates in its own way).
 //!
 //! It follows the rules of qrexec's own parser (`qrexec/policy/parser.py`):
 //!
@@ -25,18 +27,18 @@
 //! Stricter than qrexec on purpose: commas are refused (they only belong to
 //! the old R4.0 per-service files), as are `!include` directives and the
 //! `uuid:` tokens of newer releases, which the examples do not need. Qube
-//! names follow qrexec-client-vm (`^[a-zA-Z][a-zA-Z0-9_-]*$`, at most 31).
+//! names follow qrexec-client-vm (`^[a-zA-Z][a-zA-Z0-9_-]*$`, at most 31):
+//! the product's own rule, [`is_vm_name`] of the binding crate.
 //!
 //! [`evaluate`] answers "what does this policy do with this call?" for rules
 //! that name qubes (or use `@anyvm`/`@default`); it refuses to guess for
 //! tokens that need qube properties (tags, types, disposables).
 
-#![allow(dead_code)] // each test crate that includes this uses a part of it
-
 use std::fmt;
 
 /// Longest qube name qrexec accepts.
-pub const MAX_VM_NAME: usize = 31;
+pub use qrexec_connect_binding::destination::MAX_VM_NAME;
+use qrexec_connect_binding::destination::{is_service_char, is_vm_name};
 
 /// The qube classes `@type:` can name.
 pub const VM_TYPES: [&str; 5] = ["AppVM", "TemplateVM", "DispVM", "StandaloneVM", "AdminVM"];
@@ -240,7 +242,7 @@ fn check_service(field: &str) -> Result<Option<String>, String> {
             "service {field:?}: write the argument in its own field (SERVICE +ARG)"
         ));
     }
-    if let Some(c) = field.chars().find(|c| !is_rpc_char(*c)) {
+    if let Some(c) = field.chars().find(|c| !is_service_char(*c)) {
         return Err(format!("service {field:?}: {c:?} is not allowed"));
     }
     Ok(Some(field.to_owned()))
@@ -255,14 +257,13 @@ fn check_argument(field: &str) -> Result<Argument, String> {
             "argument {field:?}: write * or +ARG (a bare + for no argument)"
         ));
     };
-    if let Some(c) = argument.chars().find(|c| !(is_rpc_char(*c) || *c == '+')) {
+    if let Some(c) = argument
+        .chars()
+        .find(|c| !(is_service_char(*c) || *c == '+'))
+    {
         return Err(format!("argument {field:?}: {c:?} is not allowed"));
     }
     Ok(Argument::Exactly(argument.to_owned()))
-}
-
-fn is_rpc_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -333,15 +334,8 @@ fn check_token(token: &str, place: Place) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-fn is_vm_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    name.len() <= MAX_VM_NAME
-        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-}
-
 fn is_tag(tag: &str) -> bool {
-    !tag.is_empty() && tag.chars().all(is_rpc_char)
+    !tag.is_empty() && tag.chars().all(is_service_char)
 }
 
 // ---------------------------------------------------------------------------

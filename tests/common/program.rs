@@ -19,6 +19,7 @@ pub const DAEMON: Program = Program {
         "generator/lib.rs",
         "generator/config.rs",
         "generator/unit.rs",
+        "generator/unit_name.rs",
     ],
 };
 /// The generator, `qrexec-connect-generator`.

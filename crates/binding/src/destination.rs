@@ -69,11 +69,21 @@ impl fmt::Display for Target {
     }
 }
 
-fn is_vm_name(name: &str) -> bool {
+/// A qube name as qrexec accepts it: a letter, then letters, digits, `_`
+/// or `-`, at most [`MAX_VM_NAME`] bytes. The one copy of the rule: the
+/// tests' Qubes policy checker and the qrexec-client-vm double use it too.
+pub fn is_vm_name(name: &str) -> bool {
     let mut chars = name.chars();
     name.len() <= MAX_VM_NAME
         && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// A character dom0 passes through unchanged in a service name (`+` is
+/// also allowed in the argument); dom0 turns any other into `_`. Shared
+/// with the tests' policy checker and the qrexec-client-vm double.
+pub fn is_service_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
 }
 
 /// An RPC name with its optional argument, e.g. `qubes.ConnectTCP+22`.
@@ -91,13 +101,9 @@ impl Service {
             Some((name, argument)) => (name, Some(argument)),
             None => (text, None),
         };
-        let name_ok = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        let argument_ok = argument.is_none_or(|a| {
-            a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '+'))
-        });
+        let name_ok = name.chars().all(is_service_char);
+        let argument_ok =
+            argument.is_none_or(|a| a.chars().all(|c| is_service_char(c) || c == '+'));
         if name_ok && argument_ok {
             Ok(Service(text.to_owned()))
         } else {

@@ -35,8 +35,9 @@
 //!
 //! # Policy
 //!
-//! `QREXEC_DOUBLE_POLICY=FILE`: Qubes R4.1+ policy lines, first match wins
-//! (see `policy.rs`). The source qube is `-s`, else `QREXEC_DOUBLE_SOURCE`,
+//! `QREXEC_DOUBLE_POLICY=FILE`: Qubes R4.1+ policy lines, read with the
+//! tests' Qubes policy parser (`qubes_policy`), first match wins (see
+//! `policy.rs`). The source qube is `-s`, else `QREXEC_DOUBLE_SOURCE`,
 //! else `client`. TARGET `$x` means `@x`; an empty TARGET means `@default`.
 //! `ask` is answered "allow" at once (with `default_target=` if there is no
 //! `target=`). Without `QREXEC_DOUBLE_POLICY` every call is allowed. A
@@ -114,6 +115,7 @@ use std::sync::OnceLock;
 use std::thread;
 
 use policy::Verdict;
+use qrexec_connect_binding::destination::{is_service_char, is_vm_name};
 use relay::End;
 use service::{Call, Lookup, Open};
 
@@ -297,16 +299,6 @@ fn main() {
     run(opts, mode, &prog)
 }
 
-/// A qube name as dom0 accepts it.
-fn valid_qube_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 31
-        && b[0].is_ascii_alphabetic()
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
-}
-
 /// TARGET after `$` -> `@` and empty -> `@default`, or `None` if dom0 would
 /// not know it.
 fn normalize_target(raw: &str) -> Option<String> {
@@ -315,8 +307,8 @@ fn normalize_target(raw: &str) -> Option<String> {
     let ok = match t.as_str() {
         "@default" | "@adminvm" | "@dispvm" | "dom0" => true,
         s => match s.strip_prefix("@dispvm:") {
-            Some(tpl) => valid_qube_name(tpl),
-            None => valid_qube_name(s),
+            Some(tpl) => is_vm_name(tpl),
+            None => is_vm_name(s),
         },
     };
     ok.then_some(t)
@@ -331,8 +323,9 @@ fn run(opts: cli::Options, mode: Mode, prog: &str) -> ! {
         .service
         .iter()
         .map(|&b| {
-            if policy::rpc_char(b) || b == b'+' {
-                char::from(b)
+            let c = char::from(b);
+            if is_service_char(c) || c == '+' {
+                c
             } else {
                 '_'
             }
