@@ -88,6 +88,44 @@ fn a_notify_socket_that_nobody_reads_never_stops_connections_and_ready_comes_lat
     });
 }
 
+/// Every message to the manager wakes it; a burst of connections must not
+/// cost two of them per connection. The status is coalesced, and the
+/// newest one still arrives once the burst is over.
+#[test]
+fn a_burst_of_connections_sends_few_status_updates_and_ends_with_the_current_one() {
+    let echo = EchoServer::start();
+    let dir = TempDir::new("notify-burst");
+    let path = dir.path().join("notify");
+    let manager = UnixDatagram::bind(&path).unwrap();
+    manager.set_nonblocking(true).unwrap();
+    let endpoint = tcp4();
+    let daemon = Activate::builder()
+        .listen(&endpoint, &connect_tcp(echo.port))
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .start();
+    let connections = 100;
+    for i in 0..connections {
+        echoes(&endpoint, format!("connection {i}").as_bytes(), &daemon);
+    }
+    let mut seen: Vec<String> = Vec::new();
+    wait_for("the idle status after the burst", LIMIT, || {
+        seen.extend(drain(&manager));
+        let last_status = seen
+            .iter()
+            .flat_map(|m| m.lines())
+            .rfind(|l| l.starts_with("STATUS="));
+        (last_status == Some("STATUS=1 binding(s), 0 live connection(s)")).then_some(())
+    });
+    let statuses = seen
+        .iter()
+        .filter(|m| m.lines().any(|l| l.starts_with("STATUS=")))
+        .count();
+    assert!(
+        statuses <= 20,
+        "{statuses} status messages for {connections} connections"
+    );
+}
+
 /// The pid of the process whose open fds include `link` (`socket:[N]`),
 /// among those named `comm`.
 fn process_holding(comm: &str, link: &Path) -> Option<u32> {

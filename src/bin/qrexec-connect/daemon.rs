@@ -41,6 +41,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// of resources; doubles in between.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one STATUS= per this interval: each one wakes the service manager.
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// At most one repeated warning per this interval, with a count of the rest.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -317,6 +319,10 @@ async fn report_status(daemon: Rc<Daemon>) {
                 pause = BACKOFF_MIN;
             }
         }
+        // Each message wakes the manager: at most one per STATUS_INTERVAL,
+        // however many connections start and end meanwhile (the changes
+        // gather in one wake-up, and the newest status goes next).
+        tokio::time::sleep(STATUS_INTERVAL).await;
         daemon.status_changed.notified().await;
     }
 }
