@@ -3,9 +3,11 @@
  *
  * Takes one listening socket the way qrexec-connect does (LISTEN_FDS=1 from
  * systemd-socket-activate, fd 3) and, for each connection, posix_spawn()s
- * the given client with the connection as its stdin and stdout. Children are
- * reaped by the kernel as they exit (SIGCHLD ignored), so no zombie is ever
- * counted as part of this forwarder. Nothing else: no
+ * the given client with the connection as its stdin and stdout, and reaps
+ * each child with waitpid() from a SIGCHLD handler as it exits: reaping
+ * costs the parent real time (freeing the child's task), which a daemon
+ * that reports exit statuses must pay too, so the floor pays it as well
+ * rather than leaving it to the kernel (SIGCHLD ignored). Nothing else: no
  * logging, no limits, no readiness notification. Whatever qrexec-connect
  * costs above this is its own overhead.
  *
@@ -20,9 +22,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 extern char **environ;
+
+static void reap(int signo)
+{
+    (void)signo;
+    int saved = errno;
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+    errno = saved;
+}
 
 int main(int argc, char **argv)
 {
@@ -39,15 +51,15 @@ int main(int argc, char **argv)
     fcntl(listener, F_SETFD, FD_CLOEXEC);
     /* A client that closes early must not kill the acceptor. */
     signal(SIGPIPE, SIG_IGN);
-    /* Ignored SIGCHLD: the kernel reaps every child at its exit. */
-    signal(SIGCHLD, SIG_IGN);
+    struct sigaction on_child = {.sa_handler = reap, .sa_flags = SA_RESTART | SA_NOCLDSTOP};
+    sigemptyset(&on_child.sa_mask);
+    sigaction(SIGCHLD, &on_child, NULL);
 
     posix_spawnattr_t attr;
     posix_spawnattr_init(&attr);
     sigset_t defaults;
     sigemptyset(&defaults);
     sigaddset(&defaults, SIGPIPE);
-    sigaddset(&defaults, SIGCHLD);
     posix_spawnattr_setsigdefault(&attr, &defaults);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGDEF);
 
