@@ -21,6 +21,7 @@ DOUBLE=$ROOT/target/release/qrexec-client-vm-double
 DAEMON=$ROOT/target/release/qrexec-connect
 LG=$ROOT/target/release/examples/loadgen
 FLOOR_BIN=$ROOT/target/bench/floor
+MANAGER_LOCK=/tmp/qrexec-connect-test-user-manager.lock
 RESULTS=$ROOT/bench/results
 # A smoke run's figures are not comparable with a full run's: kept out of
 # the committed results.
@@ -53,7 +54,11 @@ if [ "${1:-}" != --inner ]; then
     cc -O2 -Wall -Wextra -Werror -o "$FLOOR_BIN" bench/floor.c
     mkdir -p "$RESULTS"
     if [ "${BENCH_PARTS:-all}" != scaling ]; then
-        unshare --mount --net --propagation private -- "$0" --inner
+        # The accept-yes contender runs a user manager: one at a time on the
+        # machine, like the test suite's (the lock its real-manager tests
+        # take); a test's cleanup running beside it killed it once.
+        echo "bench: waiting for the user-manager lock ($MANAGER_LOCK)" >&2
+        flock "$MANAGER_LOCK" unshare --mount --net --propagation private -- "$0" --inner
     fi
     # The scaling run needs its own namespace (the installed tree on /usr,
     # journald) and the machine's one user-manager lock.
@@ -231,7 +236,7 @@ start_fwd() {
                 "EXEC:$DOUBLE @default qubes.ConnectTCP+$ECHO_PORT"
             FWD=$BG ;;
         accept-yes)
-            sctl start bench-accept.socket
+            sctl start bench-accept.socket || log "  could not start bench-accept.socket"
             FWD=$MANAGER ;;
         qrexec-connect | qrexec-connect-pipe)
             local env=()
@@ -250,7 +255,7 @@ stop_fwd() {
     drain
     case $c in
         direct) ;;
-        accept-yes) sctl stop bench-accept.socket ;;
+        accept-yes) sctl stop bench-accept.socket || log "  could not stop bench-accept.socket (manager gone?)" ;;
         *) stop_pid "$FWD" ;;
     esac
     FWD=
@@ -311,7 +316,7 @@ declare -A FWD_OF=() PORT_OF=()
 start_all() {
     local c
     for c in "${CONTENDERS[@]}"; do
-        start_fwd "$c"
+        start_fwd "$c" || log "  $c did not start listening; its figures will be missing"
         FWD_OF[$c]=$FWD
         PORT_OF[$c]=$PORT
         # Warm-up: starts the qrexec-connect daemon, fills caches.
@@ -427,8 +432,7 @@ run_round() {
     log "  cold: $COLD_N starts each"
     for ((i = 0; i < COLD_N; i++)); do
         for c in "${order[@]}"; do
-            start_fwd "$c"
-            if measure "$c" cold rtt --port="$PORT" --count=1; then
+            if start_fwd "$c" && measure "$c" cold rtt --port="$PORT" --count=1; then
                 record "$c" cold_us "$(kv p50_us "$OUT")"
             fi
             stop_fwd "$c"
