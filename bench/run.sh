@@ -86,7 +86,7 @@ FLOOR=floor
 # The client's arguments as qrexec-connect passes them in its stdin-socket
 # mode: the floor runs the same client the same way.
 CLIENT_ARGS=(--no-filter-escape-chars-stdout --filter-escape-chars-stderr --use-stdin-socket
-    -- '' "qubes.ConnectTCP+9000")
+    -- '' "qubes.ConnectTCP+$ECHO_PORT")
 
 WORK=/run/qrexec-connect-bench   # on the namespace's own tmpfs: gone with it
 RAW=$WORK/raw.tsv
