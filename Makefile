@@ -9,7 +9,8 @@
 #   sudo make uninstall             remove what install-client and install-connectnfs put
 #   make dist                       source tarball with every crate vendored (offline builds)
 #   make deb / make rpm             packages, built from that tarball (docs/packaging.md)
-#   make bench                      the benchmark (bench/README.md)
+#   make bench                      the benchmark (bench/README.md); BENCH_QUICK=1 for a smoke run
+#   make bench-scaling              only its scaling run (1, 50, 400 bindings, real user manager)
 #   make salt-venv                  Salt for tests/salt.rs (target/salt-venv; make test makes it)
 #
 # DESTDIR is honoured everywhere. With PREFIX=/usr the systemd directories
@@ -86,7 +87,8 @@ DIST_TARBALL := $(DIST_DIR)/$(DIST_NAME).tar.gz
 # empty file behind for the next make to install.
 .DELETE_ON_ERROR:
 
-.PHONY: all build test salt-venv demo bench bench-reload man install install-client install-client-files \
+.PHONY: all build test salt-venv demo bench bench-scaling bench-reload man install install-client \
+	install-client-files \
 	install-connectnfs uninstall dist deb rpm clean
 
 all: build
@@ -136,6 +138,9 @@ demo:
 
 bench:
 	./bench/run.sh
+
+bench-scaling:
+	./bench/scaling.sh
 
 # Time from daemon-reload to a new binding answering (real user manager; root).
 bench-reload:

@@ -6,6 +6,8 @@
 #                    in a rotated order
 #   BENCH_QUICK=1    a smoke run: 1 round, smaller counts (figures not comparable
 #                    with a full run)
+#   BENCH_PARTS=connections|scaling   only the contenders' run, or only the
+#                    scaling run (bench/scaling.sh); default both
 #
 # Everything runs inside a private network namespace (only its loopback
 # exists: nothing can leave the machine, and no port of the host is used) and
@@ -18,7 +20,12 @@ ROOT=$PWD
 DOUBLE=$ROOT/target/release/qrexec-client-vm-double
 DAEMON=$ROOT/target/release/qrexec-connect
 LG=$ROOT/target/release/examples/loadgen
+FLOOR_BIN=$ROOT/target/bench/floor
+MANAGER_LOCK=/tmp/qrexec-connect-test-user-manager.lock
 RESULTS=$ROOT/bench/results
+# A smoke run's figures are not comparable with a full run's: kept out of
+# the committed results.
+[ "${BENCH_QUICK:-0}" = 1 ] && RESULTS=$ROOT/target/bench/results-quick
 
 if [ "${1:-}" != --inner ]; then
     if [ "$(id -u)" != 0 ]; then
@@ -29,6 +36,9 @@ if [ "${1:-}" != --inner ]; then
     missing=()
     command -v socat >/dev/null || missing+=(socat)
     command -v ip >/dev/null || missing+=(iproute2)
+    command -v cc >/dev/null || missing+=(gcc libc6-dev)
+    command -v python3 >/dev/null || missing+=(python3)
+    command -v flock >/dev/null || missing+=(util-linux)
     command -v unshare >/dev/null || missing+=(util-linux)
     { command -v systemd-socket-activate >/dev/null && [ -x /usr/lib/systemd/systemd ]; } \
         || missing+=(systemd)
@@ -40,22 +50,43 @@ if [ "${1:-}" != --inner ]; then
     fi
     echo "bench: building (cargo build --release)" >&2
     cargo build --release --locked --workspace --bins --example loadgen
+    mkdir -p "$(dirname "$FLOOR_BIN")"
+    cc -O2 -Wall -Wextra -Werror -o "$FLOOR_BIN" bench/floor.c
     mkdir -p "$RESULTS"
-    exec unshare --mount --net --propagation private -- "$0" --inner
+    if [ "${BENCH_PARTS:-all}" != scaling ]; then
+        # The accept-yes contender runs a user manager: one at a time on the
+        # machine, like the test suite's (the lock its real-manager tests
+        # take); a test's cleanup running beside it killed it once.
+        echo "bench: waiting for the user-manager lock ($MANAGER_LOCK)" >&2
+        flock "$MANAGER_LOCK" unshare --mount --net --propagation private -- "$0" --inner
+    fi
+    # The scaling run needs its own namespace (the installed tree on /usr,
+    # journald) and the machine's one user-manager lock.
+    if [ "${BENCH_PARTS:-all}" != connections ]; then
+        BENCH_SKIP_BUILD=1 "$ROOT/bench/scaling.sh" "$RESULTS/latest-scaling.md"
+        if [ "${BENCH_PARTS:-all}" = all ]; then
+            { echo; cat "$RESULTS/latest-scaling.md"; } >>"$RESULTS/latest.md"
+        fi
+    fi
+    exit 0
 fi
 
 # ------------------------------------------------------------------ inside
 ROUNDS=${BENCH_ROUNDS:-3}
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
     ROUNDS=${BENCH_ROUNDS:-1}
-    WARM_N=300 BULK_BYTES=$((256 << 20)) BULK_REPS=1 WARM_CHUNKS=2 HOLD_N=200 RATE_SECS=3 BURST_N=200 COLD_N=2
+    WARMUP_N=200 WARM_N=300 BULK_BYTES=$((256 << 20)) BULK_REPS=1 WARM_CHUNKS=2 HOLD_N=200 RATE_SECS=3 BURST_N=200 COLD_N=2
 else
-    WARM_N=2000 BULK_BYTES=$((1 << 30)) BULK_REPS=3 WARM_CHUNKS=4 HOLD_N=1000 RATE_SECS=10 BURST_N=200 COLD_N=5
+    WARMUP_N=1000 WARM_N=2000 BULK_BYTES=$((1 << 30)) BULK_REPS=3 WARM_CHUNKS=4 HOLD_N=1000 RATE_SECS=10 BURST_N=200 COLD_N=5
 fi
 RATE_CONC=50
 ECHO_PORT=9000
-CONTENDERS=(direct spawn-floor socat accept-yes qrexec-connect qrexec-connect-pipe)
-FLOOR=spawn-floor
+CONTENDERS=(direct floor socket-activate socat accept-yes qrexec-connect qrexec-connect-pipe)
+FLOOR=floor
+# The client's arguments as qrexec-connect passes them in its stdin-socket
+# mode: the floor runs the same client the same way.
+CLIENT_ARGS=(--no-filter-escape-chars-stdout --filter-escape-chars-stderr --use-stdin-socket
+    -- '' "qubes.ConnectTCP+$ECHO_PORT")
 
 WORK=/run/qrexec-connect-bench   # on the namespace's own tmpfs: gone with it
 RAW=$WORK/raw.tsv
@@ -174,11 +205,12 @@ drain() {
 port_of() {
     case $1 in
         direct) echo $ECHO_PORT ;;
-        spawn-floor) echo 9001 ;;
+        socket-activate) echo 9001 ;;
         socat) echo 9002 ;;
         accept-yes) echo 9003 ;;
         qrexec-connect) echo 9004 ;;
         qrexec-connect-pipe) echo 9005 ;;
+        floor) echo 9006 ;;
     esac
 }
 
@@ -188,7 +220,12 @@ start_fwd() {
     PORT=$port
     case $c in
         direct) FWD= ;;
-        spawn-floor)
+        floor)
+            # Started like qrexec-connect: the first connection execs it.
+            start_bg "$WORK/$c.log" systemd-socket-activate -l "127.0.0.1:$port" \
+                "$FLOOR_BIN" "$DOUBLE" "${CLIENT_ARGS[@]}"
+            FWD=$BG ;;
+        socket-activate)
             start_bg "$WORK/$c.log" systemd-socket-activate --accept --inetd -l "127.0.0.1:$port" \
                 "$DOUBLE" '' "qubes.ConnectTCP+$ECHO_PORT"
             FWD=$BG ;;
@@ -199,7 +236,7 @@ start_fwd() {
                 "EXEC:$DOUBLE @default qubes.ConnectTCP+$ECHO_PORT"
             FWD=$BG ;;
         accept-yes)
-            sctl start bench-accept.socket
+            sctl start bench-accept.socket || log "  could not start bench-accept.socket"
             FWD=$MANAGER ;;
         qrexec-connect | qrexec-connect-pipe)
             local env=()
@@ -218,7 +255,7 @@ stop_fwd() {
     drain
     case $c in
         direct) ;;
-        accept-yes) sctl stop bench-accept.socket ;;
+        accept-yes) sctl stop bench-accept.socket || log "  could not stop bench-accept.socket (manager gone?)" ;;
         *) stop_pid "$FWD" ;;
     esac
     FWD=
@@ -279,7 +316,7 @@ declare -A FWD_OF=() PORT_OF=()
 start_all() {
     local c
     for c in "${CONTENDERS[@]}"; do
-        start_fwd "$c"
+        start_fwd "$c" || log "  $c did not start listening; its figures will be missing"
         FWD_OF[$c]=$FWD
         PORT_OF[$c]=$PORT
         # Warm-up: starts the qrexec-connect daemon, fills caches.
@@ -313,7 +350,12 @@ run_round() {
     for ((k = 0; k < WARM_CHUNKS; k++)); do
         for c in "${order[@]}"; do
             use "$c"
-            measure "$c" warm rtt --port="$PORT" --count="$chunk" --out="$WORK/warm-$ROUND-$c" || true
+            local cpu=()
+            [ -n "$FWD" ] && cpu=(--cpu-of="$FWD")
+            if measure "$c" warm rtt --port="$PORT" --count="$chunk" --out="$WORK/warm-$ROUND-$c" "${cpu[@]}" \
+                && [ -n "$FWD" ]; then
+                record "$c" cpu_us_per_conn "$(kv cpu_us_per_conn "$OUT")"
+            fi
             drain
         done
     done
@@ -356,6 +398,11 @@ run_round() {
                 record "$c" rss1000_kib "$(kv rss_kib "$OUT")"
                 record "$c" pss1000_kib "$(kv pss_kib "$OUT")"
                 record "$c" root_rss1000_kib "$(kv root_rss_kib "$OUT")"
+                # What each connection costs outside the main process: the
+                # pipe mode's splicers, socat's children.
+                record "$c" child_pss_per_conn_kib \
+                    "$(awk -v a="$(kv pss_kib "$OUT")" -v b="$(kv root_pss_kib "$OUT")" -v n="$HOLD_N" \
+                        'BEGIN { printf "%.1f", (a - b) / n }')"
                 record "$c" hold_live_doubles "$(kv live_doubles "$OUT")"
             fi
         fi
@@ -385,8 +432,7 @@ run_round() {
     log "  cold: $COLD_N starts each"
     for ((i = 0; i < COLD_N; i++)); do
         for c in "${order[@]}"; do
-            start_fwd "$c"
-            if measure "$c" cold rtt --port="$PORT" --count=1; then
+            if start_fwd "$c" && measure "$c" cold rtt --port="$PORT" --count=1; then
                 record "$c" cold_us "$(kv p50_us "$OUT")"
             fi
             stop_fwd "$c"
@@ -407,11 +453,11 @@ start_manager
 # (a VM whose idle vCPUs sleep) are slower than the rest.
 log "warm-up"
 ROUND=0
-start_fwd spawn-floor
-"$LG" rtt --port="$PORT" --count=1000 >/dev/null
+start_fwd floor
+"$LG" rtt --port="$PORT" --count="$WARMUP_N" >/dev/null
 "$LG" down --port="$PORT" --bytes="$BULK_BYTES" >/dev/null
 "$LG" up --port="$PORT" --bytes="$BULK_BYTES" >/dev/null
-stop_fwd spawn-floor
+stop_fwd floor
 
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     run_round
@@ -441,8 +487,25 @@ REPORT=$WORK/latest.md
     live=$(awk -F'\t' -v n="$HOLD_N" '$3 == "hold_live_doubles" && $4 != n {print $2 " " $4 " (round " $1 ")"}' "$RAW" | paste -sd, -)
     [ -n "$live" ] && echo && echo "Live doubles seen during the hold test differ from $HOLD_N: $live."
 } >"$REPORT"
+# The picture: every warm latency of every round, per contender.
+# `direct` (no forwarder, a tenth of the others) is left out: it would
+# stretch the axis and squeeze the curves that are compared.
+curves=()
+for c in "${CONTENDERS[@]}"; do
+    [ "$c" = direct ] && continue
+    cat "$WORK"/warm-*-"$c" >"$WORK/cdf-$c" 2>/dev/null || true
+    [ -s "$WORK/cdf-$c" ] && curves+=("$c=$WORK/cdf-$c")
+done
+direct_p50=$(awk -F'\t' '$2 == "direct" && $3 == "warm_p50_us" {printf "%.2f", $4 / 1000; exit}' "$RAW")
+python3 "$ROOT/bench/cdf.py" --out="$WORK/latest-cdf.svg" --reference="$FLOOR" \
+    --note="direct (no forwarder) not drawn: p50 ${direct_p50:-n/a} ms" \
+    --title="Warm connection latency, $ROUNDS round(s)$([ "${BENCH_QUICK:-0}" = 1 ] && echo ', QUICK mode')" \
+    "${curves[@]}"
+echo >>"$REPORT"
+echo "![latency CDF per contender](latest-cdf.svg)" >>"$REPORT"
 cp "$REPORT" "$RESULTS/latest.md"
 cp "$RAW" "$RESULTS/latest-raw.tsv"
+cp "$WORK/latest-cdf.svg" "$RESULTS/latest-cdf.svg"
 echo
 cat "$REPORT"
-log "saved bench/results/latest.md and latest-raw.tsv (${ELAPSED} s)"
+log "saved latest.md, latest-raw.tsv and latest-cdf.svg in ${RESULTS#"$ROOT"/} (${ELAPSED} s)"
