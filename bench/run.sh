@@ -239,8 +239,15 @@ start_fwd() {
             sctl start bench-accept.socket || log "  could not start bench-accept.socket"
             FWD=$MANAGER ;;
         qrexec-connect | qrexec-connect-pipe)
-            local env=()
-            [ "$c" = qrexec-connect-pipe ] && env=(-E QREXEC_DOUBLE_VERSION=old)
+            # A runtime directory of its own, as under the user manager: the
+            # first start probes the client, later ones (every applied config
+            # change restarts the daemon) remember its mode; counters for
+            # `status` are published there too. One per contender: the double
+            # answers --help by QREXEC_DOUBLE_VERSION, a real client by build.
+            local run_dir="$WORK/run-$c"
+            mkdir -p -m 0700 "$run_dir"
+            local env=(-E "XDG_RUNTIME_DIR=$run_dir")
+            [ "$c" = qrexec-connect-pipe ] && env+=(-E QREXEC_DOUBLE_VERSION=old)
             start_bg "$WORK/$c.log" systemd-socket-activate -l "127.0.0.1:$port" \
                 --fdname="'' qubes.ConnectTCP+$ECHO_PORT" "${env[@]}" \
                 "$DAEMON" --qrexec-client-vm="$DOUBLE" --max-connections=2000
