@@ -248,7 +248,7 @@ REPORT=$WORK/scaling.md
             "$([ "$r" != n/a ] && [ "$a" != n/a ] && echo $((a - r)) || echo n/a) | $(cell "$n" noop_reconcile_ms) |"
     done
     echo
-    echo "Where a no-op reconcile goes: the systemctl calls it makes, each timed alone."
+    echo "The systemctl calls of reconcile, each timed alone: a no-op makes only list-units; show of every socket is what it made before it read the generator's record (and is still made for hand-written units)."
     echo
     echo "| bindings | list-units | show (Listen, names, states of every socket) | show sockets.target | show daemon | systemctl --version (exec alone) |"
     echo "|---|---|---|---|---|---|"
