@@ -7,6 +7,7 @@
 mod daemon;
 mod listener;
 mod log;
+mod manager;
 mod notify;
 mod policy;
 mod published;

@@ -30,9 +30,10 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io;
-use std::process::Command;
 
 use serde::{Deserialize, Serialize};
+
+use crate::manager::{self, systemctl};
 
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE, STATE_FILE};
 
@@ -261,7 +262,12 @@ fn socket_units(dir: &RuntimeDir) -> io::Result<Vec<SocketUnit>> {
     };
     let mut units = Vec::new();
     let mut ask = Vec::new();
-    for (name, load_state, active_state) in list_socket_units()? {
+    for manager::ListedUnit {
+        name,
+        load_state,
+        active_state,
+    } in manager::socket_units()?
+    {
         match generated.get(&name) {
             _ if load_state != "loaded" => units.push(SocketUnit {
                 name,
@@ -278,24 +284,15 @@ fn socket_units(dir: &RuntimeDir) -> io::Result<Vec<SocketUnit>> {
             None => ask.push(name),
         }
     }
-    if !ask.is_empty() {
-        let mut args = vec![
-            "show",
-            "-p",
-            "Id",
-            "-p",
-            "LoadState",
-            "-p",
-            "ActiveState",
-            "-p",
-            "Listen",
-            "-p",
-            "FileDescriptorName",
-            "--",
-        ];
-        args.extend(ask.iter().map(String::as_str));
-        units.extend(parse_show(&systemctl(&args)?));
-    }
+    let ask: Vec<&str> = ask.iter().map(String::as_str).collect();
+    let properties = [
+        "Id",
+        "LoadState",
+        "ActiveState",
+        "Listen",
+        "FileDescriptorName",
+    ];
+    units.extend(parse_show(&manager::show(&properties, &ask)?));
     Ok(units)
 }
 
@@ -345,45 +342,6 @@ fn apply(plan: &Plan) -> io::Result<()> {
     // <5> is syslog "notice": above the unit's LogLevelMax= filter.
     println!("<5>qrexec-connect reconcile: {}", done.join("; "));
     Ok(())
-}
-
-/// Name, load state and active state of every `qrexec-connect-*.socket`.
-fn list_socket_units() -> io::Result<Vec<(String, String, String)>> {
-    let text = systemctl(&[
-        "list-units",
-        "--all",
-        "--plain",
-        "--no-legend",
-        "--full",
-        "--type=socket",
-        "qrexec-connect-*.socket",
-    ])?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let mut columns = line.split_whitespace();
-            let name = columns.next()?.to_owned();
-            let load_state = columns.next()?.to_owned();
-            let active_state = columns.next()?.to_owned();
-            Some((name, load_state, active_state))
-        })
-        .collect())
-}
-
-fn systemctl(args: &[&str]) -> io::Result<String> {
-    let output = Command::new("systemctl")
-        .arg("--user")
-        .arg("--no-pager")
-        .args(args)
-        .output()?;
-    if !output.status.success() {
-        return Err(io::Error::other(format!(
-            "systemctl --user {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -19,9 +19,9 @@
 //! "Recovery").
 
 use std::io;
-use std::process::Command;
 use std::time::Duration;
 
+use crate::manager::{self, systemctl};
 use crate::reconcile::SERVICE;
 
 /// The path unit that runs the reconcile step after each daemon-reload.
@@ -298,16 +298,10 @@ pub fn run() -> io::Result<()> {
         .iter()
         .filter(|s| s.active_state == "failed")
         .collect();
-    let watcher = parse_sockets(&systemctl(&[
-        "show",
-        "-p",
-        "Id",
-        "-p",
-        "ActiveState",
-        "-p",
-        "Result",
-        WATCHER,
-    ])?)
+    let watcher = parse_sockets(&manager::show(
+        &["Id", "ActiveState", "Result"],
+        &[WATCHER],
+    )?)
     .pop()
     .filter(|w| w.active_state == "failed");
     if let Some(watcher) = &watcher {
@@ -411,50 +405,9 @@ fn report_daemon_failure(failed: &[&SocketState]) -> io::Result<()> {
 }
 
 fn show_sockets() -> io::Result<String> {
-    let listing = systemctl(&[
-        "list-units",
-        "--all",
-        "--plain",
-        "--no-legend",
-        "--full",
-        "--type=socket",
-        "qrexec-connect-*.socket",
-    ])?;
-    let names: Vec<&str> = listing
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .collect();
-    if names.is_empty() {
-        return Ok(String::new());
-    }
-    let mut args = vec![
-        "show",
-        "-p",
-        "Id",
-        "-p",
-        "ActiveState",
-        "-p",
-        "Result",
-        "--",
-    ];
-    args.extend(names);
-    systemctl(&args)
-}
-
-fn systemctl(args: &[&str]) -> io::Result<String> {
-    let output = Command::new("systemctl")
-        .arg("--user")
-        .arg("--no-pager")
-        .args(args)
-        .output()?;
-    if !output.status.success() {
-        return Err(io::Error::other(format!(
-            "systemctl --user {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let listed = manager::socket_units()?;
+    let names: Vec<&str> = listed.iter().map(|u| u.name.as_str()).collect();
+    manager::show(&["Id", "ActiveState", "Result"], &names)
 }
 
 /// Time since boot, suspend included.

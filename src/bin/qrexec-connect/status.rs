@@ -15,6 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::process::{Command, ExitCode};
+
+use crate::manager::{self, property};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::policy::{self, PolicyBinding};
@@ -117,37 +119,10 @@ struct Inventory {
     problems: Vec<String>,
 }
 
-fn systemctl(args: &[&str]) -> Option<String> {
-    let output = Command::new("systemctl")
-        .args(["--user", "--no-pager"])
-        .args(args)
-        .output()
-        .ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 fn socket_units() -> Option<Vec<Unit>> {
-    let listing = systemctl(&[
-        "list-units",
-        "--all",
-        "--plain",
-        "--no-legend",
-        "--full",
-        "--type=socket",
-        "qrexec-connect-*.socket",
-    ])?;
-    let names: Vec<&str> = listing
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .collect();
-    if names.is_empty() {
-        return Some(Vec::new());
-    }
-    let mut args = vec!["show"];
-    for property in [
+    let listed = manager::socket_units().ok()?;
+    let names: Vec<&str> = listed.iter().map(|u| u.name.as_str()).collect();
+    let properties = [
         "Id",
         "LoadState",
         "ActiveState",
@@ -156,12 +131,8 @@ fn socket_units() -> Option<Vec<Unit>> {
         "FileDescriptorName",
         "FragmentPath",
         "SourcePath",
-    ] {
-        args.extend(["-p", property]);
-    }
-    args.push("--");
-    args.extend(names);
-    let text = systemctl(&args)?;
+    ];
+    let text = manager::show(&properties, &names).ok()?;
     Some(
         text.split("\n\n")
             .filter_map(|block| {
@@ -187,13 +158,6 @@ fn socket_units() -> Option<Vec<Unit>> {
             })
             .collect(),
     )
-}
-
-fn property(unit: &str, name: &str) -> String {
-    systemctl(&["show", "-p", name, "--value", unit])
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }
 
 /// The state of a unit that is loaded.
