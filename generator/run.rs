@@ -122,7 +122,9 @@ fn report(message: &str) {
 /// (`$XDG_RUNTIME_DIR/qrexec-connect/generated`, see [`GENERATED_FILE`]):
 /// the units now in `out`, except those that a unit file or drop-in of the
 /// same name elsewhere may change. On failure the old record is removed,
-/// so that a stale one is never trusted.
+/// so that a stale one is never trusted. Prefix drop-ins
+/// (`qrexec-connect-.socket.d/`) are not considered: ours sets no address or
+/// fd name, and a user's that does is only applied when the line changes.
 fn write_manifest(dir: &RuntimeDir, out: &Path, bindings: &[Binding]) -> io::Result<()> {
     let overridden = units_elsewhere();
     let mut text = String::new();
