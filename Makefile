@@ -133,7 +133,7 @@ $(SALT_CALL): tests/salt/requirements.txt
 	touch $@
 
 demo:
-	$(CARGO) build --locked -p qrexec-connect -p qrexec-connect-tests
+	$(CARGO) build --locked -p qrexec-connect -p qrexec-connect-generator -p qrexec-connect-tests
 	./demo/run.sh
 
 bench:
