@@ -90,7 +90,8 @@ CLIENT_ARGS=(--no-filter-escape-chars-stdout --filter-escape-chars-stderr --use-
 
 WORK=/run/qrexec-connect-bench   # on the namespace's own tmpfs: gone with it
 RAW=$WORK/raw.tsv
-NETNS=$(readlink /proc/$$/ns/net)
+# shellcheck source=bench/netns.sh
+. bench/netns.sh # (the working directory is the repository)
 MANAGER=
 FWD=
 FWD_ARGS=()
@@ -110,29 +111,14 @@ cleanup() {
     fi
     # Whatever is left in this network namespace was started by this script
     # (doubles, socat children, loadgen): end each by its pid.
-    for dir in /proc/[0-9]*; do
-        pid=${dir#/proc/}
-        [ "$pid" = $$ ] && continue
-        [ "$pid" = "${WATCHDOG:-}" ] && continue
-        [ "$(readlink "$dir/ns/net" 2>/dev/null)" = "$NETNS" ] && kill -KILL "$pid" 2>/dev/null
-    done
+    sweep_namespace "${WATCHDOG:-}"
     [ "${#STARTED[@]}" -gt 0 ] && wait "${!STARTED[@]}" 2>/dev/null
     umount /run 2>/dev/null
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-# Should this script be killed outright (no trap runs), a watchdog outside its
-# process group ends everything in the namespace once the script is gone.
-MAIN=$$
-setsid bash -c '
-    while kill -0 '"$MAIN"' 2>/dev/null; do sleep 1; done
-    for dir in /proc/[0-9]*; do
-        pid=${dir#/proc/}
-        [ "$pid" = $$ ] && continue
-        [ "$(readlink "$dir/ns/net" 2>/dev/null)" = "'"$NETNS"'" ] && kill -KILL "$pid" 2>/dev/null
-    done' </dev/null >/dev/null 2>&1 &
-WATCHDOG=$!
+start_watchdog
 
 ip link set lo up
 # 1,000 live connections: the load tool, the echo server and the manager each

@@ -58,24 +58,16 @@ ECHO_PORT=9000
 FIRST_PORT=20000
 WORK=/run/qrexec-connect-scaling
 RUNTIME=/run/user/0
-NETNS=$(readlink /proc/$$/ns/net)
 RAW=$WORK/raw.tsv
 declare -A KEEP=()
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 
-# Everything in this network namespace but this script (and what KEEP
-# names) was started here: end each by its pid.
-sweep() {
-    local dir pid
-    for dir in /proc/[0-9]*; do
-        pid=${dir#/proc/}
-        [ "$pid" = $$ ] && continue
-        [ -n "${KEEP[$pid]:-}" ] && continue
-        [ "$(readlink "$dir/ns/net" 2>/dev/null)" = "$NETNS" ] && kill -KILL "$pid" 2>/dev/null
-    done
-    return 0
-}
+# shellcheck source=bench/netns.sh
+. bench/netns.sh # (the working directory is the repository)
+# Everything in this network namespace but this script and what KEEP names
+# was started here: end each by its pid.
+sweep() { sweep_namespace "${!KEEP[@]}"; }
 cleanup() {
     set +e
     trap - EXIT INT TERM
@@ -88,16 +80,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-# Killed outright, the script leaves the sweep to a watchdog.
-MAIN=$$
-setsid bash -c '
-    while kill -0 '"$MAIN"' 2>/dev/null; do sleep 1; done
-    for dir in /proc/[0-9]*; do
-        pid=${dir#/proc/}
-        [ "$pid" = $$ ] && continue
-        [ "$(readlink "$dir/ns/net" 2>/dev/null)" = "'"$NETNS"'" ] && kill -KILL "$pid" 2>/dev/null
-    done' </dev/null >/dev/null 2>&1 &
-KEEP[$!]=1
+start_watchdog
+KEEP[$WATCHDOG]=1
 
 ip link set lo up
 mount -t tmpfs -o mode=755 tmpfs /run
