@@ -66,6 +66,18 @@ fn assert_a_reload_still_applies(manager: &UserManager, config: &str, echo: &Ech
     assert_eq!(path_unit, "active", "{}", manager.messages());
 }
 
+/// A manager with one binding that forwards, settled: the echo server behind
+/// it, its config text and the manager.
+fn one_binding(run_units: &[(&str, &str)]) -> (EchoServer, String, UserManager) {
+    let echo = EchoServer::start();
+    let first = free_port();
+    let config = line(first, echo.port);
+    let manager = UserManager::start_with(&[(CONFIG, &config)], run_units);
+    wait_forwarding(first);
+    manager.settle();
+    (echo, config, manager)
+}
+
 /// Issue 9, item 1. The daemon holds every socket's fd and name from the
 /// moment it is started, not from when it reports ready: a reload that
 /// lands while it is still starting must stop it too, or a removed binding
@@ -130,12 +142,7 @@ fn a_reload_while_the_daemon_starts_leaves_no_ghost_binding() {
 /// limit and later reloads are still applied.
 #[test]
 fn a_directory_at_the_reload_flag_does_not_switch_reloads_off() {
-    let echo = EchoServer::start();
-    let first = free_port();
-    let config = line(first, echo.port);
-    let manager = UserManager::start(&[(CONFIG, &config)]);
-    wait_forwarding(first);
-    manager.settle();
+    let (echo, config, manager) = one_binding(&[]);
 
     let flag = manager.ns_path(&format!("{OUR_DIR}/reload-requested"));
     std::fs::create_dir_all(flag.join("planted/deeper")).unwrap();
@@ -155,17 +162,10 @@ fn a_directory_at_the_reload_flag_does_not_switch_reloads_off() {
 /// still finds the flag, because the unit tells it where `%t` is.
 #[test]
 fn reloads_apply_when_the_environment_lacks_xdg_runtime_dir() {
-    let echo = EchoServer::start();
-    let first = free_port();
-    let config = line(first, echo.port);
-    let manager = UserManager::start_with(
-        &[(CONFIG, &config)],
-        &[(
-            "qrexec-connect-reconcile.service.d/no-runtime-dir.conf",
-            "[Service]\nUnsetEnvironment=XDG_RUNTIME_DIR\n",
-        )],
-    );
-    wait_forwarding(first);
+    let (echo, config, manager) = one_binding(&[(
+        "qrexec-connect-reconcile.service.d/no-runtime-dir.conf",
+        "[Service]\nUnsetEnvironment=XDG_RUNTIME_DIR\n",
+    )]);
     // Twice: the first reload may land before the start limit is reached.
     assert_a_reload_still_applies(&manager, &config, &echo);
     let config = std::fs::read_to_string(manager.home.path().join(CONFIG)).unwrap();
@@ -178,12 +178,7 @@ fn reloads_apply_when_the_environment_lacks_xdg_runtime_dir() {
 /// 0700.
 #[test]
 fn reconcile_writes_its_state_privately_and_never_through_a_symlink() {
-    let echo = EchoServer::start();
-    let first = free_port();
-    let config = line(first, echo.port);
-    let manager = UserManager::start(&[(CONFIG, &config)]);
-    wait_forwarding(first);
-    manager.settle();
+    let (echo, config, manager) = one_binding(&[]);
 
     let victim = manager.scratch.path().join("victim.txt");
     std::fs::write(&victim, "precious\n").unwrap();
