@@ -353,3 +353,71 @@ fn a_restarted_daemon_remembers_its_client_mode_until_the_client_changes() {
     assert_eq!(probes(), 2, "a changed client was not probed");
     let _ = std::fs::remove_file(&log);
 }
+
+/// `qrexec-connect status --json` inside the manager's namespace: its rows.
+fn status_rows(manager: &UserManager) -> Vec<String> {
+    let output = run(manager.command("qrexec-connect").args(["status", "--json"]));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Issue 17, item 1. Every LISTEN but `ADDRESS:PORT` gives a unit name
+/// with a `\` (systemd-escape turns `-` and `/` into `\x2d` and `-`), and
+/// `systemctl show` quotes such names in a list (`Wants=`). Each form,
+/// added to a running session by one daemon-reload while the daemon
+/// serves another binding, must listen and answer, and status must not
+/// ask for a reload that would not help.
+#[test]
+fn reload_adds_bindings_whose_unit_names_have_escapes() {
+    let echo = EchoServer::start();
+    let first = free_port();
+    let mut config = line(first, "@default", echo.port);
+    let manager = UserManager::start(&[(CONFIG, &config)]);
+    wait_forwarding(first, b"first", b"first");
+    manager.settle();
+    assert!(manager.main_pid("qrexec-connect.service").is_some());
+
+    let path = manager.scratch.path().join("path-with-dash.sock");
+    let abstract_name = format!("qrexec-connect-test-{}-name-with-dash", std::process::id());
+    let added = [
+        (
+            "%t/qrexec-connect/my-agent".to_owned(),
+            Endpoint::Path(manager.ns_path("/run/user/0/qrexec-connect/my-agent")),
+        ),
+        (path.display().to_string(), Endpoint::Path(path.clone())),
+        (
+            format!("@{abstract_name}"),
+            Endpoint::Abstract(abstract_name),
+        ),
+    ];
+    for (listen, endpoint) in &added {
+        config += &format!("{listen} @default qubes.ConnectTCP+{}\n", echo.port);
+        write_config(&manager, &config);
+        manager.daemon_reload();
+        let data = random_bytes(4096, 17);
+        let answered = wait_for(
+            &format!("{listen}, added by one daemon-reload, to answer"),
+            SETTLE,
+            || round_trip(endpoint.connect().ok()?, data.clone(), LIMIT).ok(),
+        );
+        assert!(answered == data, "{listen}: the answer differs");
+        wait_forwarding(first, b"still", b"still");
+    }
+
+    manager.settle();
+    let rows = status_rows(&manager);
+    for (listen, _) in &added {
+        let row = rows
+            .iter()
+            .find(|row| row.contains(&format!("\"listen\": \"{listen}\"")))
+            .unwrap_or_else(|| panic!("no status row for {listen}:\n{rows:#?}"));
+        assert!(
+            row.contains("\"state\": \"listening\"") && !row.contains("daemon-reload"),
+            "status for {listen}: {row}"
+        );
+    }
+}

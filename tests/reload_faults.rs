@@ -201,3 +201,117 @@ fn reconcile_writes_its_state_privately_and_never_through_a_symlink() {
     let applied = std::fs::symlink_metadata(dir.join("applied")).unwrap();
     assert_eq!(applied.permissions().mode() & 0o777, 0o600, "applied");
 }
+
+/// Issue 17, item 1, second part. `\xff\xfe` (not UTF-8) in one of the
+/// files under `%t/qrexec-connect/` counts as empty: a reconcile run with
+/// the garbage there succeeds, a binding added by daemon-reload answers, and
+/// the file is written anew as text (`rewritten`: who rewrites it when).
+fn garbage_counts_as_empty(file: &str, rewritten: Rewritten) {
+    let (echo, config, manager) = one_binding(&[]);
+    let path = manager.ns_path(&format!("{OUR_DIR}/{file}"));
+    // Put in place whole (a rename), as a reader would meet it.
+    let garbage = manager.ns_path(&format!("{OUR_DIR}/{file}.garbage"));
+    std::fs::write(&garbage, b"\xff\xfe").unwrap();
+    std::fs::rename(&garbage, &path).unwrap();
+
+    // Raised as the generator raises it (unless the garbage is the flag),
+    // so the reconcile step meets the garbage before any generator run
+    // replaces it.
+    let flag = manager.ns_path(&format!("{OUR_DIR}/reload-requested"));
+    if path != flag {
+        std::fs::write(&flag, b"").unwrap();
+    }
+    manager.settle();
+    assert_eq!(
+        manager.property("qrexec-connect-reconcile.service", "Result"),
+        "success",
+        "reconcile with garbage in {file}:\n{}",
+        manager.messages()
+    );
+
+    assert_a_reload_still_applies(&manager, &config, &echo);
+    match rewritten {
+        Rewritten::AsText => wait_for(&format!("{file} to be rewritten as text"), SETTLE, || {
+            let bytes = std::fs::read(&path).ok()?;
+            (!bytes.is_empty() && std::str::from_utf8(&bytes).is_ok()).then_some(())
+        }),
+        Rewritten::Lowered => assert!(!path.exists(), "{file} is still there"),
+    }
+}
+
+/// The recovery step's history (`recovery`) is read only when systemd gave
+/// up on the daemon: garbage there must not keep the bindings down.
+#[test]
+fn garbage_in_the_recovery_history_counts_as_none() {
+    let (echo, config, manager) = one_binding(&[]);
+    let port: u16 = config
+        .split([':', ' '])
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let history = manager.ns_path(&format!("{OUR_DIR}/recovery"));
+    std::fs::write(&history, b"\xff\xfe").unwrap();
+    // Kill the daemon after a connection until systemd stops its sockets
+    // (start limit: 5 starts in 10 s), which starts the recovery step.
+    for _ in 0..5 {
+        wait_forwarding(port);
+        let pid = manager
+            .main_pid("qrexec-connect.service")
+            .expect("the daemon runs after a connection");
+        // SAFETY: kill(2) on the daemon's pid, read from the manager just now.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        wait_for("the manager to notice the kill", SETTLE, || {
+            (manager.main_pid("qrexec-connect.service") != Some(pid)).then_some(())
+        });
+    }
+    let _ = exchange(port, b"sixth start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while exchange(port, b"ping").as_deref() != Some(b"ping") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the binding did not come back by itself:\n{}",
+            manager.messages()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read(&history).unwrap();
+    let text = String::from_utf8(text).expect("the history is rewritten as text");
+    assert!(
+        text.starts_with("1 "),
+        "a first recovery in a row: {text:?}"
+    );
+    assert_a_reload_still_applies(&manager, &config, &echo);
+}
+
+/// What becomes of a state file once a binding was added.
+enum Rewritten {
+    /// Written again, as text, by the reload or the connections after it.
+    AsText,
+    /// Removed (the reload flag).
+    Lowered,
+}
+
+#[test]
+fn garbage_in_the_applied_state_counts_as_empty() {
+    garbage_counts_as_empty("applied", Rewritten::AsText);
+}
+
+#[test]
+fn garbage_in_the_generators_record_counts_as_empty() {
+    garbage_counts_as_empty("generated", Rewritten::AsText);
+}
+
+#[test]
+fn garbage_in_the_remembered_client_mode_counts_as_unknown() {
+    garbage_counts_as_empty("client-mode", Rewritten::AsText);
+}
+
+#[test]
+fn garbage_in_the_published_counters_counts_as_empty() {
+    garbage_counts_as_empty("connections", Rewritten::AsText);
+}
+
+#[test]
+fn garbage_in_the_reload_flag_still_raises_it() {
+    garbage_counts_as_empty("reload-requested", Rewritten::Lowered);
+}

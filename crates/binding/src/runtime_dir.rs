@@ -135,8 +135,11 @@ impl RuntimeDir {
         }
     }
 
-    /// Reads one of our files; `None` if it is missing or is not a regular
-    /// file (a symlink is not followed).
+    /// Reads one of our files; `None` if it is missing, is not a regular
+    /// file (a symlink is not followed; a socket cannot be opened) or is not
+    /// text (UTF-8). Each reader then goes on as without the file (nothing
+    /// applied yet, no record, mode unknown) and its next write replaces it:
+    /// garbage must never stop reloads or recovery (issue 17).
     pub fn read(&self, name: &str) -> io::Result<Option<String>> {
         let path = self.path.join(name);
         let file = OpenOptions::new()
@@ -147,14 +150,15 @@ impl RuntimeDir {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
             Err(e) => return Err(at(&path, e)),
         };
         if !file.metadata()?.file_type().is_file() {
             return Ok(None);
         }
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(|e| at(&path, e))?;
-        Ok(Some(text))
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| at(&path, e))?;
+        Ok(String::from_utf8(bytes).ok())
     }
 
     /// Replaces one of our files with `text`, atomically: readers see the old
@@ -180,7 +184,16 @@ impl RuntimeDir {
         file.write_all(text.as_bytes())
             .map_err(|e| at(&temporary, e))?;
         drop(file);
-        std::fs::rename(&temporary, &path).map_err(|e| at(&path, e))
+        match std::fs::rename(&temporary, &path) {
+            // A directory at the name (left by hand): like the flag, it goes,
+            // or every later write would fail the same way.
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                std::fs::remove_dir_all(&path).map_err(|e| at(&path, e))?;
+                std::fs::rename(&temporary, &path)
+            }
+            other => other,
+        }
+        .map_err(|e| at(&path, e))
     }
 }
 
@@ -267,6 +280,43 @@ mod tests {
         std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join(STATE_FILE)).unwrap();
         assert_eq!(dir.read(STATE_FILE).unwrap(), None);
+    }
+
+    #[test]
+    fn garbage_reads_as_no_file_and_is_replaced_by_the_next_write() {
+        let scratch = Scratch::new("garbage");
+        let dir = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap();
+        let path = dir.path().join(STATE_FILE);
+        std::fs::write(&path, b"\xff\xfe").unwrap();
+        assert_eq!(dir.read(STATE_FILE).unwrap(), None);
+        dir.write_atomically(STATE_FILE, "new\n").unwrap();
+        assert_eq!(dir.read(STATE_FILE).unwrap().as_deref(), Some("new\n"));
+
+        // Text that is UTF-8 up to a cut in the middle of a character.
+        std::fs::write(&path, "caf\u{e9}".as_bytes().split_last().unwrap().1).unwrap();
+        assert_eq!(dir.read(STATE_FILE).unwrap(), None);
+
+        // A socket at the name cannot even be opened.
+        std::fs::remove_file(&path).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(dir.read(STATE_FILE).unwrap(), None);
+        dir.write_atomically(STATE_FILE, "after a socket\n")
+            .unwrap();
+        assert_eq!(
+            dir.read(STATE_FILE).unwrap().as_deref(),
+            Some("after a socket\n")
+        );
+
+        // A directory tree at the name is not a file, and is replaced.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(path.join("a/b")).unwrap();
+        assert_eq!(dir.read(STATE_FILE).unwrap(), None);
+        dir.write_atomically(STATE_FILE, "after a directory\n")
+            .unwrap();
+        assert_eq!(
+            dir.read(STATE_FILE).unwrap().as_deref(),
+            Some("after a directory\n")
+        );
     }
 
     #[test]

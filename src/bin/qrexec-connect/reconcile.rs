@@ -229,11 +229,11 @@ pub fn run(runtime_dir: Option<OsString>) -> io::Result<()> {
     // Only what the plan needs is asked: which sockets sockets.target wants
     // matters for loaded sockets that do not listen, and the daemon's state
     // only when something changed (a no-op reload is one list-units call).
+    // systemctl quotes a wanted unit whose name has an escape (`\x2d`, from
+    // a `-` in a path or abstract name, as in every `%t/qrexec-connect/...`
+    // line): the list is read as systemctl writes it, never split by hand.
     let wanted: Vec<String> = if units.iter().any(|u| u.is_loaded() && !u.is_active()) {
-        systemctl(&["show", "-p", "Wants", "--value", "sockets.target"])?
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect()
+        manager::list_property("sockets.target", "Wants")?
     } else {
         Vec::new()
     };
