@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use qrexec_connect_binding::address::Specifiers;
 use qrexec_connect_generator::config::{Binding, Config};
 use qubes_policy::{
-    check_policy_file, check_policy_file_name, check_policy_line, evaluate, Action, Argument, Call,
-    PolicyLine, Verdict,
+    allowed, check_policy_file, check_policy_file_name, check_policy_line, evaluate,
+    intended_target, Action, Argument, Call, Grant, PolicyLine, Verdict,
 };
 
 /// One README example: a client config, the policy that allows it, the
@@ -190,6 +190,31 @@ fn each_policy_allows_its_client_config_to_the_right_qube() {
     }
 }
 
+/// Each example allows exactly its config's calls, from its client, to its
+/// service qube (a call left to policy redirected there), and nothing else:
+/// no argument, source or target wider than the config asks.
+#[test]
+fn each_policy_allows_exactly_its_client_config() {
+    for example in &EXAMPLES {
+        let rules = policy_rules(example.policy);
+        let expected: std::collections::BTreeSet<Grant> = config_bindings(example.config)
+            .iter()
+            .map(|ConfigLine { binding, .. }| {
+                let destination = binding.destination();
+                let call = Call {
+                    source: example.client,
+                    target: destination.target.as_str(),
+                    service: destination.service.as_str(),
+                };
+                let redirect =
+                    (intended_target(call.target) == "@default").then_some(example.service_qube);
+                Grant::for_call(call, redirect)
+            })
+            .collect();
+        assert_eq!(allowed(&rules), Ok(expected), "{}", example.policy);
+    }
+}
+
 #[test]
 fn each_file_names_its_partner() {
     for example in &EXAMPLES {
@@ -278,6 +303,8 @@ fn the_checker_accepts_valid_rules() {
         "qubes.ConnectTCP +2222 ssh-client @default allow target=ssh-server",
         "qubes.ConnectSSHAgent * ssh-client @default allow target=vault",
         "qubes.ConnectSSHAgent + ssh-client @default ask default_target=vault",
+        "qubes.ConnectSSHAgent + ssh-client @default allow target=vault",
+        "my.Service + work dom0 allow",
         "qubes.ConnectTCP * @anyvm @anyvm deny",
         "qubes.ConnectTCP * @anyvm @anyvm deny notify=no",
         "* * @anyvm @adminvm deny",
@@ -305,6 +332,10 @@ fn the_checker_accepts_valid_rules() {
     let rule =
         check_policy_line("qubes.ConnectNFS +127.0.1.1 nfs-client nfs-server allow").unwrap();
     assert_eq!(rule.argument, Argument::Exactly("127.0.1.1".into()));
+    // A bare `+` is the empty argument, not "any".
+    let rule = check_policy_line("qubes.ConnectSSHAgent + ssh-client @default allow target=vault")
+        .unwrap();
+    assert_eq!(rule.argument, Argument::Exactly(String::new()));
 }
 
 #[test]
@@ -457,4 +488,86 @@ fn evaluation_is_first_match_and_honours_redirects() {
         evaluate(&rules, call("work", "web", "qubes.Other")),
         Ok(Verdict::NoMatch)
     );
+}
+
+/// qrexec evaluates a call without argument as the empty argument: a rule's
+/// `+` matches it (and `SERVICE+`) and nothing else, `*` every argument.
+#[test]
+fn a_bare_plus_matches_only_the_call_without_argument() {
+    let rules: Vec<PolicyLine> = [
+        "qubes.ConnectTCP + work ssh-server allow",
+        "my.Service * work vault allow",
+    ]
+    .iter()
+    .map(|l| check_policy_line(l).unwrap())
+    .collect();
+    let verdict = |target, service| {
+        evaluate(
+            &rules,
+            Call {
+                source: "work",
+                target,
+                service,
+            },
+        )
+        .unwrap()
+    };
+    let allow = |qube: &str| Verdict::Allow { qube: qube.into() };
+    assert_eq!(
+        verdict("ssh-server", "qubes.ConnectTCP"),
+        allow("ssh-server")
+    );
+    assert_eq!(
+        verdict("ssh-server", "qubes.ConnectTCP+"),
+        allow("ssh-server")
+    );
+    assert_eq!(
+        verdict("ssh-server", "qubes.ConnectTCP+22"),
+        Verdict::NoMatch
+    );
+    assert_eq!(verdict("vault", "my.Service"), allow("vault"));
+    assert_eq!(verdict("vault", "my.Service+anything"), allow("vault"));
+}
+
+/// `allowed` keeps wildcards as wildcards, reads `dom0` as `@adminvm` and
+/// `$`-targets as qrexec-client-vm sends them, and refuses to compute a set
+/// that depends on first match or on a person.
+#[test]
+fn the_allowed_set_keeps_wildcards_and_refuses_to_guess() {
+    let rules = |lines: &[&str]| -> Vec<PolicyLine> {
+        lines
+            .iter()
+            .map(|l| check_policy_line(l).unwrap())
+            .collect()
+    };
+    let call = |target, service| Call {
+        source: "work",
+        target,
+        service,
+    };
+    let set = allowed(&rules(&[
+        "qubes.ConnectTCP * work ssh-server allow",
+        "qubes.ConnectTCP + work ssh-server allow",
+        "my.Service + work dom0 allow",
+        "my.Agent +x work @default allow target=vault",
+        "qubes.ConnectTCP * @anyvm @anyvm deny",
+    ]))
+    .unwrap();
+    let wildcard = Grant {
+        argument: Argument::Any,
+        ..Grant::for_call(call("ssh-server", "qubes.ConnectTCP"), None)
+    };
+    let expected = [
+        wildcard,
+        Grant::for_call(call("ssh-server", "qubes.ConnectTCP"), None),
+        Grant::for_call(call("$adminvm", "my.Service+"), None),
+        Grant::for_call(call("$default", "my.Agent+x"), Some("vault")),
+    ];
+    assert_eq!(set, expected.into_iter().collect());
+    assert!(allowed(&rules(&[
+        "qubes.ConnectTCP +22 work b deny",
+        "qubes.ConnectTCP +22 work b allow"
+    ]))
+    .is_err());
+    assert!(allowed(&rules(&["qubes.ConnectTCP +22 work b ask"])).is_err());
 }

@@ -33,6 +33,20 @@
 //! [`evaluate`] answers "what does this policy do with this call?" for rules
 //! that name qubes (or use `@anyvm`/`@default`); it refuses to guess for
 //! tokens that need qube properties (tags, types, disposables).
+//!
+//! [`allowed`] answers "what does this file allow?": the set of
+//! [`Grant`]s, each a (service, argument, source, target) pattern and where
+//! the call then runs. Two files of allow rules with equal sets allow
+//! exactly the same calls; a wildcard (`*` argument, `@anyvm`, `@tag:x`)
+//! stays a wildcard in the set, so it can never equal a set of single
+//! calls. [`Grant::for_call`] gives the one grant a binding's call needs,
+//! so a test can compare what a policy allows with what a config asked.
+//!
+//! Arguments as qrexec reads them (`parse_service_and_argument` in
+//! qrexec's parser): a call `SERVICE` without `+` is evaluated with the
+//! empty argument, exactly like `SERVICE+`; a rule's `+` alone matches only
+//! that, `+ARG` only `ARG`, and `*` every argument. The name `dom0` is read
+//! as `@adminvm`, in a rule and in a call.
 
 use std::fmt;
 
@@ -56,7 +70,7 @@ pub struct PolicyLine {
     pub params: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Argument {
     /// `*`: any argument, or none.
     Any,
@@ -292,7 +306,8 @@ fn check_token(token: &str, place: Place) -> Result<String, String> {
     };
     use Place::*;
     match token {
-        "@adminvm" => return valid_here(&[Source, Target, Redirect]),
+        // qrexec reads the name dom0 as @adminvm.
+        "@adminvm" | "dom0" => return valid_here(&[Source, Target, Redirect]),
         "@anyvm" => return valid_here(&[Source, Target]),
         "@default" => return valid_here(&[Target]),
         "@dispvm" => return valid_here(&[Target, Redirect]),
@@ -373,10 +388,7 @@ pub fn evaluate(rules: &[PolicyLine], call: Call<'_>) -> Result<Verdict, String>
         Some((service, argument)) => (service, argument),
         None => (call.service, ""),
     };
-    let requested = match call.target {
-        "" | "$default" => "@default".to_owned(),
-        other => other.replacen('$', "@", 1),
-    };
+    let requested = intended_target(call.target);
     for rule in rules {
         if rule.service.as_deref().is_some_and(|s| s != service) {
             continue;
@@ -388,7 +400,7 @@ pub fn evaluate(rules: &[PolicyLine], call: Call<'_>) -> Result<Verdict, String>
         }
         let source_matches = match rule.source.as_str() {
             "@anyvm" => true,
-            "@adminvm" => call.source == "dom0",
+            "@adminvm" | "dom0" => call.source == "dom0",
             s if s.starts_with('@') => {
                 return Err(format!("cannot tell whether {s} matches {}", call.source))
             }
@@ -397,9 +409,9 @@ pub fn evaluate(rules: &[PolicyLine], call: Call<'_>) -> Result<Verdict, String>
         if !source_matches {
             continue;
         }
-        let target_matches = match rule.target.as_str() {
+        let target_matches = match alias(&rule.target) {
             "@anyvm" => requested != "@adminvm",
-            "@default" | "@adminvm" | "@dispvm" => rule.target == requested,
+            token @ ("@default" | "@adminvm" | "@dispvm") => token == requested,
             t if t.starts_with('@') => {
                 return Err(format!("cannot tell whether {t} matches {requested}"))
             }
@@ -412,7 +424,9 @@ pub fn evaluate(rules: &[PolicyLine], call: Call<'_>) -> Result<Verdict, String>
             Action::Deny => Verdict::Deny,
             Action::Ask => Verdict::Ask,
             Action::Allow => {
-                let qube = rule.param("target").unwrap_or(&requested).to_owned();
+                let qube = rule
+                    .param("target")
+                    .map_or(requested, |q| alias(q).to_owned());
                 if qube == "@default" {
                     // qrexec: "no target is specified by caller or policy".
                     Verdict::Deny
@@ -423,4 +437,111 @@ pub fn evaluate(rules: &[PolicyLine], call: Call<'_>) -> Result<Verdict, String>
         });
     }
     Ok(Verdict::NoMatch)
+}
+
+/// A token as qrexec reads it: `dom0` is `@adminvm`.
+fn alias(token: &str) -> &str {
+    if token == "dom0" {
+        "@adminvm"
+    } else {
+        token
+    }
+}
+
+/// The target of a call as dom0 receives it: qrexec-client-vm turns every
+/// `$` into `@`, an empty target is `@default`, and `dom0` is `@adminvm`.
+pub fn intended_target(asked: &str) -> String {
+    match asked.replace('$', "@").as_str() {
+        "" => "@default".to_owned(),
+        other => alias(other).to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What a file allows
+// ---------------------------------------------------------------------------
+
+/// One pattern of calls an allow rule lets through.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Grant {
+    /// `None` for `*`: every service.
+    pub service: Option<String>,
+    /// `Exactly("")` for a call without argument (or with an empty one).
+    pub argument: Argument,
+    /// A qube name, or a keyword that stands for several (`@anyvm`,
+    /// `@tag:x`, ...).
+    pub source: String,
+    /// The target the call asks for: a qube name or a keyword.
+    pub target: String,
+    /// `target=`: the qube (or `@dispvm:VM`) the call runs in instead.
+    pub redirect: Option<String>,
+}
+
+impl Grant {
+    /// The grant that allows exactly `call` (as qrexec-client-vm makes it),
+    /// run in `redirect` when given.
+    pub fn for_call(call: Call<'_>, redirect: Option<&str>) -> Grant {
+        let (service, argument) = match call.service.split_once('+') {
+            Some((service, argument)) => (service, argument),
+            None => (call.service, ""),
+        };
+        Grant {
+            service: Some(service.to_owned()),
+            argument: Argument::Exactly(argument.to_owned()),
+            source: alias(call.source).to_owned(),
+            target: intended_target(call.target),
+            redirect: redirect.map(|qube| alias(qube).to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let argument = match &self.argument {
+            Argument::Any => "*".to_owned(),
+            Argument::Exactly(arg) => format!("+{arg}"),
+        };
+        write!(
+            f,
+            "{} {argument} from {} to {}",
+            self.service.as_deref().unwrap_or("*"),
+            self.source,
+            self.target
+        )?;
+        if let Some(qube) = &self.redirect {
+            write!(f, ", run in {qube}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The set of calls `rules` allow, for files of allow rules, optionally
+/// followed by deny rules (which take nothing from the allow rules before
+/// them: the first match wins). An allow rule after a deny, or an `ask`
+/// rule, makes the set depend on more than the rules' patterns; that is an
+/// error, not a guess.
+pub fn allowed(rules: &[PolicyLine]) -> Result<std::collections::BTreeSet<Grant>, String> {
+    let mut grants = std::collections::BTreeSet::new();
+    let mut denied = None;
+    for rule in rules {
+        match rule.action {
+            Action::Ask => return Err(format!("{rule}: ask allows on a person's answer")),
+            Action::Deny => denied = Some(rule),
+            Action::Allow => {
+                if let Some(deny) = denied {
+                    return Err(format!(
+                        "{rule} follows {deny}: what it allows depends on the deny rule"
+                    ));
+                }
+                grants.insert(Grant {
+                    service: rule.service.clone(),
+                    argument: rule.argument.clone(),
+                    source: alias(&rule.source).to_owned(),
+                    target: alias(&rule.target).to_owned(),
+                    redirect: rule.param("target").map(|qube| alias(qube).to_owned()),
+                });
+            }
+        }
+    }
+    Ok(grants)
 }

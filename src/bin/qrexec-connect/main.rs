@@ -159,7 +159,7 @@ fn main() -> ExitCode {
     // Subcommands come first and are one arm each.
     match first.as_ref().and_then(|a| a.to_str()) {
         Some("status") => return status::status(&args.collect::<Vec<_>>()),
-        Some("policy") => return status::policy(&args.collect::<Vec<_>>()),
+        Some("policy") => return policy::run(&args.collect::<Vec<_>>()),
         Some("recover") => {
             return match recover::run() {
                 Ok(()) => ExitCode::SUCCESS,

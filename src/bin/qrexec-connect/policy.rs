@@ -1,30 +1,60 @@
 //! The dom0 policy a client qube's bindings need (`qrexec-connect policy`).
 //!
-//! One rule per distinct call, in the R4.1+ format of
-//! `/etc/qubes/policy.d/*.policy`:
+//! dom0's policy is the Qubes security boundary, so the one promise here is
+//! that the rules never allow more than the bindings ask for: every rule
+//! allows exactly one call a binding makes, from exactly this qube. The
+//! format is the R4.1+ one of `/etc/qubes/policy.d/*.policy`, and the lines
+//! follow `docs/policy-lines.md`, shared with the Salt formula:
 //!
 //! ```text
 //! SERVICE +ARGUMENT SOURCE TARGET allow [target=QUBE]
 //! ```
 //!
-//! The lines follow `docs/policy-lines.md`, shared with the Salt formula:
-//! the argument is written exactly (`+22`); a service without one gets `*`
-//! (qrexec runs `SERVICE` for any `SERVICE+ARG` call that has no file of
-//! its own, so `+` alone would refuse nothing the service answers
-//! differently).
-//! A binding whose target is left to policy (`@default`, `''`) gets
-//! `@default allow target=…` with a placeholder qube and a comment saying
-//! to choose it: only the dom0 administrator knows which qube serves it.
+//! * ARGUMENT is the binding's argument, exactly; a binding without one
+//!   calls the service without one, and qrexec reads the rule's bare `+`
+//!   as exactly that call (`*` would allow every argument: any port of
+//!   `qubes.ConnectTCP`, any client's address of `qubes.ConnectNFS`). A
+//!   service whose argument is a right ([`PINNED_SERVICES`]) must have one:
+//!   the policy is refused, naming the binding's `FILE:LINE`.
+//! * SOURCE is a qube name by the project's one rule ([`is_vm_name`]), from
+//!   `--source` or `qubesdb-read /name`; anything else (`@anyvm`, `*`,
+//!   `@tag:x`, an empty name, a newline) is refused before anything is
+//!   printed, since it would widen the rule to other qubes or break the
+//!   line. `dom0` is refused too: qrexec reads that name as `@adminvm`.
+//! * TARGET is the token that means the qube the binding asks for, as
+//!   qrexec-client-vm passes it to dom0: `$` becomes `@` (so `$default` is
+//!   written `@default`, not as a qube named `$default`), `dom0` is written
+//!   `@adminvm`, and a target left to policy (`''`, `@default`) gets
+//!   `@default allow target=CHOOSE-A-QUBE` with a comment saying to choose
+//!   it: only the dom0 administrator knows which qube serves it.
+//!
+//! Every text from outside that goes into a comment (a LISTEN, a config
+//! file's `FILE:LINE`, a unit file's path) passes through the project's one
+//! [`printable`] rule, so no control, bidi or invisible character reaches
+//! the file and no comment can carry a second line.
+//!
 //! A service that is not part of Qubes gets a comment on what its service
 //! qube needs. Unlike the Salt formula's file, which holds every client's
 //! rules, this one holds one qube's: it ends with no `qubes.ConnectNFS *
-//! @anyvm @anyvm deny`, which would refuse the other clients' rules in
-//! files that sort after it.
+//! @anyvm @anyvm deny`, which would refuse the other clients' rules in files
+//! that sort after it.
+//!
+//! The bindings are the config's (read with the generator's own grammar)
+//! plus hand-written `qrexec-connect-*.socket` units, which only the user
+//! manager knows of: one `list-units`, then `systemctl show` only for the
+//! units the config does not name (`show` costs milliseconds per unit, so
+//! asking it about every generated unit made 2,000 bindings take seconds).
 
-use std::collections::BTreeSet;
-use std::fmt::Write as _;
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::OsString;
+use std::fmt::{self, Write as _};
+use std::process::{Command, ExitCode};
 
-use qrexec_connect_binding::destination::Destination;
+use qrexec_connect_binding::address::Specifiers;
+use qrexec_connect_binding::destination::{is_vm_name, Destination, MAX_VM_NAME};
+use qrexec_connect_generator::config::{printable, Config, ConfigDirs};
+
+use crate::manager;
 
 /// What the policy needs of one binding.
 #[derive(Debug, Clone)]
@@ -42,49 +72,151 @@ pub const CHOOSE: &str = "CHOOSE-A-QUBE";
 /// The file name the output is meant for, in dom0.
 pub const POLICY_FILE: &str = "/etc/qubes/policy.d/30-qrexec-connect.policy";
 
-/// Renders the policy for the qube named `source_qube`.
-pub fn render(source_qube: &str, bindings: &[PolicyBinding]) -> String {
+/// Services whose argument is a right of its own: `qubes.ConnectNFS`'s is
+/// the address the NFS server sees the client as, which decides the
+/// exports it gets. A binding of one without an argument is refused, as
+/// the Salt formula refuses it.
+pub const PINNED_SERVICES: [&str; 1] = ["qubes.ConnectNFS"];
+
+/// Exit status for a bad command line (LSB "invalid argument").
+const EXIT_USAGE: u8 = 2;
+
+const USAGE: &str = "Usage: qrexec-connect policy [--source NAME]";
+
+/// The rule a `--source` name or this qube's name must follow.
+fn qube_name_rule() -> String {
+    format!(
+        "a qube name is a letter, then letters, digits, '_' or '-', at most {MAX_VM_NAME} \
+         characters (not a keyword such as @anyvm, not *, not dom0)"
+    )
+}
+
+/// The SOURCE of every rule: a qube name, checked once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QubeName(String);
+
+impl QubeName {
+    /// Accepts only a qube name ([`is_vm_name`]), and not `dom0`, which
+    /// qrexec reads as the keyword `@adminvm` (and which runs no bindings).
+    pub fn parse(text: &str) -> Result<QubeName, PolicyError> {
+        if is_vm_name(text) && text != "dom0" {
+            Ok(QubeName(text.to_owned()))
+        } else {
+            Err(PolicyError::NotAQubeName {
+                given: printable(text.as_bytes()),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why no policy is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyError {
+    /// The source is not a qube name (shown printable).
+    NotAQubeName { given: String },
+    /// A binding of a [pinned](PINNED_SERVICES) service without argument.
+    MissingArgument { service: String, source: String },
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyError::NotAQubeName { given } => {
+                write!(f, "\"{given}\" is not a qube name: {}", qube_name_rule())
+            }
+            PolicyError::MissingArgument { service, source } => write!(
+                f,
+                "{source}: {service} needs its argument, the address the NFS server sees this \
+                 client as ({service}+ADDRESS): without one it is no binding dom0 should allow"
+            ),
+        }
+    }
+}
+
+/// The TARGET column for a binding, and the `target=` it needs: the token
+/// that means exactly the qube the call asks for, as dom0 receives it.
+fn target_tokens(destination: &Destination) -> (String, Option<&'static str>) {
+    // qrexec-client-vm turns every `$` into `@` before asking dom0.
+    let asked = destination.target.as_str().replace('$', "@");
+    match asked.as_str() {
+        "" | "@default" => ("@default".to_owned(), Some(CHOOSE)),
+        // qrexec reads the name dom0 as @adminvm, in a call and in a rule.
+        "dom0" => ("@adminvm".to_owned(), None),
+        _ => (asked, None),
+    }
+}
+
+/// The SERVICE and ARGUMENT columns: the argument exactly, `+` alone for
+/// none (qrexec evaluates a call without argument as the empty argument).
+fn service_columns(destination: &Destination) -> (&str, &str) {
+    let service = destination.service.as_str();
+    match service.split_once('+') {
+        Some((name, _)) => (name, &service[name.len()..]),
+        None => (service, "+"),
+    }
+}
+
+/// The policy for `source`'s `bindings`: one rule per distinct call, in
+/// the order of the bindings; refused if any binding cannot be allowed
+/// exactly.
+pub fn rules(source: &QubeName, bindings: &[PolicyBinding]) -> Result<String, PolicyError> {
+    let source = source.as_str();
     let mut text = format!(
-        "# qrexec-connect: what {source_qube} may call, one rule per binding.\n\
+        "# qrexec-connect: what {source} may call, one rule per binding.\n\
          # Install in dom0 as {POLICY_FILE}\n"
     );
     if bindings.is_empty() {
         text += "# (no bindings)\n";
-        return text;
+        return Ok(text);
     }
-    let mut written = BTreeSet::new();
-    let mut notes = BTreeSet::new();
+    let mut written = HashSet::new();
+    let mut services = BTreeSet::new();
     for binding in bindings {
-        let service = binding.destination.service.as_str();
-        let (name, argument) = match service.split_once('+') {
-            Some((name, argument)) => (name, format!("+{argument}")),
-            None => (service, "*".to_owned()),
-        };
-        let (target, params) = match binding.destination.target.as_str() {
-            "" | "@default" => ("@default", format!(" target={CHOOSE}")),
-            other => (other, String::new()),
-        };
-        let rule = format!("{name} {argument} {source_qube} {target} allow{params}");
-        if !written.insert(rule.clone()) {
+        let (name, argument) = service_columns(&binding.destination);
+        if argument == "+" && PINNED_SERVICES.contains(&name) {
+            return Err(PolicyError::MissingArgument {
+                service: name.to_owned(),
+                source: printable(binding.source.as_bytes()),
+            });
+        }
+        let (target, redirect) = target_tokens(&binding.destination);
+        let mut rule = format!("{name} {argument} {source} {target} allow");
+        if let Some(qube) = redirect {
+            let _ = write!(rule, " target={qube}");
+        }
+        if written.contains(&rule) {
             continue;
         }
-        if !params.is_empty() {
+        if redirect.is_some() {
             let _ = writeln!(
                 text,
                 "# {} ({}) leaves the qube to policy: replace {CHOOSE} with the qube that serves it.",
-                binding.listen, binding.source
+                printable(binding.listen.as_bytes()),
+                printable(binding.source.as_bytes())
             );
         }
         text += &rule;
         text.push('\n');
-        if let Some(note) = service_note(name) {
-            notes.insert(note);
-        }
+        written.insert(rule);
+        services.insert(name);
     }
-    for note in notes {
+    for note in services.into_iter().filter_map(service_note) {
         text += &note;
     }
-    text
+    Ok(text)
+}
+
+/// [`rules`] for one-line uses (`status`'s hints): the policy, or, when it
+/// cannot be written, a comment saying why (never a rule).
+pub fn render(source_qube: &str, bindings: &[PolicyBinding]) -> String {
+    match QubeName::parse(source_qube).and_then(|source| rules(&source, bindings)) {
+        Ok(text) => text,
+        Err(error) => format!("# {}\n", printable(error.to_string().as_bytes())),
+    }
 }
 
 /// What the service qube needs for a service that Qubes does not ship.
@@ -103,6 +235,189 @@ fn service_note(name: &str) -> Option<String> {
     }
 }
 
+/// `qrexec-connect policy [--source NAME]`: the dom0 policy for this qube's
+/// bindings on stdout, or nothing there and why on stderr. 0; 1 when the
+/// name of this qube or a binding is wrong; 2 for a bad argument.
+pub fn run(args: &[OsString]) -> ExitCode {
+    let given = match source_argument(args) {
+        Ok(given) => given,
+        Err(message) => {
+            eprintln!("qrexec-connect policy: {message}\n{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let source = match given {
+        Some(given) => match QubeName::parse(&given) {
+            Ok(source) => source,
+            Err(error) => {
+                eprintln!("qrexec-connect policy: --source {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => match own_name() {
+            Ok(source) => source,
+            Err(message) => {
+                eprintln!("qrexec-connect policy: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let bindings = bindings();
+    match rules(&source, &bindings) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("qrexec-connect policy: {error}; no policy written");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The value of `--source NAME` or `--source=NAME`, if given; a missing or
+/// repeated value, or any other argument, is an error.
+fn source_argument(args: &[OsString]) -> Result<Option<String>, String> {
+    let mut source = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let bytes = arg.as_encoded_bytes();
+        let value = if bytes == b"--source" {
+            args.next()
+                .ok_or_else(|| "--source needs a qube name".to_owned())?
+                .as_encoded_bytes()
+        } else if let Some(value) = bytes.strip_prefix(b"--source=") {
+            value
+        } else {
+            return Err(format!("unknown argument \"{}\"", printable(bytes)));
+        };
+        let value = std::str::from_utf8(value).map_err(|_| {
+            format!(
+                "--source \"{}\" is not UTF-8: {}",
+                printable(value),
+                qube_name_rule()
+            )
+        })?;
+        if source.replace(value.to_owned()).is_some() {
+            return Err("--source is given twice".to_owned());
+        }
+    }
+    Ok(source)
+}
+
+/// This qube's name, from `qubesdb-read /name`, checked like `--source`.
+fn own_name() -> Result<QubeName, String> {
+    let unknown = "cannot tell this qube's name ('qubesdb-read /name' failed): give it with \
+                   --source NAME";
+    let output = Command::new("qubesdb-read")
+        .arg("/name")
+        .output()
+        .map_err(|_| unknown.to_owned())?;
+    if !output.status.success() {
+        return Err(unknown.to_owned());
+    }
+    // qubesdb-read ends the value with one newline.
+    let name = output.stdout.strip_suffix(b"\n").unwrap_or(&output.stdout);
+    let parsed = match std::str::from_utf8(name) {
+        Ok(name) => QubeName::parse(name),
+        Err(_) => Err(PolicyError::NotAQubeName {
+            given: printable(name),
+        }),
+    };
+    parsed.map_err(|error| {
+        format!("'qubesdb-read /name' gave {error}; give the name with --source NAME")
+    })
+}
+
+/// The bindings the policy allows: the config's, then hand-written units'.
+/// Config lines that are not bindings get no rule; stderr says how many.
+fn bindings() -> Vec<PolicyBinding> {
+    let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
+    let skipped = config
+        .problems
+        .iter()
+        .filter(|problem| !problem.is_warning())
+        .count();
+    if skipped > 0 {
+        eprintln!(
+            "qrexec-connect policy: {skipped} problem(s) in the config: lines or files that are \
+             not bindings get no rule ('qrexec-connect-generator --check' lists them)"
+        );
+    }
+    let mut bindings: Vec<PolicyBinding> = config
+        .bindings
+        .iter()
+        .map(|binding| PolicyBinding {
+            listen: binding.listen().to_string(),
+            source: binding.source().to_string(),
+            destination: binding.destination().clone(),
+        })
+        .collect();
+    let config_units: HashSet<&str> = config.bindings.iter().map(|b| b.unit_name()).collect();
+    match hand_written(&config_units) {
+        Ok(units) => bindings.extend(units),
+        Err(error) => eprintln!(
+            "qrexec-connect policy: hand-written units are left out: {}",
+            printable(error.to_string().as_bytes())
+        ),
+    }
+    bindings
+}
+
+/// The `qrexec-connect-*.socket` units that are not the config's and not
+/// generated, and that are loaded or still listening: socket units written
+/// by hand, with a `FileDescriptorName=` the daemon accepts.
+fn hand_written(config_units: &HashSet<&str>) -> std::io::Result<Vec<PolicyBinding>> {
+    let listed = manager::socket_units()?;
+    let others: Vec<&str> = listed
+        .iter()
+        .map(|unit| unit.name.as_str())
+        .filter(|name| !config_units.contains(name))
+        .collect();
+    let properties = [
+        "Id",
+        "LoadState",
+        "ActiveState",
+        "Listen",
+        "FileDescriptorName",
+        "FragmentPath",
+    ];
+    let text = manager::show(&properties, &others)?;
+    Ok(text.split("\n\n").filter_map(hand_written_unit).collect())
+}
+
+/// One block of `systemctl show`, if it is a hand-written binding.
+fn hand_written_unit(block: &str) -> Option<PolicyBinding> {
+    let (mut load, mut active, mut fd_name, mut fragment) = ("", "", None, "");
+    let mut listen = Vec::new();
+    for line in block.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        match key {
+            "LoadState" => load = value,
+            "ActiveState" => active = value,
+            // Unit files cannot hold a second one; two mean a garbled block.
+            "FileDescriptorName" if fd_name.is_some() => return None,
+            "FileDescriptorName" => fd_name = Some(value),
+            "FragmentPath" => fragment = value,
+            // `ADDRESS (TYPE)`, one line per address.
+            "Listen" => listen.push(value.rsplit_once(" (").map_or(value, |(a, _)| a)),
+            _ => {}
+        }
+    }
+    let generated = fragment.contains("/systemd/generator");
+    let gone = load != "loaded" && matches!(active, "inactive" | "failed" | "");
+    if generated || gone {
+        return None;
+    }
+    Some(PolicyBinding {
+        listen: listen.join(" "),
+        source: fragment.to_owned(),
+        destination: Destination::from_fd_name(fd_name?).ok()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,23 +430,31 @@ mod tests {
         }
     }
 
+    fn rule_lines(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    fn work() -> QubeName {
+        QubeName::parse("work").unwrap()
+    }
+
     #[test]
     fn one_exact_rule_per_call() {
-        let text = render(
-            "work",
+        let text = rules(
+            &work(),
             &[
                 binding("127.0.0.1:2222", "ssh-server qubes.ConnectTCP+22"),
                 binding("[::1]:2222", "ssh-server qubes.ConnectTCP+22"),
                 binding("%t/agent", "@default qubes.ConnectSSHAgent"),
                 binding("127.0.0.1:2049", "nfs qubes.ConnectNFS+127.0.1.1"),
             ],
-        );
-        let rules: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        )
+        .unwrap();
         assert_eq!(
-            rules,
+            rule_lines(&text),
             [
                 "qubes.ConnectTCP +22 work ssh-server allow",
-                "qubes.ConnectSSHAgent * work @default allow target=CHOOSE-A-QUBE",
+                "qubes.ConnectSSHAgent + work @default allow target=CHOOSE-A-QUBE",
                 "qubes.ConnectNFS +127.0.1.1 work nfs allow",
             ]
         );
@@ -139,5 +462,129 @@ mod tests {
         assert!(text.contains("/etc/qubes-rpc/qubes.ConnectSSHAgent as a symlink"));
         assert!(text.contains("install the qrexec-connect-nfs package"));
         assert!(!text.contains("qubes.ConnectTCP is not part"));
+    }
+
+    #[test]
+    fn every_target_spelling_gets_the_token_that_means_it() {
+        for (fd_name, rule) in [
+            ("'' s", "s + work @default allow target=CHOOSE-A-QUBE"),
+            ("@default s", "s + work @default allow target=CHOOSE-A-QUBE"),
+            ("$default s", "s + work @default allow target=CHOOSE-A-QUBE"),
+            ("@dispvm s", "s + work @dispvm allow"),
+            ("$dispvm s", "s + work @dispvm allow"),
+            ("@dispvm:tpl s", "s + work @dispvm:tpl allow"),
+            ("$dispvm:tpl s", "s + work @dispvm:tpl allow"),
+            ("@adminvm s", "s + work @adminvm allow"),
+            ("$adminvm s", "s + work @adminvm allow"),
+            ("dom0 s", "s + work @adminvm allow"),
+            ("vault s", "s + work vault allow"),
+            ("vault s+", "s + work vault allow"),
+            ("vault s+a+b", "s +a+b work vault allow"),
+        ] {
+            let text = rules(&work(), &[binding("%t/x", fd_name)]).unwrap();
+            assert_eq!(rule_lines(&text), [rule], "{fd_name}");
+        }
+    }
+
+    #[test]
+    fn a_source_must_be_a_qube_name() {
+        for bad in [
+            "",
+            "@anyvm",
+            "*",
+            "@tag:x",
+            "$anyvm",
+            "dom0",
+            "@adminvm",
+            "work srv allow\nqubes.ConnectTCP * @anyvm @anyvm",
+            "work\n",
+            " work",
+            "1work",
+            "wörk",
+            &"a".repeat(MAX_VM_NAME + 1),
+        ] {
+            let error = QubeName::parse(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("a qube name is a letter"),
+                "{bad:?}: {error}"
+            );
+            assert!(!error.contains('\n'), "{bad:?}: {error}");
+        }
+        QubeName::parse(&"a".repeat(MAX_VM_NAME)).unwrap();
+    }
+
+    #[test]
+    fn a_pinned_service_without_argument_is_refused() {
+        for fd_name in ["nfs qubes.ConnectNFS", "nfs qubes.ConnectNFS+"] {
+            let error = rules(&work(), &[binding("127.0.0.1:2049", fd_name)]).unwrap_err();
+            assert!(error
+                .to_string()
+                .starts_with("/home/user/.config/qrexec-connect/a.conf:1: "));
+        }
+    }
+
+    #[test]
+    fn comments_show_outside_text_printable() {
+        let mut hostile = binding("%t/\u{202e}x\u{200b}", "'' s");
+        hostile.source = "/tmp/a\nqubes.ConnectTCP * @anyvm @anyvm allow\r.socket".into();
+        let text = rules(&work(), &[hostile]).unwrap();
+        assert!(
+            text.contains("%t/\\u{202e}x\\u{200b} (/tmp/a\\x0aqubes"),
+            "{text}"
+        );
+        assert_eq!(
+            rule_lines(&text),
+            ["s + work @default allow target=CHOOSE-A-QUBE"]
+        );
+        assert!(!text.contains(['\r', '\u{202e}', '\u{200b}']));
+    }
+
+    #[test]
+    fn a_hint_never_shows_a_rule_it_cannot_write() {
+        let text = render("@anyvm", &[binding("%t/x", "vault s")]);
+        assert_eq!(rule_lines(&text), Vec::<&str>::new(), "{text}");
+        assert!(
+            text.starts_with("# \"@anyvm\" is not a qube name"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn arguments_are_read_strictly() {
+        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(source_argument(&args(&[])), Ok(None));
+        assert_eq!(
+            source_argument(&args(&["--source", "work"])),
+            Ok(Some("work".into()))
+        );
+        assert_eq!(
+            source_argument(&args(&["--source=work"])),
+            Ok(Some("work".into()))
+        );
+        assert_eq!(source_argument(&args(&["--source="])), Ok(Some("".into())));
+        assert!(source_argument(&args(&["--source"])).is_err());
+        assert!(source_argument(&args(&["--source", "a", "--source=b"])).is_err());
+        assert!(source_argument(&args(&["--json"])).is_err());
+    }
+
+    #[test]
+    fn hand_written_units_are_read_from_show_blocks() {
+        let block = "Id=qrexec-connect-hand.socket\nLoadState=loaded\nActiveState=active\n\
+                     Listen=/run/user/1000/hand (Stream)\nFileDescriptorName=vault svc+1\n\
+                     FragmentPath=/home/u/.config/systemd/user/qrexec-connect-hand.socket";
+        let binding = hand_written_unit(block).unwrap();
+        assert_eq!(binding.listen, "/run/user/1000/hand");
+        assert_eq!(binding.destination.to_string(), "vault svc+1");
+        let generated = block.replace(
+            "/home/u/.config/systemd/user",
+            "/run/user/1000/systemd/generator",
+        );
+        assert!(hand_written_unit(&generated).is_none());
+        let twice = format!("{block}\nFileDescriptorName=@anyvm svc");
+        assert!(hand_written_unit(&twice).is_none());
+        let gone = block
+            .replace("LoadState=loaded", "LoadState=not-found")
+            .replace("=active", "=inactive");
+        assert!(hand_written_unit(&gone).is_none());
     }
 }

@@ -1,6 +1,5 @@
-//! `qrexec-connect status` and `qrexec-connect policy`: what each binding
-//! is doing, and the dom0 policy the bindings need, without reading the
-//! journal.
+//! `qrexec-connect status`: what each binding is doing, without reading the
+//! journal (`qrexec-connect policy` is in `policy.rs`).
 //!
 //! Three sources, each the truth for its part, and never the journal's text:
 //! * the config files, read with the generator's own grammar: what should
@@ -110,11 +109,9 @@ impl Row {
     }
 }
 
-/// Everything status and policy know about the bindings.
+/// Everything status knows about the bindings.
 struct Inventory {
     rows: Vec<Row>,
-    /// Valid bindings (config and hand-written), for the policy.
-    bindings: Vec<PolicyBinding>,
     /// Problems that affect every binding.
     problems: Vec<String>,
 }
@@ -209,7 +206,6 @@ fn inventory(qube: Option<&str>) -> Inventory {
     let specifiers = Specifiers::from_env();
 
     let mut rows = Vec::new();
-    let mut bindings = Vec::new();
     let mut seen = BTreeSet::new();
     for binding in &config.bindings {
         let destination = binding.destination();
@@ -224,11 +220,6 @@ fn inventory(qube: Option<&str>) -> Inventory {
             }
             Some(u) => unit_state(u),
         };
-        bindings.push(PolicyBinding {
-            listen: binding.listen().to_string(),
-            source: binding.source().to_string(),
-            destination: destination.clone(),
-        });
         rows.push(Row {
             listen: binding.listen().to_string(),
             target: destination.target.as_str().to_owned(),
@@ -282,13 +273,6 @@ fn inventory(qube: Option<&str>) -> Inventory {
         } else {
             unit.fragment.clone()
         };
-        if let (Some(destination), false) = (&destination, unit.is_generated()) {
-            bindings.push(PolicyBinding {
-                listen: unit.address().to_owned(),
-                source: source.clone(),
-                destination: destination.clone(),
-            });
-        }
         rows.push(Row {
             listen: unit.address().to_owned(),
             target,
@@ -331,11 +315,7 @@ fn inventory(qube: Option<&str>) -> Inventory {
     for row in &mut rows {
         row.hint = hint(row, qube);
     }
-    Inventory {
-        rows,
-        bindings,
-        problems,
-    }
+    Inventory { rows, problems }
 }
 
 /// What to do about a row, if anything.
@@ -564,38 +544,6 @@ pub fn status(args: &[OsString]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// `qrexec-connect policy [--source NAME]`: the dom0 policy for this qube's
-/// bindings. 0, or 1 when the qube's name is unknown.
-pub fn policy(args: &[OsString]) -> ExitCode {
-    let mut source = None;
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        match arg.to_str() {
-            Some("--source") => source = args.next().and_then(|a| a.to_str()).map(str::to_owned),
-            Some(other) if other.starts_with("--source=") => {
-                source = Some(other["--source=".len()..].to_owned())
-            }
-            _ => {
-                eprintln!(
-                    "qrexec-connect policy: unknown argument {arg:?}\n\
-                     Usage: qrexec-connect policy [--source NAME]"
-                );
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let Some(source) = source.or_else(own_name) else {
-        eprintln!(
-            "qrexec-connect policy: cannot tell this qube's name ('qubesdb-read /name' \
-             failed): give it with --source NAME"
-        );
-        return ExitCode::FAILURE;
-    };
-    let inventory = inventory(Some(&source));
-    print!("{}", policy::render(&source, &inventory.bindings));
-    ExitCode::SUCCESS
 }
 
 #[cfg(test)]
