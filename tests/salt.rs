@@ -6,13 +6,17 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{TempDir, GENERATOR};
-use qubes_policy::{check_policy_file, evaluate, Action, Call, PolicyLine, Verdict};
+use qrexec_connect_binding::destination::is_vm_name;
+use qrexec_connect_generator::config::is_invisible;
+use qubes_policy::{check_policy_file, evaluate, Action, Argument, Call, PolicyLine, Verdict};
 
 const POLICY: &str = "etc/qubes/policy.d/30-qrexec-connect-salt.policy";
 const SALT_CONF: &str = "home/user/.config/qrexec-connect/salt.conf";
@@ -262,6 +266,22 @@ const EXAMPLE_CALLS: [(&str, &str, &str); 3] = [
     ),
 ];
 
+/// The README's examples as pillar bindings.
+fn example_bindings() -> Vec<Binding<'static>> {
+    EXAMPLE_CALLS
+        .iter()
+        .map(|&(client, line, qube)| {
+            let words: Vec<&str> = line.split(' ').collect();
+            let binding = Binding::new(client, words[0], words[1], words[2]);
+            if words[1] == qube {
+                binding
+            } else {
+                binding.to(qube)
+            }
+        })
+        .collect()
+}
+
 fn call<'a>(source: &'a str, line: &'a str) -> Call<'a> {
     let words: Vec<&str> = line.split(' ').collect();
     Call {
@@ -269,6 +289,271 @@ fn call<'a>(source: &'a str, line: &'a str) -> Call<'a> {
         target: words[1],
         service: words[2],
     }
+}
+
+/// A binding as a test writes it into the pillar.
+#[derive(Debug, Clone, Copy)]
+struct Binding<'a> {
+    client: &'a str,
+    listen: &'a str,
+    target: &'a str,
+    service: &'a str,
+    policy_target: Option<&'a str>,
+}
+
+impl<'a> Binding<'a> {
+    const fn new(client: &'a str, listen: &'a str, target: &'a str, service: &'a str) -> Self {
+        Binding {
+            client,
+            listen,
+            target,
+            service,
+            policy_target: None,
+        }
+    }
+
+    const fn to(self, policy_target: &'a str) -> Self {
+        Binding {
+            policy_target: Some(policy_target),
+            ..self
+        }
+    }
+
+    /// The entry as a YAML flow mapping.
+    fn yaml(&self) -> String {
+        let mut fields = vec![
+            ("client", yaml_str(self.client)),
+            ("listen", yaml_str(self.listen)),
+            ("target", yaml_str(self.target)),
+            ("service", yaml_str(self.service)),
+        ];
+        if let Some(policy_target) = self.policy_target {
+            fields.push(("policy_target", yaml_str(policy_target)));
+        }
+        flow(&fields)
+    }
+
+    /// The config line the client gets.
+    fn line(&self) -> String {
+        format!("{} {} {}", self.listen, self.target, self.service)
+    }
+}
+
+/// A YAML double-quoted scalar holding exactly `text`: everything outside
+/// printable ASCII escaped, as PyYAML refuses raw control characters in a
+/// file but reads their escapes.
+fn yaml_str(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            ' '..='~' => out.push(c),
+            c if u32::from(c) <= 0xFFFF => write!(out, "\\u{:04x}", u32::from(c)).unwrap(),
+            c => write!(out, "\\U{:08x}", u32::from(c)).unwrap(),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `{key: value, ...}` from keys and YAML values.
+fn flow(fields: &[(&str, String)]) -> String {
+    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{{{}}}", fields.join(", "))
+}
+
+/// A pillar whose `qrexec-connect:bindings` are these YAML entries.
+fn bindings_pillar(entries: &[String]) -> String {
+    let mut text = String::from("qrexec-connect:\n  bindings:\n");
+    for entry in entries {
+        writeln!(text, "    - {entry}").unwrap();
+    }
+    text
+}
+
+/// What an allow rule lets through: a call from `source` that asks for
+/// `target` and `service` with `argument` (`+ARG`; `+` alone for none, `*`
+/// for any), run in `reaches`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Grant {
+    source: String,
+    target: String,
+    service: String,
+    argument: String,
+    reaches: String,
+}
+
+/// The services whose every other call the formula denies (each argument
+/// is one client's own right).
+const PINNED: [&str; 1] = ["qubes.ConnectNFS"];
+
+/// What the pillar asks for: one grant per binding, exactly its call.
+fn asked(bindings: &[Binding<'_>]) -> BTreeSet<Grant> {
+    bindings
+        .iter()
+        .map(|b| {
+            let (service, argument) = b.service.split_once('+').unwrap_or((b.service, ""));
+            Grant {
+                source: b.client.into(),
+                target: b.target.into(),
+                service: service.into(),
+                argument: format!("+{argument}"),
+                reaches: b.policy_target.unwrap_or(b.target).into(),
+            }
+        })
+        .collect()
+}
+
+/// Reads `text` with the Qubes policy parser (a rule qrexec would refuse
+/// fails here) and checks that it grants exactly what `bindings` ask: the
+/// set of its allow rules' grants is the pillar's, each binding's call is
+/// allowed to its qube (no deny before it), and the only other rules are
+/// one `SERVICE * @anyvm @anyvm deny` per pinned service in use, after every
+/// allow.
+fn assert_grants_exactly(text: &str, bindings: &[Binding<'_>]) {
+    let rules = policy_rules(text);
+    let mut grants = BTreeSet::new();
+    let mut denies = BTreeSet::new();
+    let mut last_allow = 0;
+    let mut first_deny = rules.len();
+    for (index, rule) in rules.iter().enumerate() {
+        match rule.action {
+            Action::Allow => {
+                last_allow = index;
+                grants.insert(Grant {
+                    source: rule.source.clone(),
+                    target: rule.target.clone(),
+                    service: rule.service.clone().unwrap_or_else(|| "*".into()),
+                    argument: match &rule.argument {
+                        Argument::Any => "*".into(),
+                        Argument::Exactly(a) => format!("+{a}"),
+                    },
+                    reaches: rule.param("target").unwrap_or(&rule.target).into(),
+                });
+            }
+            Action::Deny => {
+                first_deny = first_deny.min(index);
+                denies.insert(rule.to_string());
+            }
+            Action::Ask => panic!("the formula wrote an ask rule: {rule}\n{text}"),
+        }
+    }
+    assert_eq!(grants, asked(bindings), "what the policy allows\n{text}");
+    let pinned_denies: BTreeSet<String> = PINNED
+        .iter()
+        .filter(|s| {
+            bindings
+                .iter()
+                .any(|b| b.service.split('+').next() == Some(s))
+        })
+        .map(|s| format!("{s} * @anyvm @anyvm deny"))
+        .collect();
+    assert_eq!(denies, pinned_denies, "deny rules\n{text}");
+    assert!(
+        denies.is_empty() || last_allow < first_deny,
+        "a deny rule before an allow rule\n{text}"
+    );
+    for b in bindings {
+        let reaches = b.policy_target.unwrap_or(b.target);
+        assert_eq!(
+            evaluate(
+                &rules,
+                Call {
+                    source: b.client,
+                    target: b.target,
+                    service: b.service,
+                }
+            ),
+            Ok(Verdict::Allow {
+                qube: reaches.into()
+            }),
+            "{b:?}\n{text}"
+        );
+    }
+}
+
+/// An entry a hostile or careless pillar may hold, and what the error that
+/// names it must say: `key` (the field it starts with) and `why`.
+struct Refused {
+    yaml: String,
+    key: &'static str,
+    why: &'static str,
+}
+
+/// The entry `base` with `key` set to the YAML `value`.
+fn with_field(base: Binding<'_>, key: &str, value: String) -> String {
+    let mut fields = vec![
+        ("client", yaml_str(base.client)),
+        ("listen", yaml_str(base.listen)),
+        ("target", yaml_str(base.target)),
+        ("service", yaml_str(base.service)),
+    ];
+    if let Some(policy_target) = base.policy_target {
+        fields.push(("policy_target", yaml_str(policy_target)));
+    }
+    match fields.iter_mut().find(|(k, _)| *k == key) {
+        Some(field) => field.1 = value,
+        None => fields.push((key, value)),
+    }
+    flow(&fields)
+}
+
+/// Applies `sls` as `id` with a pillar whose entry 1 is a good binding and
+/// whose entries from 2 on are `refused`; the state must fail, name every
+/// refused entry with its reason on one line, show no character a terminal
+/// would act on or hide, and write nothing at `path`. Returns the output.
+fn assert_each_refused(
+    salt: &SaltRoot,
+    id: &str,
+    sls: &str,
+    path: &str,
+    refused: &[Refused],
+) -> String {
+    let good = Binding::new(
+        "ssh-client",
+        "127.0.0.1:2222",
+        "ssh-server",
+        "qubes.ConnectTCP+22",
+    );
+    let entries: Vec<String> = std::iter::once(good.yaml())
+        .chain(refused.iter().map(|r| r.yaml.clone()))
+        .collect();
+    salt.set_pillar(&bindings_pillar(&entries));
+    let run = salt.apply(id, sls);
+    assert!(!run.success, "{sls} accepted the pillar:\n{}", run.output);
+    assert!(!salt.exists(path), "{sls} wrote {path} from a bad pillar");
+    for (i, r) in refused.iter().enumerate() {
+        let number = i + 2;
+        let named = run.output.lines().any(|line| {
+            (line.contains(&format!("bindings entry {number} ("))
+                || line.contains(&format!("bindings entry {number}: ")))
+                && line.contains(&format!(": {} ", r.key))
+                && line.contains(r.why)
+        });
+        assert!(
+            named,
+            "{sls}: entry {number} {} is not refused with \"{} ... {}\":\n{}",
+            r.yaml, r.key, r.why, run.output
+        );
+    }
+    assert!(
+        !run.output.contains("bindings entry 1 "),
+        "the good entry was refused:\n{}",
+        run.output
+    );
+    if let Some(c) = run
+        .output
+        .chars()
+        .find(|&c| (c.is_control() && c != '\n') || is_invisible(c))
+    {
+        panic!(
+            "{sls}: the messages show {:?} raw:\n{}",
+            c,
+            run.output.escape_debug()
+        );
+    }
+    run.output
 }
 
 // ---------------------------------------------------------------------------
@@ -342,6 +627,7 @@ fn the_example_pillar_writes_the_readme_examples() {
         expected("30-qrexec-connect-salt.policy"),
         "dom0 policy"
     );
+    assert_grants_exactly(&written, &example_bindings());
     let readme_rules: String = [
         "30-qrexec-connect-tcp.policy",
         "30-qrexec-connect-ssh-agent.policy",
@@ -385,6 +671,7 @@ fn the_policy_allows_exactly_the_configured_bindings() {
         expected("30-qrexec-connect-salt.policy"),
         "README's pillar"
     );
+    assert_grants_exactly(&text, &example_bindings());
     let rules = policy_rules(&text);
     let allowed = |c: Call<'_>| matches!(evaluate(&rules, c), Ok(Verdict::Allow { .. }));
     for (client, line, qube) in EXAMPLE_CALLS {
@@ -442,7 +729,7 @@ fn a_binding_removed_from_the_pillar_disappears_from_both_sides() {
         salt.apply_ok(qube, "qrexec-connect.client");
     }
     salt.apply_ok("dom0", "qrexec-connect.policy");
-    assert!(read(&salt.file(POLICY)).contains("qubes.ConnectNFS +127.0.1.1"));
+    assert_grants_exactly(&read(&salt.file(POLICY)), &example_bindings());
 
     // Drop the SSH agent and NFS bindings.
     let example = read(&repo().join("salt/pillar.example"));
@@ -484,6 +771,7 @@ fn a_binding_removed_from_the_pillar_disappears_from_both_sides() {
         "qubes.ConnectTCP +22 ssh-client ssh-server allow\n",
         "dom0 still allows removed bindings"
     );
+    assert_grants_exactly(&read(&salt.file(POLICY)), &example_bindings()[..1]);
 
     salt.set_pillar("qrexec-connect:\n  bindings: []\n");
     let run = salt.apply_ok("dom0", "qrexec-connect.policy");
@@ -517,15 +805,15 @@ fn a_bad_pillar_entry_fails_the_state_and_is_named() {
         ),
         (
             "{client: work, listen: 127.0.0.1:2049, target: nfs-server, service: qubes.ConnectNFS}",
-            "entry 2 (client=work listen=127.0.0.1:2049): qubes.ConnectNFS needs its argument",
+            "entry 2 (client=work listen=127.0.0.1:2049): service qubes.ConnectNFS needs its argument",
         ),
         (
             "{client: 'my qube', listen: 127.0.0.1:80, target: web, service: qubes.ConnectTCP+80}",
-            "entry 2 (client=my qube listen=127.0.0.1:80): client my qube is not a qube name",
+            "entry 2 (client=\"my qube\" listen=127.0.0.1:80): client \"my qube\" holds whitespace",
         ),
         (
             "{client: work, listen: 127.0.0.1:80, target: web, service: 'qubes.ConnectTCP 80'}",
-            "entry 2 (client=work listen=127.0.0.1:80): service qubes.ConnectTCP 80 is not",
+            "entry 2 (client=work listen=127.0.0.1:80): service \"qubes.ConnectTCP 80\" holds whitespace",
         ),
         (
             "{client: work, listen: 127.0.0.1:80, target: web, sevice: qubes.ConnectTCP+80}",
@@ -620,4 +908,497 @@ fn the_template_states_install_the_packages() {
         );
         salt.set_pillar(&read(&repo().join("salt/pillar.example")));
     }
+}
+
+/// Every shape of binding the formula accepts (no argument, an empty one,
+/// `@default` and `@dispvm` with the qube dom0 picks, `@adminvm`, the
+/// longest names, one NFS address at two servers): each allow rule dom0
+/// gets grants exactly one binding's call, `SERVICE +` when it has no
+/// argument (never `*`, which would allow any), and the client gets its
+/// lines as written.
+#[test]
+fn every_rule_grants_exactly_what_the_pillar_asks() {
+    let longest_client = "A23456789012345678901234567890b";
+    // `TARGET SERVICE` fills the 255 bytes of FileDescriptorName=.
+    let longest_service = format!("qubes.ConnectTCP+{}", "9".repeat(255 - 5 - 17));
+    assert!(is_vm_name(longest_client) && longest_client.len() == 31);
+    assert_eq!(format!("z_-9 {longest_service}").len(), 255);
+    let bindings = [
+        Binding::new(
+            "ssh-client",
+            "127.0.0.1:2222",
+            "ssh-server",
+            "qubes.ConnectTCP+22",
+        ),
+        Binding::new(
+            "ssh-client",
+            "%t/qrexec-connect/ssh-agent",
+            "@default",
+            "qubes.ConnectSSHAgent",
+        )
+        .to("vault"),
+        // The same call from a second socket: the same rule, written once.
+        Binding::new(
+            "ssh-client",
+            "%t/qrexec-connect/ssh-agent-2",
+            "@default",
+            "qubes.ConnectSSHAgent",
+        )
+        .to("vault"),
+        Binding::new("ssh-client", "127.0.0.1:8080", "web", "qubes.ConnectTCP"),
+        // `+` with nothing after it is the call without argument.
+        Binding::new("ssh-client", "127.0.0.1:8081", "web", "qubes.ConnectTCP+"),
+        Binding::new(
+            "work",
+            "@qrexec-connect-split",
+            "@dispvm",
+            "qubes.Split+a+b",
+        )
+        .to("@dispvm:split-dvm"),
+        Binding::new("work", "%h/.gnupg-split", "@dispvm", "qubes.Gpg"),
+        Binding::new("work", "127.0.0.1:9000", "@adminvm", "my.Service+x.y_z-1"),
+        Binding::new(
+            "nfs-a",
+            "127.0.0.1:2049",
+            "nfs-server",
+            "qubes.ConnectNFS+127.0.1.1",
+        ),
+        Binding::new(
+            "nfs-b",
+            "127.0.0.1:2049",
+            "@default",
+            "qubes.ConnectNFS+127.0.1.2",
+        )
+        .to("nfs-server"),
+        // The same address at another server is another right.
+        Binding::new(
+            "nfs-b",
+            "127.0.0.1:2050",
+            "other-nfs",
+            "qubes.ConnectNFS+127.0.1.1",
+        ),
+        Binding::new(
+            longest_client,
+            "%t/qrexec-connect/café-ß€😀",
+            "z_-9",
+            &longest_service,
+        ),
+    ];
+    let salt = SaltRoot::new();
+    salt.set_pillar(&bindings_pillar(
+        &bindings.iter().map(Binding::yaml).collect::<Vec<_>>(),
+    ));
+    salt.apply_ok("dom0", "qrexec-connect.policy");
+    assert_grants_exactly(&read(&salt.file(POLICY)), &bindings);
+
+    salt.apply_ok(longest_client, "qrexec-connect.client");
+    let lines: String = bindings
+        .iter()
+        .filter(|b| b.client == longest_client)
+        .map(|b| b.line() + "\n")
+        .collect();
+    assert_eq!(rule_lines(&read(&salt.file(SALT_CONF))), lines);
+}
+
+/// The issue's pillar: `target: |` (YAML adds a newline) passed every check
+/// and split the rule over two lines, which makes qrexec refuse the whole
+/// policy directory (every call in the system denied) while the state
+/// reported success. It must fail, name the entry, and write nothing.
+#[test]
+fn a_value_ending_in_a_newline_fails_the_state() {
+    let salt = SaltRoot::new();
+    salt.set_pillar(
+        "qrexec-connect:\n  bindings:\n\
+         \x20   - client: work\n\
+         \x20     listen: 127.0.0.1:2222\n\
+         \x20     target: |\n\
+         \x20       ssh-server\n\
+         \x20     service: qubes.ConnectTCP+22\n",
+    );
+    for (id, sls, path) in [
+        ("dom0", "qrexec-connect.policy", POLICY),
+        ("work", "qrexec-connect.client", SALT_CONF),
+    ] {
+        let run = salt.apply(id, sls);
+        let written = fs::read_to_string(salt.file(path)).unwrap_or_default();
+        assert!(
+            !run.success,
+            "{sls} accepted target \"ssh-server\\n\" and wrote:\n{written}"
+        );
+        assert!(
+            run.output.contains(
+                "qrexec-connect:bindings entry 1 (client=work listen=127.0.0.1:2222): \
+                 target \"ssh-server\\n\" holds whitespace"
+            ),
+            "{sls}: the message does not name the entry:\n{}",
+            run.output
+        );
+        assert!(!salt.exists(path), "{sls} wrote {path}");
+    }
+}
+
+/// Each field refuses every character the project's printable rule refuses
+/// (whitespace, control characters and the invisible ones of
+/// `is_invisible`, which reorder or hide text): at the end, in the middle,
+/// alone; and everything that is not what the field names (a qube name
+/// only for `client`, which rules out `@anyvm`, `*` and tags; keywords; the
+/// old `$` spellings; other types than strings; values too long to be
+/// valid). One pillar holds them all, each entry with its own message, on
+/// both sides; the state fails and writes nothing.
+#[test]
+fn hostile_values_fail_the_state_and_each_entry_is_named() {
+    let base = Binding::new("work", "127.0.0.1:80", "web", "qubes.ConnectTCP+80");
+    let chosen = Binding::new("work", "127.0.0.1:81", "@default", "qubes.Svc").to("vault");
+    let disposable = Binding::new("work", "127.0.0.1:82", "@dispvm", "qubes.Svc").to("@dispvm:dvm");
+    let mut refused = Vec::new();
+    let mut refuse = |entry: Binding<'_>, key: &'static str, value: String, why: &'static str| {
+        refused.push(Refused {
+            yaml: with_field(entry, key, value),
+            key,
+            why,
+        });
+    };
+    const BAD_CHARACTER: &str = "holds whitespace, a control or an invisible character";
+
+    // Characters, in each of the five fields.
+    let corruptions: [fn(&str) -> String; 18] = [
+        |v| format!("{v}\n"),
+        |v| format!("{v} allow\nqubes.ConnectTCP * @anyvm @anyvm"),
+        |v| format!("{v} "),
+        |v| format!(" {v}"),
+        |v| format!("{v}\ta"),
+        |v| format!("{v}\r"),
+        |v| format!("{v}\0"),
+        |v| format!("\u{1b}[2J{v}"),
+        |v| format!("{v}\u{7f}"),
+        |v| format!("{v}\u{85}"),
+        |v| format!("{v}\u{a0}"),
+        |v| format!("{v}\u{2028}"),
+        |v| format!("{v}\u{202e}"),
+        |v| format!("{v}\u{200b}"),
+        |v| format!("\u{feff}{v}"),
+        |v| format!("{v}\u{e0041}"),
+        |v| format!("{v}\u{3000}"),
+        |v| format!("{v}\u{b}"),
+    ];
+    for corrupt in corruptions {
+        for key in ["client", "listen", "target", "service"] {
+            let value = match key {
+                "client" => base.client,
+                "listen" => base.listen,
+                "target" => base.target,
+                _ => base.service,
+            };
+            refuse(base, key, yaml_str(&corrupt(value)), BAD_CHARACTER);
+        }
+        refuse(
+            chosen,
+            "policy_target",
+            yaml_str(&corrupt("vault")),
+            BAD_CHARACTER,
+        );
+    }
+    // The boundaries of every run of characters the generator refuses to
+    // show raw (control, whitespace, invisible), in a LISTEN path, where
+    // any other character is allowed.
+    let mut runs: Vec<(char, char)> = Vec::new();
+    for c in (0..=0x10FFFF).filter_map(char::from_u32) {
+        if c.is_control() || c.is_whitespace() || is_invisible(c) {
+            match runs.last_mut() {
+                Some((_, end)) if u32::from(*end) + 1 == u32::from(c) => *end = c,
+                _ => runs.push((c, c)),
+            }
+        }
+    }
+    for c in runs.iter().flat_map(|&(start, end)| [start, end]) {
+        refuse(
+            base,
+            "listen",
+            yaml_str(&format!("%t/a{c}b")),
+            BAD_CHARACTER,
+        );
+    }
+
+    // Names that are not one qube (each also refused by the binding
+    // crate's rule, the one qube-name rule).
+    let not_qube_names = [
+        "@anyvm",
+        "*",
+        "@tag:work",
+        "@type:AppVM",
+        "@adminvm",
+        "@default",
+        "@dispvm",
+        "@dispvm:dvm",
+        "$default",
+        "9work",
+        "_work",
+        "-work",
+        "wörk",
+        "a.b",
+        "A23456789012345678901234567890bc",
+    ];
+    for name in not_qube_names {
+        assert!(!is_vm_name(name), "{name}");
+        refuse(base, "client", yaml_str(name), "is not a qube name");
+    }
+    for name in [
+        "@anyvm",
+        "*",
+        "@tag:work",
+        "@type:AppVM",
+        "@default",
+        "@dispvm",
+        "$default",
+        "9work",
+        "wörk",
+        "A23456789012345678901234567890bc",
+    ] {
+        refuse(
+            chosen,
+            "policy_target",
+            yaml_str(name),
+            "is not a qube name or @dispvm:NAME",
+        );
+    }
+    for name in [
+        "@dispvm:@tag:work",
+        "@dispvm:",
+        "@dispvm:9dvm",
+        "@dispvm:@anyvm",
+        "$dispvm:dvm",
+    ] {
+        refuse(
+            disposable,
+            "policy_target",
+            yaml_str(name),
+            "is not a qube name or @dispvm:NAME",
+        );
+    }
+    refuse(
+        disposable,
+        "policy_target",
+        yaml_str("dvm"),
+        "is not @dispvm:NAME, which target @dispvm needs",
+    );
+    refuse(
+        chosen,
+        "policy_target",
+        yaml_str("@dispvm:dvm"),
+        "needs target @dispvm",
+    );
+    for name in [
+        "@anyvm",
+        "*",
+        "@tag:work",
+        "@dispvm:dvm",
+        "9web",
+        "A23456789012345678901234567890bc",
+    ] {
+        refuse(
+            base,
+            "target",
+            yaml_str(name),
+            "is not a qube name, @default, @dispvm or @adminvm",
+        );
+    }
+    for name in ["$default", "$dispvm", "$adminvm"] {
+        refuse(base, "target", yaml_str(name), "is the old spelling");
+    }
+    for service in [
+        "*",
+        "qubes.ConnectTCP+*",
+        "+22",
+        "qubes/ConnectTCP",
+        "qubes.ConnectTCP+2:2",
+        "qubes.ConnectTCP+22$",
+        "qubes.Connect*",
+    ] {
+        refuse(
+            base,
+            "service",
+            yaml_str(service),
+            "is not SERVICE or SERVICE+ARGUMENT",
+        );
+    }
+    let too_long = format!("qubes.ConnectTCP+{}", "9".repeat(256 - 4 - 17));
+    assert_eq!(format!("{} {too_long}", base.target).len(), 256);
+    refuse(base, "service", yaml_str(&too_long), "longer than 255");
+    for service in ["qubes.ConnectNFS", "qubes.ConnectNFS+"] {
+        refuse(base, "service", yaml_str(service), "needs its argument");
+    }
+    refuse(base, "listen", yaml_str("127.0.0.1:80#x"), "holds a #");
+    refuse(
+        base,
+        "listen",
+        yaml_str(&format!("%t/{}", "a".repeat(105))),
+        "longer than 107",
+    );
+    refuse(
+        base,
+        "listen",
+        yaml_str(&"a".repeat(100_000)),
+        "longer than 107",
+    );
+    refuse(base, "client", yaml_str(""), "is empty");
+    refuse(chosen, "policy_target", yaml_str(""), "is empty");
+    refuse(
+        base,
+        "policy_target",
+        yaml_str("vault"),
+        "is only for target @default or @dispvm",
+    );
+
+    // Other types than strings: YAML reads numbers, `off`, `null`, lists
+    // and mappings as such.
+    for (key, value) in [
+        ("client", "5"),
+        ("client", "off"),
+        ("client", "null"),
+        ("client", "[work, web]"),
+        ("listen", "8080"),
+        ("target", "{web: 1}"),
+        ("service", "3.5"),
+        ("policy_target", "null"),
+        ("policy_target", "7"),
+    ] {
+        let entry = if key == "policy_target" { chosen } else { base };
+        refuse(entry, key, value.into(), "is not a string");
+    }
+    // Salt's YAML keeps dates as text: refused as no qube name.
+    refuse(base, "client", "2024-01-01".into(), "is not a qube name");
+    refused.push(Refused {
+        yaml: "just-a-string".into(),
+        key: "not a mapping",
+        why: "just-a-string",
+    });
+    refused.push(Refused {
+        yaml: "[work, web]".into(),
+        key: "not a mapping",
+        why: "",
+    });
+    refused.push(Refused {
+        yaml: with_field(base, "sevice", yaml_str("qubes.ConnectTCP+80")),
+        key: "unknown key",
+        why: "sevice (known: ",
+    });
+
+    let salt = SaltRoot::new();
+    for (id, sls, path) in [
+        ("dom0", "qrexec-connect.policy", POLICY),
+        ("work", "qrexec-connect.client", SALT_CONF),
+    ] {
+        let output = assert_each_refused(&salt, id, sls, path, &refused);
+        assert!(
+            !output.contains(&"a".repeat(65)),
+            "{sls}: a 100,000-character value is echoed whole"
+        );
+    }
+
+    // The user whose home gets salt.conf: a name, shown escaped if not.
+    let good = Binding::new("work", "127.0.0.1:80", "web", "qubes.ConnectTCP+80");
+    salt.set_pillar(&format!(
+        "qrexec-connect:\n  user: \"user\\nroot\"\n  bindings:\n    - {}\n",
+        good.yaml()
+    ));
+    let run = salt.apply("work", "qrexec-connect.client");
+    assert!(
+        !run.success,
+        "user \"user\\nroot\" accepted:\n{}",
+        run.output
+    );
+    assert!(
+        run.output
+            .contains("qrexec-connect:user \"user\\nroot\" is not a user name"),
+        "{}",
+        run.output
+    );
+    assert!(!salt.exists(SALT_CONF), "salt.conf written");
+}
+
+/// One NFS address belongs to one client per server, whatever way the
+/// binding names the server: as its target, or as the `policy_target` of
+/// `@default` (else two clients share one address, and each other's
+/// exports). The same for the disposables of one template.
+#[test]
+fn one_nfs_address_per_server_whatever_the_target_spelling() {
+    let salt = SaltRoot::new();
+    let nfs = "qubes.ConnectNFS+127.0.1.1";
+    let cases = [
+        (
+            [
+                Binding::new("nfs-a", "127.0.0.1:2049", "nfs-server", nfs),
+                Binding::new("nfs-b", "127.0.0.1:2049", "@default", nfs).to("nfs-server"),
+            ],
+            "entry 2 (client=nfs-b listen=127.0.0.1:2049): service qubes.ConnectNFS+127.0.1.1 to \
+             nfs-server is already given to nfs-a (entry 1)",
+        ),
+        (
+            [
+                Binding::new("nfs-c", "127.0.0.1:2049", "@dispvm", nfs).to("@dispvm:nfs-dvm"),
+                Binding::new("nfs-d", "127.0.0.1:2049", "@dispvm", nfs).to("@dispvm:nfs-dvm"),
+            ],
+            "entry 2 (client=nfs-d listen=127.0.0.1:2049): service qubes.ConnectNFS+127.0.1.1 to \
+             @dispvm:nfs-dvm is already given to nfs-c (entry 1)",
+        ),
+    ];
+    for (i, (pair, message)) in cases.into_iter().enumerate() {
+        salt.set_pillar(&bindings_pillar(&pair.map(|b| b.yaml())));
+        let sides = [
+            ("dom0", "qrexec-connect.policy", POLICY),
+            (pair[1].client, "qrexec-connect.client", SALT_CONF),
+        ];
+        // The client side reads the same bindings.jinja: once is enough.
+        for (id, sls, path) in &sides[..if i == 0 { 2 } else { 1 }] {
+            let run = salt.apply(id, sls);
+            let written = fs::read_to_string(salt.file(path)).unwrap_or_default();
+            assert!(
+                !run.success,
+                "{sls} gave one address to two clients:\n{written}"
+            );
+            assert!(
+                run.output.contains(message),
+                "{sls}: no {message:?}:\n{}",
+                run.output
+            );
+            assert!(!salt.exists(path), "{sls} wrote {path}");
+        }
+    }
+}
+
+/// One client's call (its target, service and argument) is one policy
+/// decision: two bindings that send the same call to two qubes cannot both
+/// be written (the first rule would take every call), so the second is
+/// refused rather than silently sent to the first's qube.
+#[test]
+fn one_call_goes_to_one_qube() {
+    let salt = SaltRoot::new();
+    salt.set_pillar(&bindings_pillar(&[
+        Binding::new("work", "%t/agent", "@default", "qubes.ConnectSSHAgent")
+            .to("vault")
+            .yaml(),
+        Binding::new("work", "%t/agent-2", "@default", "qubes.ConnectSSHAgent")
+            .to("vault-2")
+            .yaml(),
+        Binding::new("work", "%t/split", "@dispvm", "qubes.Gpg").yaml(),
+        Binding::new("work", "%t/split-2", "@dispvm", "qubes.Gpg")
+            .to("@dispvm:gpg-dvm")
+            .yaml(),
+    ]));
+    let run = salt.apply("dom0", "qrexec-connect.policy");
+    let written = fs::read_to_string(salt.file(POLICY)).unwrap_or_default();
+    assert!(!run.success, "one call sent to two qubes:\n{written}");
+    for message in [
+        "entry 2 (client=work listen=%t/agent-2): service qubes.ConnectSSHAgent to @default already \
+         goes to vault (entry 1)",
+        "entry 4 (client=work listen=%t/split-2): service qubes.Gpg to @dispvm already goes to \
+         @dispvm (entry 3)",
+    ] {
+        assert!(
+            run.output.contains(message),
+            "no {message:?}:\n{}",
+            run.output
+        );
+    }
+    assert!(!salt.exists(POLICY), "wrote {POLICY}");
 }

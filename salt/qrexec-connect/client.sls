@@ -6,12 +6,12 @@
 {%- from "qrexec-connect/bindings.jinja" import qrexec_connect with context %}
 {%- set qube = grains['id'] %}
 {%- set lines = qrexec_connect.config_lines.get(qube, []) %}
-{%- set account = salt['user.info'](qrexec_connect.user) %}
+{%- set account = {} if qrexec_connect.user_error else salt['user.info'](qrexec_connect.user) %}
 
-{%- if qrexec_connect.errors %}
+{%- if qrexec_connect.errors or qrexec_connect.user_error %}
 qrexec-connect-pillar:
   test.fail_without_changes:
-    - comment: {{ qrexec_connect.errors | join('\n') | tojson }}
+    - comment: {{ (qrexec_connect.errors + ([qrexec_connect.user_error] if qrexec_connect.user_error else [])) | join('\n') | tojson }}
 
 {%- elif not account %}
 qrexec-connect-pillar:
@@ -51,7 +51,9 @@ qrexec-connect-client-config:
     - user: {{ account.name | tojson }}
     - group: {{ group | tojson }}
     - mode: '0644'
-    - contents: {{ ('# Written by Salt (qrexec-connect formula) for ' ~ qube ~ ' from the pillar\n# qrexec-connect:bindings; edits here are overwritten. LISTEN TARGET SERVICE.\n' ~ lines | join('\n') ~ '\n') | tojson }}
+{#- ensure_ascii=False: a LISTEN path may hold any printable character,
+    and JSON's \uD83D\uDE00 pairs for those beyond U+FFFF are not YAML. #}
+    - contents: {{ ('# Written by Salt (qrexec-connect formula) for ' ~ qube ~ ' from the pillar\n# qrexec-connect:bindings; edits here are overwritten. LISTEN TARGET SERVICE.\n' ~ lines | join('\n') ~ '\n') | tojson(ensure_ascii=False) }}
     - check_cmd: {{ ("sh -c '" ~ check_script ~ "' qrexec-connect-check") | tojson }}
     - require:
       - file: qrexec-connect-config-dir
