@@ -3,7 +3,9 @@
 //! lint-clean and holding the same files; the .deb installed with a real
 //! dpkg and `make install-client` run by hand, each into a user session
 //! that was already running, where `systemctl --user daemon-reload` alone
-//! must bring the bindings up; and removal that leaves nothing behind.
+//! must bring the bindings up; an upgrade that restarts the daemon there
+//! without cutting a live connection; and removal that leaves nothing
+//! behind.
 //!
 //! Everything happens in private mount namespaces whose /usr, /etc and /var
 //! are overlays: the host is never touched.
