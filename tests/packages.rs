@@ -3,7 +3,9 @@
 //! lint-clean and holding the same files; the .deb installed with a real
 //! dpkg and `make install-client` run by hand, each into a user session
 //! that was already running, where `systemctl --user daemon-reload` alone
-//! must bring the bindings up; and removal that leaves nothing behind.
+//! must bring the bindings up; an upgrade that restarts the daemon there
+//! without cutting a live connection; and removal that leaves nothing
+//! behind.
 //!
 //! Everything happens in private mount namespaces whose /usr, /etc and /var
 //! are overlays: the host is never touched.
@@ -386,6 +388,124 @@ fn the_deb_installs_into_a_running_session_serves_and_purges_clean() {
     // Directories the system owns (/usr/bin, ...) stay, of course.
     leftovers.retain(|p| p.contains("qrexec") || p.contains("ConnectNFS"));
     assert!(leftovers.is_empty(), "left after purge: {leftovers:#?}");
+}
+
+/// `dpkg -i` into the namespace; must succeed.
+fn dpkg_install(manager: &UserManager, debs: &[&Path]) {
+    let install = run(manager
+        .command("dpkg")
+        .args(["-i", "--force-depends"])
+        .args(debs));
+    assert!(
+        install.status.success(),
+        "dpkg -i failed:\n{}{}",
+        String::from_utf8_lossy(&install.stdout),
+        String::from_utf8_lossy(&install.stderr)
+    );
+}
+
+/// The same package with a higher version (`VERSION+upgrade1`), repacked
+/// from `deb` into `dir`: what an upgrade installs, new files and the new
+/// maintainer scripts, without a second build.
+fn newer_deb(deb: &Path, dir: &Path) -> PathBuf {
+    let tree = dir.join("newer");
+    stdout(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree));
+    let control = tree.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).unwrap();
+    let version = version();
+    let newer = text.replace(
+        &format!("\nVersion: {version}\n"),
+        &format!("\nVersion: {version}+upgrade1\n"),
+    );
+    assert_ne!(newer, text, "no Version: {version} in {text}");
+    std::fs::write(&control, newer).unwrap();
+    let built = dir.join("newer.deb");
+    stdout(
+        Command::new("dpkg-deb")
+            .args(["-Zgzip", "-b"])
+            .arg(&tree)
+            .arg(&built),
+    );
+    built
+}
+
+/// Issue 17 §6: an upgrade leaves no old daemon serving in a session that
+/// runs. The new package's postinst restarts it (try-restart: only where it
+/// runs), so the new binary answers the next connection, and a connection
+/// held across the upgrade goes on (KillMode=process).
+#[test]
+fn an_upgrade_restarts_the_daemon_in_a_running_session_and_keeps_live_connections() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    let client = deb("qrexec-connect");
+    let manager = UserManager::start_full(Product::NotYet, &[], &[]);
+    dpkg_install(&manager, &[client]);
+    let echo = EchoServer::start();
+    let port = free_port();
+    let config = manager.home.path().join(CONFIG);
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        format!("127.0.0.1:{port} @default qubes.ConnectTCP+{}\n", echo.port),
+    )
+    .unwrap();
+    manager.daemon_reload();
+    wait_forwarding(&manager, port, "after install");
+
+    let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(SETTLE)).unwrap();
+    let echoed = |stream: &mut TcpStream, data: &[u8]| {
+        stream.write_all(data).unwrap();
+        let mut back = vec![0; data.len()];
+        stream.read_exact(&mut back).unwrap();
+        back
+    };
+    assert_eq!(echoed(&mut held, b"before"), b"before");
+    let old = manager
+        .main_pid("qrexec-connect.service")
+        .expect("the daemon runs after a connection");
+
+    let newer = newer_deb(client, manager.scratch.path());
+    dpkg_install(&manager, &[&newer]);
+    let new = wait_for("the upgrade to restart the daemon", SETTLE, || {
+        manager
+            .main_pid("qrexec-connect.service")
+            .filter(|&pid| pid != old)
+    });
+    // The daemon that runs now is the installed file, not the one the
+    // upgrade replaced.
+    let running = std::fs::metadata(format!("/proc/{new}/exe")).unwrap();
+    let installed = std::fs::metadata(manager.ns_path("/usr/bin/qrexec-connect")).unwrap();
+    assert_eq!(
+        (running.dev(), running.ino()),
+        (installed.dev(), installed.ino()),
+        "the daemon does not run the installed binary"
+    );
+    assert_eq!(echoed(&mut held, b"after"), b"after", "the held connection");
+    wait_forwarding(&manager, port, "after the upgrade");
+}
+
+/// Issue 17 §6: the RPM needs what user-sessions runs as root (setpriv is
+/// not in Fedora's minimal templates).
+#[test]
+fn the_rpm_requires_setpriv_and_setsid() {
+    let client = packages()
+        .rpms
+        .iter()
+        .find(|p| {
+            let file = p.file_name().unwrap().to_string_lossy();
+            file.starts_with("qrexec-connect-") && !file.starts_with("qrexec-connect-nfs")
+        })
+        .expect("no qrexec-connect .rpm");
+    let requires = stdout(Command::new("rpm").args(["-qp", "--requires"]).arg(client));
+    for path in ["/usr/bin/setpriv", "/usr/bin/setsid"] {
+        assert!(
+            requires.lines().any(|line| line.trim() == path),
+            "{} does not require {path}:\n{requires}",
+            client.display()
+        );
+    }
 }
 
 #[test]
