@@ -43,7 +43,7 @@ use crate::reconcile::SERVICE;
 use crate::spawn::signal_name;
 use qrexec_connect_binding::runtime_dir::RuntimeDir;
 use qrexec_connect_generator::config::printable;
-use qrexec_connect_generator::owner::Account;
+use qrexec_connect_generator::owner::{Account, Ids};
 
 /// The path unit that runs the reconcile step after each daemon-reload.
 const WATCHER: &str = "qrexec-connect-reconcile.path";
@@ -167,8 +167,9 @@ impl Record {
 
     /// Reads the record, counts one more recovery or check with `count`,
     /// writes it back; returns the new count. An unreadable record counts
-    /// as empty (and is replaced).
-    fn count(dir: &RuntimeDir, count: impl FnOnce(&mut Record) -> u32) -> io::Result<u32> {
+    /// as empty (and is replaced); one that cannot be written is said and
+    /// the count used all the same.
+    fn count(dir: &RuntimeDir, count: impl FnOnce(&mut Record) -> u32) -> u32 {
         let mut record = dir
             .read(STATE_FILE)
             .ok()
@@ -176,8 +177,10 @@ impl Record {
             .map(|text| Record::parse(&text))
             .unwrap_or_default();
         let in_a_row = count(&mut record);
-        dir.write_atomically(STATE_FILE, &record.format())?;
-        Ok(in_a_row)
+        if let Err(e) = dir.write_atomically(STATE_FILE, &record.format()) {
+            println!("<4>qrexec-connect recover: cannot record the count of recoveries: {e}");
+        }
+        in_a_row
     }
 }
 
@@ -453,8 +456,7 @@ impl std::fmt::Display for Holder {
 pub fn holder_of(address: &str) -> Option<Holder> {
     if address.starts_with('/') {
         let meta = std::fs::symlink_metadata(address).ok()?;
-        let me = std::fs::metadata("/proc/self").ok()?.uid();
-        if meta.uid() == me {
+        if meta.uid() == Ids::current()?.uid {
             return None;
         }
         return Some(Holder {
@@ -707,14 +709,16 @@ struct Told {
 
 impl Told {
     /// Warnings (`<4>`) for what failed since the last report.
-    fn report(&mut self, failures: &mut Failures) -> io::Result<()> {
+    fn report(&mut self, failures: &mut Failures) {
         let new: Vec<&SocketState> = failures
             .sockets
             .iter()
             .filter(|s| self.sockets.get(&s.name) != Some(&s.result))
             .collect();
         if !new.is_empty() {
-            report_daemon_failure(&new)?;
+            if let Err(e) = report_daemon_failure(&new) {
+                println!("<4>qrexec-connect recover: {e}");
+            }
             for socket in new {
                 self.sockets
                     .insert(socket.name.clone(), socket.result.clone());
@@ -742,7 +746,6 @@ impl Told {
             _ => {}
         }
         self.watcher = failures.watcher.is_some();
-        Ok(())
     }
 }
 
@@ -764,7 +767,7 @@ pub fn run() -> io::Result<()> {
     let mut recovery_at: Option<Instant> = None;
     let mut check_at: Option<Instant> = None;
     loop {
-        told.report(&mut failures)?;
+        told.report(&mut failures);
         if failures.unset.is_empty() {
             check_at = None;
         }
@@ -777,11 +780,11 @@ pub fn run() -> io::Result<()> {
             let in_a_row = Record::count(&dir, |record| {
                 record.recoveries = record.recoveries.next(boot_time());
                 record.recoveries.in_a_row
-            })?;
+            });
             recovery_at = Some(now + announce_recovery(&failures, in_a_row));
         }
         if !failures.unset.is_empty() && check_at.is_none() {
-            let wait = next_check(&dir)?;
+            let wait = next_check(&dir);
             let names: Vec<&str> = failures
                 .unset
                 .iter()
@@ -801,10 +804,10 @@ pub fn run() -> io::Result<()> {
             // These failures were read after the wait: whatever failed
             // during it is handled too.
             recovery_at = None;
-            if recover(&failures)? {
+            if recover(&failures) {
                 return Ok(());
             }
-            failures = Failures::read()?;
+            failures = read_again(failures);
             continue;
         }
         if check_at.is_some_and(|at| now >= at) {
@@ -824,7 +827,7 @@ pub fn run() -> io::Result<()> {
                     return Ok(());
                 }
             }
-            let wait = next_check(&dir)?;
+            let wait = next_check(&dir);
             for unset in &mut held {
                 unset.identify();
                 println!(
@@ -846,17 +849,34 @@ pub fn run() -> io::Result<()> {
                 at.saturating_duration_since(Instant::now()).min(POLL)
             });
         std::thread::sleep(next);
-        failures = Failures::read()?;
+        failures = read_again(failures);
     }
 }
 
 /// Counts one more check in the record; the wait before it.
-fn next_check(dir: &RuntimeDir) -> io::Result<Duration> {
+fn next_check(dir: &RuntimeDir) -> Duration {
     let in_a_row = Record::count(dir, |record| {
         record.checks = record.checks.next_after(boot_time(), CHECKS_QUIET);
         record.checks.in_a_row
-    })?;
-    Ok(check_wait(in_a_row))
+    });
+    check_wait(in_a_row)
+}
+
+/// The failed units now; if the manager cannot be asked (busy with a
+/// reload, say), what was read before, so that a run that may last long
+/// does not end on a passing error.
+fn read_again(before: Failures) -> Failures {
+    match Failures::read() {
+        Ok(now) => now,
+        Err(e) => {
+            println!(
+                "<4>qrexec-connect recover: cannot read the failed units ({e}); trying again \
+                 in {} s",
+                POLL.as_secs()
+            );
+            before
+        }
+    }
 }
 
 /// Says what will be restarted and when; the wait.
@@ -889,7 +909,7 @@ fn announce_recovery(failures: &Failures, in_a_row: u32) -> Duration {
 /// Clears the failed states after the wait; true when sockets were
 /// cleared, which the unit's `OnSuccess=sockets.target` starts once this
 /// run has ended.
-fn recover(failures: &Failures) -> io::Result<bool> {
+fn recover(failures: &Failures) -> bool {
     let mut cleared_sockets = false;
     if !failures.sockets.is_empty() {
         // The start-limit counters go with the failed state, so the daemon
@@ -911,10 +931,12 @@ fn recover(failures: &Failures) -> io::Result<bool> {
         // A path unit pulls in nothing else: started by name. If its flag
         // is still raised, the reload it missed is applied at once.
         reset_failed(&[WATCHER, RECONCILE]);
-        systemctl(&["start", "--no-block", WATCHER])?;
-        println!("<5>qrexec-connect recover: started {WATCHER} again");
+        match systemctl(&["start", "--no-block", WATCHER]) {
+            Ok(_) => println!("<5>qrexec-connect recover: started {WATCHER} again"),
+            Err(e) => println!("<4>qrexec-connect recover: {e}"),
+        }
     }
-    Ok(cleared_sockets)
+    cleared_sockets
 }
 
 /// `systemctl reset-failed` of `units`: in one call, and if that fails,
