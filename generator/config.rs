@@ -26,8 +26,16 @@
 //! systemd will use it (after `%t`/`%h` expansion): systemd refuses a path
 //! longer than [`MAX_SOCKET_PATH`], and it replaces whatever file is at the
 //! path with its socket (and removes it on stop), so a path that exists and
-//! is not a socket is refused. A socket there is fine: it is a stale one from
-//! an earlier run, which systemd rebinds.
+//! is not a socket is refused. A socket there is fine when it is ours: a
+//! stale one from an earlier run, which systemd rebinds. Whether another
+//! local user can take the path (their socket is there, or they control a
+//! directory on the way) is [`crate::owner`]'s question: refused, or a
+//! warning for a sticky directory such as `/tmp`.
+//!
+//! A line in [`SYSTEM_DIR`] is bound by every user's manager. A TCP port, an
+//! abstract name or an absolute path is one address for all of them: the
+//! first manager gets it and the others' sockets fail. Such lines get a
+//! warning; `%t/` and `%h/` paths are per user.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -41,6 +49,7 @@ use std::sync::Arc;
 
 use walkdir::WalkDir;
 
+use crate::owner::{Ids, PathChecker, SharedDirectory, Takeover};
 use crate::unit_name::socket_unit_name;
 use qrexec_connect_binding::address::{
     AddressError, Exposure, ListenAddress, Specifiers, MAX_SOCKET_PATH,
@@ -160,6 +169,11 @@ pub enum LineError {
         expanded: String,
         what: &'static str,
     },
+    /// Another local user can take the path (see [`crate::owner`]).
+    NotYours {
+        expanded: String,
+        takeover: Takeover,
+    },
 }
 
 impl fmt::Display for LineError {
@@ -202,6 +216,7 @@ impl fmt::Display for LineError {
                     )
                 }
             }
+            LineError::NotYours { expanded, takeover } => write!(f, "{expanded:?} {takeover}"),
         }
     }
 }
@@ -223,6 +238,23 @@ pub enum Problem {
         at: Location,
         listen: String,
         exposure: Exposure,
+        text: String,
+    },
+    /// A line whose socket is made in a directory where other users can
+    /// create names too (sticky, like `/tmp`): they can take the name
+    /// before systemd binds it. `path` and `dir` made printable.
+    SharedDirectory {
+        at: Location,
+        path: String,
+        dir: String,
+        text: String,
+    },
+    /// A line of [`SYSTEM_DIR`] whose address is the same for every user
+    /// (TCP, abstract, or a path without `%t/` or `%h/`): every user's
+    /// manager binds it, only the first gets it. `listen` made printable.
+    SameForEveryUser {
+        at: Location,
+        listen: String,
         text: String,
     },
     /// A file or directory (path made printable).
@@ -251,6 +283,23 @@ impl fmt::Display for Problem {
                      can connect: {text}"
                 )
             }
+            Problem::SharedDirectory {
+                at,
+                path,
+                dir,
+                text,
+            } => write!(
+                f,
+                "{at}: warning: other users can create files in {dir:?}: one of them can take \
+                 {path:?} before systemd binds it (at login, or after the socket stopped) and \
+                 receive this binding's connections; a path under %t/ is yours alone: {text}"
+            ),
+            Problem::SameForEveryUser { at, listen, text } => write!(
+                f,
+                "{at}: warning: {listen} is one address for all users: every user's manager \
+                 binds the lines of {SYSTEM_DIR}, the first one gets it and the others' sockets \
+                 fail; use a per-user path such as %t/NAME in {SYSTEM_DIR}: {text}"
+            ),
             Problem::File { path, what } => write!(f, "{path}: {what}"),
             Problem::NoUserDir => write!(
                 f,
@@ -264,7 +313,12 @@ impl fmt::Display for Problem {
 impl Problem {
     /// A warning: the line still became a binding.
     pub fn is_warning(&self) -> bool {
-        matches!(self, Problem::Exposed { .. })
+        matches!(
+            self,
+            Problem::Exposed { .. }
+                | Problem::SharedDirectory { .. }
+                | Problem::SameForEveryUser { .. }
+        )
     }
 }
 
@@ -313,15 +367,22 @@ pub struct Config {
     /// How `%t` and `%h` expand, to check socket paths as systemd will
     /// bind them; an unknown value leaves those paths unchecked.
     specifiers: Specifiers,
+    /// Whether another user can take a socket path; checks nothing in a
+    /// [`Config::default`].
+    paths: PathChecker,
+    /// Lines of files in this directory are bound by every user's manager.
+    system_dir: Option<PathBuf>,
     /// Unit name to index in `bindings`, to find duplicates.
     by_unit: HashMap<String, usize>,
 }
 
 impl Config {
-    /// An empty config whose socket paths are checked with `specifiers`.
+    /// An empty config whose socket paths are checked with `specifiers`,
+    /// as this process's user's paths.
     pub fn new(specifiers: Specifiers) -> Config {
         Config {
             specifiers,
+            paths: PathChecker::new(Ids::current()),
             ..Config::default()
         }
     }
@@ -329,6 +390,7 @@ impl Config {
     /// Reads every config file of `dirs`.
     pub fn load(dirs: &ConfigDirs, specifiers: Specifiers) -> Config {
         let mut config = Config::new(specifiers);
+        config.system_dir = Some(dirs.system.clone());
         if dirs.user.is_none() {
             config.problems.push(Problem::NoUserDir);
         }
@@ -375,6 +437,10 @@ impl Config {
             return;
         }
         let text = text.strip_prefix(b"\xef\xbb\xbf").unwrap_or(text);
+        let for_every_user = self
+            .system_dir
+            .as_deref()
+            .is_some_and(|dir| Path::new(file).parent() == Some(dir));
         let file: Arc<str> = Arc::from(file);
         for (index, line) in text.split(|&b| b == b'\n').enumerate() {
             let at = || Location {
@@ -388,13 +454,14 @@ impl Config {
             };
             let checked = parse_line(line, at()).and_then(|binding| match binding {
                 Some(binding) => {
-                    check_socket_path(&binding.listen, &self.specifiers).map(|()| Some(binding))
+                    check_socket_path(&binding.listen, &self.specifiers, &mut self.paths)
+                        .map(|shared| Some((binding, shared)))
                 }
                 None => Ok(None),
             });
             match checked {
                 Ok(None) => {}
-                Ok(Some(binding)) => {
+                Ok(Some((binding, shared))) => {
                     if let Some(&earlier) = self.by_unit.get(&binding.unit_name) {
                         self.problems.push(problem(LineError::Duplicate {
                             earlier: self.bindings[earlier].source.clone(),
@@ -407,6 +474,21 @@ impl Config {
                             at: at(),
                             listen: binding.listen.to_string(),
                             exposure,
+                            text: printable(content(line)),
+                        });
+                    }
+                    if let Some((path, SharedDirectory { dir })) = shared {
+                        self.problems.push(Problem::SharedDirectory {
+                            at: at(),
+                            path,
+                            dir,
+                            text: printable(content(line)),
+                        });
+                    }
+                    if for_every_user && is_one_address_for_all_users(&binding.listen) {
+                        self.problems.push(Problem::SameForEveryUser {
+                            at: at(),
+                            listen: printable(binding.listen.to_string().as_bytes()),
                             text: printable(content(line)),
                         });
                     }
@@ -458,14 +540,29 @@ pub fn parse_line(line: &[u8], at: Location) -> Result<Option<Binding>, LineErro
     }))
 }
 
-/// Refuses a socket path systemd would refuse (too long once expanded) or
-/// that would cost the user a file: anything but a socket at the path
-/// (checked with lstat, so a symlink is refused, not followed). A missing
-/// path, or one that cannot be looked at, is left to systemd. A path whose
-/// specifier has no known value is not checked.
-fn check_socket_path(listen: &ListenAddress, specifiers: &Specifiers) -> Result<(), LineError> {
+/// Whether every user's manager would bind the same address for this
+/// LISTEN: anything but a `%t/` or `%h/` path.
+fn is_one_address_for_all_users(listen: &ListenAddress) -> bool {
+    match listen {
+        ListenAddress::Path(path) => !(path.starts_with("%t/") || path.starts_with("%h/")),
+        ListenAddress::Inet(_) | ListenAddress::Abstract(_) => true,
+    }
+}
+
+/// Refuses a socket path systemd would refuse (too long once expanded),
+/// that would cost the user a file (anything but a socket at the path,
+/// checked with lstat, so a symlink is refused, not followed), or that
+/// another user can take ([`crate::owner`]). `Ok(Some(..))`: the printable
+/// path and the directory others can create names in, for a warning. A
+/// missing path, or one that cannot be looked at, is left to systemd. A
+/// path whose specifier has no known value is not checked.
+fn check_socket_path(
+    listen: &ListenAddress,
+    specifiers: &Specifiers,
+    paths: &mut PathChecker,
+) -> Result<Option<(String, SharedDirectory)>, LineError> {
     let Some(expanded) = listen.expanded_path(specifiers) else {
-        return Ok(());
+        return Ok(None);
     };
     if expanded.len() > MAX_SOCKET_PATH {
         return Err(LineError::ExpandedTooLong {
@@ -473,12 +570,32 @@ fn check_socket_path(listen: &ListenAddress, specifiers: &Specifiers) -> Result<
             len: expanded.len(),
         });
     }
-    let Ok(meta) = fs::symlink_metadata(std::ffi::OsStr::from_bytes(&expanded)) else {
-        return Ok(());
+    let path = Path::new(std::ffi::OsStr::from_bytes(&expanded));
+    let meta = fs::symlink_metadata(path).ok();
+    let what = match &meta {
+        None => None,
+        Some(meta) => file_kind(meta),
     };
+    if let Some(what) = what {
+        return Err(LineError::PathExists {
+            expanded: printable(&expanded),
+            what,
+        });
+    }
+    match paths.check(path, meta.as_ref(), printable) {
+        Ok(shared) => Ok(shared.map(|shared| (printable(&expanded), shared))),
+        Err(takeover) => Err(LineError::NotYours {
+            expanded: printable(&expanded),
+            takeover,
+        }),
+    }
+}
+
+/// What a file that is not a socket is, in words; `None` for a socket.
+fn file_kind(meta: &fs::Metadata) -> Option<&'static str> {
     let file_type = meta.file_type();
-    let what = if file_type.is_socket() {
-        return Ok(());
+    Some(if file_type.is_socket() {
+        return None;
     } else if file_type.is_file() {
         "a regular file"
     } else if file_type.is_dir() {
@@ -493,10 +610,6 @@ fn check_socket_path(listen: &ListenAddress, specifiers: &Specifiers) -> Result<
         "a block device"
     } else {
         "a file"
-    };
-    Err(LineError::PathExists {
-        expanded: printable(&expanded),
-        what,
     })
 }
 

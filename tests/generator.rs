@@ -19,6 +19,10 @@
 //! * `expected/stdout`, `expected/stderr` (absent means empty) and
 //!   `expected/status` (absent means 0).
 //!
+//! Every case also finds `/run/fixture/tmp` (mode 1777, like `/tmp`) and
+//! `/run/fixture/shared` (mode 0777, not sticky), for socket paths that
+//! other users could take.
+//!
 //! Each run happens in a private mount namespace (`unshare -m`; as a user
 //! other than root, inside a user namespace with `unshare -U -r`, and the
 //! test fails if neither is possible): a tmpfs over `/run` holds the fixed paths, and `/etc` gets a
@@ -51,6 +55,8 @@ set -e
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/fixture/home /run/fixture/out /run/fixture/etc /run/user/0
 chmod 700 /run/user/0
+mkdir -m 1777 /run/fixture/tmp       # like /tmp: others create names, sticky
+mkdir -m 0777 /run/fixture/shared    # others may replace anything in it
 mount --bind "$FIXTURE_OUT" /run/fixture/out
 mount --bind "$FIXTURE_RUNTIME" /run/user/0
 if [ -d "$FIXTURE/home" ]; then
@@ -529,6 +535,36 @@ fn abstract_sockets_are_documented_as_open_to_the_whole_qube() {
             text.contains("no file permissions")
                 && text.contains("any process in the qube's network namespace can connect"),
             "{what} does not say who can connect to an @name socket:\n{text}"
+        );
+    }
+}
+
+/// Issue 17: a line in /etc is bound by every user's manager; the docs
+/// that describe the files must say that /etc lines should use per-user
+/// `%t/` paths.
+#[test]
+fn etc_lines_are_documented_as_bound_by_every_user() {
+    let root = workspace();
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let config_section = readme
+        .split("\n## Config\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README has a Config section");
+    let man = fs::read_to_string(root.join("man/qrexec-connect.conf.5.scd")).unwrap();
+    let description = man
+        .split("\n# DESCRIPTION\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n# ").next())
+        .expect("qrexec-connect.conf(5) has a DESCRIPTION section");
+    for (what, text) in [
+        ("README.md, Config", config_section),
+        ("qrexec-connect.conf(5), DESCRIPTION", description),
+    ] {
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            text.contains("one address for all users") && text.contains("per-user paths under"),
+            "{what} does not say that /etc lines should use per-user paths:\n{text}"
         );
     }
 }

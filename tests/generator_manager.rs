@@ -3,10 +3,16 @@
 //! output, where a fixture cannot tell.
 
 mod common;
+#[path = "common/other_user.rs"]
+mod other_user;
 
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::time::Duration;
 
 use common::user_manager::UserManager;
+use other_user::{OtherUser, OTHER_UID};
+use qrexec_connect_binding::address::ListenAddress;
+use qrexec_connect_generator::unit_name::socket_unit_name;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -73,4 +79,70 @@ fn wait_for_count(manager: &UserManager, needle: &str, count: usize) {
         LIMIT,
         || (manager.journal(&[]).matches(needle).count() >= count).then_some(()),
     );
+}
+
+/// Issue 17, item 4: a LISTEN path where another user's socket already is
+/// (here in /tmp, left by uid 2001). Bound there, the binding either fails
+/// and leaves the path to them (a user's manager cannot remove another
+/// user's file from a sticky directory), so the user's clients talk to
+/// their program, or takes it from them (root's manager). The generator
+/// refuses the line and names the owner, by name once the account resolves.
+#[test]
+fn a_socket_path_another_user_holds_is_refused_naming_them() {
+    let path = format!("/tmp/qrexec-connect-test-{}-theirs", std::process::id());
+    let _ = std::fs::remove_file(&path);
+    let squatter = OtherUser::listen(&path);
+    let config = ".config/qrexec-connect/bindings.conf";
+    let manager = UserManager::start(&[(
+        config,
+        &format!("{path} @default svc\n%t/fine @default svc\n"),
+    )]);
+    let refused = socket_unit_name(&ListenAddress::parse(&path).unwrap());
+    let message = format!(
+        "{}:1: \\\"{path}\\\" is a socket of uid {OTHER_UID}",
+        manager.home.path().join(config).display()
+    );
+
+    let check = |when: &str| {
+        manager.settle();
+        assert_eq!(
+            manager.property(&refused, "LoadState"),
+            "not-found",
+            "{when}: the unit was generated\n{}",
+            manager.messages()
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(
+            meta.file_type().is_socket() && meta.uid() == OTHER_UID,
+            "{when}: the socket was replaced"
+        );
+        assert_eq!(
+            manager.property("qrexec-connect-runtime-fine.socket", "ActiveState"),
+            "active",
+            "{when}: the good line of the same file is not listening"
+        );
+    };
+    check("after the manager started");
+    manager.wait_journal(&[], &message, LIMIT);
+
+    // With an account for the uid, the message names it.
+    let passwd = manager.scratch.path().join("passwd");
+    let mut accounts = std::fs::read_to_string("/etc/passwd").unwrap();
+    accounts.push_str(&format!(
+        "mallory:x:{OTHER_UID}:{OTHER_UID}::/nonexistent:/usr/sbin/nologin\n"
+    ));
+    std::fs::write(&passwd, accounts).unwrap();
+    let mount = common::run(
+        manager
+            .command("mount")
+            .arg("--bind")
+            .arg(&passwd)
+            .arg("/etc/passwd"),
+    );
+    assert!(mount.status.success(), "{mount:?}");
+    manager.daemon_reload();
+    check("after a daemon-reload");
+    manager.wait_journal(&[], &format!("{message} (mallory)"), LIMIT);
+    drop(squatter);
+    let _ = std::fs::remove_file(&path);
 }

@@ -5,12 +5,15 @@
 //! installed by `make install-client`.
 
 mod common;
+#[path = "common/other_user.rs"]
+mod other_user;
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::user_manager::UserManager;
 use common::*;
+use other_user::{OtherUser, OTHER_UID};
 
 /// The promise: bindings answer again within 30 s after the cause stops.
 const COME_BACK: Duration = Duration::from_secs(30);
@@ -222,4 +225,208 @@ fn the_reload_watcher_comes_back_after_it_failed() {
         manager.property("qrexec-connect-reconcile.path", "ActiveState"),
         "active"
     );
+}
+
+const SERVICE: &str = "qrexec-connect.service";
+
+/// Journal entries of the recover step that contain `needle`.
+fn count_entries(manager: &UserManager, needle: &str) -> usize {
+    manager
+        .journal(&[])
+        .lines()
+        .filter(|entry| entry.contains("qrexec-connect recover") && entry.contains(needle))
+        .count()
+}
+
+/// One echo on a connection that stays open.
+fn echo_on(live: &mut TcpStream, data: &[u8]) {
+    use std::io::{Read, Write};
+    live.set_read_timeout(Some(SETTLE)).unwrap();
+    live.write_all(data).unwrap();
+    let mut back = vec![0; data.len()];
+    live.read_exact(&mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+/// Issue 17, item 4: another user's process holds a binding's port. The
+/// socket fails (`Result=resources`); recover must say so in words, with
+/// the holder's uid, and leave the daemon and the other bindings alone:
+/// retrying would stop the daemon (a socket cannot start while its
+/// service runs) and fail again at once. Once the port is free, the
+/// binding comes back by itself.
+#[test]
+fn a_port_another_user_holds_leaves_the_daemon_and_other_bindings_alone() {
+    let echo = EchoServer::start();
+    let (a, b) = (free_port(), free_port());
+    let squatter = OtherUser::listen(&format!("127.0.0.1:{a}"));
+    let manager = UserManager::start(&[(CONFIG, &(line(a, echo.port) + &line(b, echo.port)))]);
+    let results = wait_all_failed(&manager, &[unit_for(a)]);
+    assert_eq!(results, ["resources"]);
+
+    // b serves, with a connection that stays open throughout.
+    let mut live = TcpStream::connect(("127.0.0.1", b)).unwrap();
+    echo_on(&mut live, b"first");
+    let daemon = manager.main_pid(SERVICE).expect("the daemon runs");
+
+    // Wait for recover to look at the held port again, or for the daemon
+    // to be stopped, whichever comes first.
+    let checks = count_entries(&manager, "still in use");
+    let pid_now = wait_for(
+        "recover to check the held port again, or the daemon to change",
+        Duration::from_secs(60),
+        || {
+            let pid = manager.main_pid(SERVICE);
+            (pid != Some(daemon) || count_entries(&manager, "still in use") > checks).then_some(pid)
+        },
+    );
+    assert_eq!(
+        pid_now,
+        Some(daemon),
+        "recover stopped the daemon because another user holds a port\n{}",
+        manager.messages()
+    );
+    echo_on(&mut live, b"second");
+    assert!(answers(b), "binding b stopped answering");
+    assert_eq!(manager.main_pid(SERVICE), Some(daemon));
+    assert_eq!(manager.property(&unit_for(a), "ActiveState"), "failed");
+
+    // In words, with the holder's uid.
+    wait_entry_with(
+        &manager,
+        &[
+            &unit_for(a),
+            &format!("127.0.0.1:{a} is in use by another process (uid {OTHER_UID}"),
+        ],
+        LIMIT,
+    );
+
+    // The port is free again: the binding comes back by itself, at the
+    // next check (the schedule is in recover.rs).
+    drop(squatter);
+    wait_for(
+        "binding a to come back once its port is free",
+        Duration::from_secs(90),
+        || answers(a).then_some(()),
+    );
+    echo_on(&mut live, b"third");
+}
+
+/// The recovery file (`recover.rs`, `History`) saying that three
+/// recoveries came just before: the next one waits 20 s, time enough for a
+/// test to act during its back-off on a busy machine.
+fn expect_a_long_backoff(manager: &UserManager) {
+    // CLOCK_BOOTTIME, which /proc/uptime shows in seconds.
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap();
+    let seconds: f64 = uptime.split_whitespace().next().unwrap().parse().unwrap();
+    let a_second_ago = (seconds * 1000.0) as u64 - 1000;
+    manager.write_file(
+        "/run/user/0/qrexec-connect/recovery",
+        &format!("3 {a_second_ago}\n"),
+    );
+}
+
+/// Issue 17, item 4: recover read the failed units once, before its
+/// back-off; the reload watcher failing during that wait (its OnFailure=
+/// start is merged into the running recovery) was never brought back.
+#[test]
+fn a_watcher_failure_during_the_backoff_is_not_lost() {
+    let echo = EchoServer::start();
+    let (a, b) = (free_port(), free_port());
+    let manager = UserManager::start_with(
+        &[(CONFIG, &line(a, echo.port))],
+        &[
+            (
+                "qrexec-connect.service.d/cause.conf",
+                "[Service]\nExecStartPre=test -e /run/cause-gone\n",
+            ),
+            (
+                "qrexec-connect-reconcile.service.d/blocked.conf",
+                "[Service]\nExecStartPre=/bin/sh -c 'test ! -e /run/block-reconcile'\n",
+            ),
+        ],
+    );
+    manager.settle();
+    expect_a_long_backoff(&manager);
+    assert!(!answers(a), "the daemon started despite its ExecStartPre");
+    wait_entry_with(&manager, &["restarting the binding sockets in 20 s"], LIMIT);
+
+    // During the back-off, the reload watcher fails too.
+    manager.write_file("/run/block-reconcile", "");
+    std::fs::write(
+        manager.home.path().join(CONFIG),
+        line(a, echo.port) + &line(b, echo.port),
+    )
+    .unwrap();
+    manager.daemon_reload();
+    wait_for("the reload watcher to fail", LIMIT, || {
+        (manager.property("qrexec-connect-reconcile.path", "ActiveState") == "failed").then_some(())
+    });
+    assert_eq!(
+        count_entries(&manager, "restarting the binding sockets in 20 s"),
+        1,
+        "the back-off ended before the watcher failed: the test proves nothing"
+    );
+
+    // Both causes go away; no daemon-reload from here on.
+    std::fs::remove_file(manager.ns_path("/run/block-reconcile")).unwrap();
+    manager.write_file("/run/cause-gone", "");
+    wait_for("the reload watcher to come back", COME_BACK, || {
+        (manager.property("qrexec-connect-reconcile.path", "ActiveState") == "active").then_some(())
+    });
+    wait_for("binding a to come back", COME_BACK, || {
+        answers(a).then_some(())
+    });
+    wait_for("binding b to answer", COME_BACK, || {
+        answers(b).then_some(())
+    });
+}
+
+/// Issue 17, item 4: a failed socket that the manager unloads during the
+/// back-off (its line removed and reloaded, its failure cleared by the
+/// user) made the one `reset-failed` call fail, and the whole recovery with
+/// it: the other binding, failed again meanwhile, never came back.
+#[test]
+fn a_socket_unloaded_during_the_backoff_does_not_stop_the_recovery() {
+    let echo = EchoServer::start();
+    let (a, b) = (free_port(), free_port());
+    let manager = UserManager::start_with(
+        &[(CONFIG, &(line(a, echo.port) + &line(b, echo.port)))],
+        &[(
+            "qrexec-connect.service.d/cause.conf",
+            "[Service]\nExecStartPre=test -e /run/cause-gone\n",
+        )],
+    );
+    manager.settle();
+    expect_a_long_backoff(&manager);
+    assert!(!answers(a), "the daemon started despite its ExecStartPre");
+    wait_all_failed(&manager, &[unit_for(a), unit_for(b)]);
+    wait_entry_with(&manager, &["restarting the binding sockets in 20 s"], LIMIT);
+
+    // During the back-off: a's line goes, and the user clears its failure,
+    // so the manager forgets the unit. The reload starts b again, and b
+    // fails again at its next connection (the cause is still there).
+    std::fs::write(manager.home.path().join(CONFIG), line(b, echo.port)).unwrap();
+    manager.daemon_reload();
+    manager.settle();
+    manager.systemctl_ok(&["reset-failed", &unit_for(a)]);
+    let listed = manager.systemctl_ok(&[
+        "list-units",
+        "--all",
+        "--plain",
+        "--no-legend",
+        &unit_for(a),
+    ]);
+    assert!(listed.trim().is_empty(), "{listed}");
+    assert!(!answers(b), "the daemon started despite its ExecStartPre");
+    wait_all_failed(&manager, &[unit_for(b)]);
+    assert_eq!(
+        count_entries(&manager, "restarting the binding sockets in 20 s"),
+        1,
+        "the back-off ended before b failed again: the test proves nothing"
+    );
+
+    manager.write_file("/run/cause-gone", "");
+    wait_for("binding b to come back", COME_BACK, || {
+        answers(b).then_some(())
+    });
 }

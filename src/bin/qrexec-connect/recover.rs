@@ -17,21 +17,41 @@
 //! sockets, after this run has ended, so a failure right after that starts a
 //! fresh run instead of being merged into this one (see docs/design.md,
 //! "Recovery").
+//!
+//! A socket systemd could not set up (`Result=resources`: typically its
+//! address is held by another process, maybe another user's) is different:
+//! the daemon is fine, and starting the socket again needs the daemon
+//! stopped (a socket cannot start while its service runs), only to fail
+//! again while the address stays taken. Such a socket is checked, not
+//! retried: the run says who holds the address ([`holder_of`]), leaves the
+//! daemon and the other bindings alone, and looks again on a schedule that
+//! reaches minutes ([`CHECKS`]); when the address is free, it clears the
+//! socket's failed state and exits, and the socket starts (stopping the
+//! daemon once; its connections live on). Meanwhile the run stays, and
+//! reads the failed units again every [`POLL`] (10 s): a failure while a run is
+//! busy is merged into it by systemd, so a run that read them only once
+//! would lose it.
 
+use std::collections::BTreeMap;
 use std::io;
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
 
 use crate::manager::{self, systemctl};
 use crate::reconcile::SERVICE;
+use crate::spawn::signal_name;
+use qrexec_connect_binding::runtime_dir::RuntimeDir;
+use qrexec_connect_generator::config::printable;
+use qrexec_connect_generator::owner::{Account, Ids};
 
 /// The path unit that runs the reconcile step after each daemon-reload.
 const WATCHER: &str = "qrexec-connect-reconcile.path";
 /// The reconcile step it starts.
 const RECONCILE: &str = "qrexec-connect-reconcile.service";
-use crate::spawn::signal_name;
-use qrexec_connect_binding::runtime_dir::RuntimeDir;
 
-/// Our record of recent recoveries, in [`RuntimeDir`].
+/// Our record of recent recoveries and checks ([`Record`]), in
+/// [`RuntimeDir`].
 pub const STATE_FILE: &str = "recovery";
 
 /// Waits before the 1st, 2nd, 3rd and every later recovery in a row. The
@@ -48,6 +68,34 @@ pub const BACKOFF: [Duration; 4] = [
 /// again. Longer than the capped wait, so a cause that persists stays at
 /// the cap.
 pub const QUIET: Duration = Duration::from_secs(60);
+
+/// How often a waiting run reads the failed units again. Failures that
+/// come while a run is busy are merged into it by systemd, so this bounds
+/// how late they are seen (the first recovery then still comes within
+/// 30 s). Each read is a `list-units` and two `show`s: measured at a 5 s
+/// interval with an address held, 0.3 s of CPU a minute (debug build, the
+/// manager's and systemctl's share included), so about half that at 10 s.
+pub const POLL: Duration = Duration::from_secs(10);
+
+/// Waits before the 1st, 2nd, 3rd and every later check in a row of a
+/// socket systemd could not set up (`Result=resources`). Two quick looks
+/// for a holder that is about to go (a program restarting, an old instance
+/// shutting down), then minutes: each time the address looks free the
+/// binding is restarted, which stops the daemon once, so a holder that lets
+/// go and takes the address again in turn (or a cause we cannot see) costs
+/// at most one daemon restart per 5 minutes. A binding whose address was
+/// freed is back within 5 minutes, or at once with `daemon-reload`.
+pub const CHECKS: [Duration; 4] = [
+    Duration::from_secs(5),
+    Duration::from_secs(15),
+    Duration::from_secs(60),
+    Duration::from_secs(300),
+];
+
+/// A check this long after the previous one is a first one again: longer
+/// than the longest wait, so checks of an address that stays taken stay at
+/// the cap, across runs.
+pub const CHECKS_QUIET: Duration = Duration::from_secs(900);
 
 /// How many recoveries came in a row, and when the last one started
 /// (`CLOCK_BOOTTIME`, which counts across suspend and is the same for every
@@ -70,13 +118,15 @@ impl History {
         }
     }
 
-    pub fn format(&self) -> String {
-        format!("{} {}\n", self.in_a_row, self.last.as_millis())
-    }
-
     /// The history including a recovery starting `now`.
     pub fn next(&self, now: Duration) -> History {
-        let quiet = self.in_a_row == 0 || now.saturating_sub(self.last) > QUIET || now < self.last;
+        self.next_after(now, QUIET)
+    }
+
+    /// The history including one more event at `now`; one that comes more
+    /// than `quiet` after the last starts a new series.
+    pub fn next_after(&self, now: Duration, quiet: Duration) -> History {
+        let quiet = self.in_a_row == 0 || now.saturating_sub(self.last) > quiet || now < self.last;
         History {
             in_a_row: if quiet {
                 1
@@ -88,10 +138,62 @@ impl History {
     }
 }
 
+/// What [`STATE_FILE`] holds: `RECOVERIES LAST_MS CHECKS LAST_MS`. A
+/// file that does not parse counts as empty; one from before checks
+/// existed has only the first two fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Record {
+    pub recoveries: History,
+    pub checks: History,
+}
+
+impl Record {
+    pub fn parse(text: &str) -> Record {
+        let mut fields = text.split_whitespace();
+        let recoveries = History::parse(&fields.by_ref().take(2).collect::<Vec<_>>().join(" "));
+        let checks = History::parse(&fields.take(2).collect::<Vec<_>>().join(" "));
+        Record { recoveries, checks }
+    }
+
+    pub fn format(&self) -> String {
+        format!(
+            "{} {} {} {}\n",
+            self.recoveries.in_a_row,
+            self.recoveries.last.as_millis(),
+            self.checks.in_a_row,
+            self.checks.last.as_millis()
+        )
+    }
+
+    /// Reads the record, counts one more recovery or check with `count`,
+    /// writes it back; returns the new count. An unreadable record counts
+    /// as empty (and is replaced); one that cannot be written is said and
+    /// the count used all the same.
+    fn count(dir: &RuntimeDir, count: impl FnOnce(&mut Record) -> u32) -> u32 {
+        let mut record = dir
+            .read(STATE_FILE)
+            .ok()
+            .flatten()
+            .map(|text| Record::parse(&text))
+            .unwrap_or_default();
+        let in_a_row = count(&mut record);
+        if let Err(e) = dir.write_atomically(STATE_FILE, &record.format()) {
+            println!("<4>qrexec-connect recover: cannot record the count of recoveries: {e}");
+        }
+        in_a_row
+    }
+}
+
 /// The wait before recovery number `in_a_row` (1 is the first).
 pub fn backoff(in_a_row: u32) -> Duration {
     let index = (in_a_row.max(1) - 1) as usize;
     BACKOFF[index.min(BACKOFF.len() - 1)]
+}
+
+/// The wait before check number `in_a_row` (1 is the first).
+pub fn check_wait(in_a_row: u32) -> Duration {
+    let index = (in_a_row.max(1) - 1) as usize;
+    CHECKS[index.min(CHECKS.len() - 1)]
 }
 
 /// What the manager says about the daemon's last failure.
@@ -107,29 +209,39 @@ pub struct DaemonState {
     pub start_pre: String,
 }
 
-/// One binding socket as the manager sees it.
+/// One binding socket (or the reload watcher) as the manager sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketState {
     pub name: String,
     pub active_state: String,
     pub result: String,
+    /// Its addresses (`Listen=`, without the ` (Stream)` after each), when
+    /// asked for.
+    pub listen: Vec<String>,
 }
 
 /// Parses `systemctl show` output (blocks separated by blank lines).
 pub fn parse_sockets(text: &str) -> Vec<SocketState> {
     text.split("\n\n")
         .filter_map(|block| {
-            let value = |key: &str| {
-                block.lines().find_map(|line| {
+            let values = |key: &'static str| {
+                block.lines().filter_map(move |line| {
                     line.strip_prefix(key)
                         .and_then(|rest| rest.strip_prefix('='))
                         .map(str::to_owned)
                 })
             };
+            let value = |key| values(key).next();
             Some(SocketState {
                 name: value("Id").filter(|name| !name.is_empty())?,
                 active_state: value("ActiveState").unwrap_or_default(),
                 result: value("Result").unwrap_or_default(),
+                listen: values("Listen")
+                    .map(|listen| match listen.rsplit_once(" (") {
+                        Some((address, _kind)) => address.to_owned(),
+                        None => listen,
+                    })
+                    .collect(),
             })
         })
         .collect()
@@ -290,29 +402,359 @@ pub fn describe_failure(daemon: &DaemonState, failed: &[&SocketState]) -> String
     )
 }
 
-/// Runs one recovery: report, wait, clear the failed states. Messages go to
-/// stdout with syslog priority prefixes.
-pub fn run() -> io::Result<()> {
-    let sockets = parse_sockets(&show_sockets()?);
-    let failed: Vec<&SocketState> = sockets
-        .iter()
-        .filter(|s| s.active_state == "failed")
-        .collect();
-    let watcher = parse_sockets(&manager::show(
-        &["Id", "ActiveState", "Result"],
-        &[WATCHER],
-    )?)
-    .pop()
-    .filter(|w| w.active_state == "failed");
-    if let Some(watcher) = &watcher {
-        // <4> warning: reloads are not applied.
-        println!(
-            "<4>qrexec-connect recover: the reload watcher {WATCHER} failed ({}); until it \
-             runs again, daemon-reload does not apply binding changes",
-            watcher.result
-        );
+/// Another process holding an address, as `/proc` tells: the uid from
+/// `/proc/net/tcp{,6}` or the socket file's owner, the socket's inode, and
+/// (after [`Holder::identify`]) the process, pid and name, when its fds can
+/// be looked at (ours always, anyone's as root).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Holder {
+    pub uid: Option<u32>,
+    pub inode: Option<u64>,
+    pub process: Option<(u32, String)>,
+}
+
+impl Holder {
+    /// Finds the process holding the socket: a walk over every process's
+    /// fds, so done only for what is said in the journal.
+    pub fn identify(&mut self) {
+        if self.process.is_some() {
+            return;
+        }
+        self.process = self.inode.and_then(process_with_socket);
+        if self.uid.is_none() {
+            self.uid = self.process.as_ref().and_then(|(pid, _)| {
+                std::fs::metadata(format!("/proc/{pid}"))
+                    .ok()
+                    .map(|m| m.uid())
+            });
+        }
     }
-    if failed.is_empty() && watcher.is_none() {
+}
+
+/// `uid 2001 (mallory), pid 1234 "nc"`: as much as is known.
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(uid) = self.uid {
+            parts.push(format!("uid {}", Account::user(uid)));
+        }
+        if let Some((pid, name)) = &self.process {
+            parts.push(format!("pid {pid} {name:?}"));
+        }
+        if parts.is_empty() {
+            parts.push("another user's: /proc does not say whose".to_owned());
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Who holds `address` (`127.0.0.1:22`, `[::1]:80`, `/path`, `@name`, as
+/// `Listen=` shows it), so that binding it fails; `None` when nothing in
+/// `/proc` does. TCP: a listening socket on the port at the same address or
+/// a wildcard. Path: a file of another user there (our own would be
+/// replaced). Abstract: a listening socket of that name.
+pub fn holder_of(address: &str) -> Option<Holder> {
+    if address.starts_with('/') {
+        let meta = std::fs::symlink_metadata(address).ok()?;
+        if meta.uid() == Ids::current()?.uid {
+            return None;
+        }
+        return Some(Holder {
+            uid: Some(meta.uid()),
+            inode: unix_socket_inode(address),
+            process: None,
+        });
+    }
+    if address.starts_with('@') {
+        return Some(Holder {
+            uid: None,
+            inode: Some(unix_socket_inode(address)?),
+            process: None,
+        });
+    }
+    let wanted: SocketAddr = address.parse().ok()?;
+    let (uid, inode) = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .find_map(|table| tcp_listener(&table, wanted))?;
+    Some(Holder {
+        uid: Some(uid),
+        inode: Some(inode),
+        process: None,
+    })
+}
+
+/// In a `/proc/net/tcp` or `tcp6` table, the `(uid, inode)` of a listening
+/// socket that binding `wanted` would collide with: the same port, and the
+/// same address or a wildcard on either side (IPv4-mapped addresses
+/// compared as IPv4).
+pub fn tcp_listener(table: &str, wanted: SocketAddr) -> Option<(u32, u64)> {
+    const LISTEN: &str = "0A";
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let wanted_ip = plain(wanted.ip());
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, uid, inode) = (
+            fields.get(1)?,
+            fields.get(3)?,
+            fields.get(7)?,
+            fields.get(9)?,
+        );
+        if *state != LISTEN {
+            return None;
+        }
+        let (ip, port) = local.split_once(':')?;
+        if u16::from_str_radix(port, 16).ok()? != wanted.port() {
+            return None;
+        }
+        let ip = plain(kernel_ip(ip)?);
+        let collides = ip == wanted_ip || ip.is_unspecified() || wanted_ip.is_unspecified();
+        collides.then(|| Some((uid.parse().ok()?, inode.parse().ok()?)))?
+    })
+}
+
+/// An address as `/proc/net/tcp*` prints it: the bytes in network order,
+/// shown as native-endian 32-bit words in hex.
+fn kernel_ip(hex: &str) -> Option<IpAddr> {
+    let words: Option<Vec<[u8; 4]>> = (0..hex.len() / 8)
+        .map(|i| {
+            let word = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+            Some(word.to_ne_bytes())
+        })
+        .collect();
+    let bytes: Vec<u8> = words?.concat();
+    match bytes.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(bytes).ok()?,
+        ))),
+        _ => None,
+    }
+}
+
+/// The inode of a listening Unix stream socket at `address` (a path, or
+/// `@name`), from `/proc/net/unix`.
+fn unix_socket_inode(address: &str) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    unix_listener(&table, address)
+}
+
+/// In a `/proc/net/unix` table, the inode of the listening socket at
+/// `address`.
+pub fn unix_listener(table: &str, address: &str) -> Option<u64> {
+    const ACCEPTING: u32 = 1 << 16; // __SO_ACCEPTCON
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let flags = u32::from_str_radix(fields.get(3)?, 16).ok()?;
+        let inode = fields.get(6)?.parse().ok()?;
+        (flags & ACCEPTING != 0 && fields.get(7) == Some(&address)).then_some(inode)
+    })
+}
+
+/// The first process with the socket `inode` among its fds, and its name
+/// (made printable); only processes whose fds we may read are seen.
+fn process_with_socket(inode: u64) -> Option<(u32, String)> {
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            fds.flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|link| link.as_os_str() == wanted.as_str())
+                })
+                .then(|| {
+                    let name = std::fs::read(entry.path().join("comm")).unwrap_or_default();
+                    (pid, printable(name.trim_ascii_end()))
+                })
+        })
+}
+
+/// A socket that systemd could not set up, and who holds each of its
+/// addresses now (empty: nobody we can see).
+#[derive(Debug, Clone)]
+struct Unset {
+    socket: SocketState,
+    holders: Vec<(String, Holder)>,
+}
+
+impl Unset {
+    fn is_held(&self) -> bool {
+        !self.holders.is_empty()
+    }
+
+    /// `127.0.0.1:22 is in use by another process (uid 2001, pid 7 "nc")`.
+    fn holders_in_words(&self) -> String {
+        let held: Vec<String> = self
+            .holders
+            .iter()
+            .map(|(address, holder)| {
+                format!(
+                    "its address {} is in use by another process ({holder})",
+                    printable(address.as_bytes())
+                )
+            })
+            .collect();
+        held.join("; ")
+    }
+
+    /// Who holds what, to tell a change of holder: the addresses, uids
+    /// and socket inodes.
+    fn holders_key(&self) -> String {
+        let key: Vec<String> = self
+            .holders
+            .iter()
+            .map(|(address, holder)| format!("{address} {:?} {:?}", holder.uid, holder.inode))
+            .collect();
+        key.join(" ")
+    }
+
+    /// Finds the processes of the holders, for the journal.
+    fn identify(&mut self) {
+        for (_, holder) in &mut self.holders {
+            holder.identify();
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.is_held() {
+            format!(
+                "{} cannot listen: {}",
+                self.socket.name,
+                self.holders_in_words()
+            )
+        } else {
+            format!(
+                "{} cannot listen: {}",
+                self.socket.name,
+                describe_socket_result("resources")
+            )
+        }
+    }
+}
+
+/// The failed units recover acts on, read at one moment.
+#[derive(Debug, Clone, Default)]
+struct Failures {
+    /// The daemon's sockets that failed for another reason than
+    /// resources (start limit, trigger limit, ...).
+    sockets: Vec<SocketState>,
+    /// Sockets systemd could not set up (`Result=resources`).
+    unset: Vec<Unset>,
+    /// The reload watcher, when it failed.
+    watcher: Option<SocketState>,
+}
+
+impl Failures {
+    /// One `list-units`, a `show` of the failed sockets and one of the
+    /// watcher.
+    fn read() -> io::Result<Failures> {
+        let listed = manager::socket_units()?;
+        let failed: Vec<&str> = listed
+            .iter()
+            .filter(|unit| unit.active_state == "failed")
+            .map(|unit| unit.name.as_str())
+            .collect();
+        let shown = manager::show(&["Id", "ActiveState", "Result", "Listen"], &failed)?;
+        let mut failures = Failures::default();
+        for socket in parse_sockets(&shown) {
+            if socket.active_state != "failed" {
+                continue;
+            }
+            if socket.result == "resources" {
+                let holders = socket
+                    .listen
+                    .iter()
+                    .filter_map(|address| Some((address.clone(), holder_of(address)?)))
+                    .collect();
+                failures.unset.push(Unset { socket, holders });
+            } else {
+                failures.sockets.push(socket);
+            }
+        }
+        failures.watcher = parse_sockets(&manager::show(
+            &["Id", "ActiveState", "Result"],
+            &[WATCHER],
+        )?)
+        .pop()
+        .filter(|watcher| watcher.active_state == "failed");
+        Ok(failures)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sockets.is_empty() && self.unset.is_empty() && self.watcher.is_none()
+    }
+
+    /// What needs the recovery back-off: failed daemon sockets or watcher.
+    fn need_recovery(&self) -> bool {
+        !self.sockets.is_empty() || self.watcher.is_some()
+    }
+}
+
+/// What this run has said, so that each failure is explained once (and
+/// again when its holder changes).
+#[derive(Default)]
+struct Told {
+    sockets: BTreeMap<String, String>,
+    watcher: bool,
+}
+
+impl Told {
+    /// Warnings (`<4>`) for what failed since the last report.
+    fn report(&mut self, failures: &mut Failures) {
+        let new: Vec<&SocketState> = failures
+            .sockets
+            .iter()
+            .filter(|s| self.sockets.get(&s.name) != Some(&s.result))
+            .collect();
+        if !new.is_empty() {
+            if let Err(e) = report_daemon_failure(&new) {
+                println!("<4>qrexec-connect recover: {e}");
+            }
+            for socket in new {
+                self.sockets
+                    .insert(socket.name.clone(), socket.result.clone());
+            }
+        }
+        for unset in &mut failures.unset {
+            let told = self.sockets.get(&unset.socket.name);
+            // A holder that went away is for the next check to act on.
+            if told.is_some() && !unset.is_held() {
+                continue;
+            }
+            let key = unset.holders_key();
+            if told != Some(&key) {
+                unset.identify();
+                println!("<4>qrexec-connect recover: {}", unset.describe());
+                self.sockets.insert(unset.socket.name.clone(), key);
+            }
+        }
+        match &failures.watcher {
+            Some(watcher) if !self.watcher => println!(
+                "<4>qrexec-connect recover: the reload watcher {WATCHER} failed ({}); until it \
+                 runs again, daemon-reload does not apply binding changes",
+                watcher.result
+            ),
+            _ => {}
+        }
+        self.watcher = failures.watcher.is_some();
+    }
+}
+
+/// Runs one recovery: report, wait, clear the failed states; for sockets
+/// systemd could not set up, check until their address is free. Messages
+/// go to stdout with syslog priority prefixes.
+pub fn run() -> io::Result<()> {
+    let mut failures = Failures::read()?;
+    if failures.is_empty() {
         // Run by hand, or everything came back meanwhile.
         println!(
             "<6>qrexec-connect recover: no binding socket and not the reload watcher is in \
@@ -320,30 +762,138 @@ pub fn run() -> io::Result<()> {
         );
         return Ok(());
     }
-    if !failed.is_empty() {
-        report_daemon_failure(&failed)?;
-    }
     let dir = RuntimeDir::from_env()?;
-    let history = dir
-        .read(STATE_FILE)?
-        .map(|text| History::parse(&text))
-        .unwrap_or_default()
-        .next(boot_time());
-    dir.write_atomically(STATE_FILE, &history.format())?;
-    let wait = backoff(history.in_a_row);
-    let persisting = if history.in_a_row as usize >= BACKOFF.len() {
+    let mut told = Told::default();
+    let mut recovery_at: Option<Instant> = None;
+    let mut check_at: Option<Instant> = None;
+    loop {
+        told.report(&mut failures);
+        if failures.unset.is_empty() {
+            check_at = None;
+        }
+        if failures.is_empty() {
+            // Back meanwhile (a daemon-reload starts wanted sockets).
+            return Ok(());
+        }
+        let now = Instant::now();
+        if failures.need_recovery() && recovery_at.is_none() {
+            let in_a_row = Record::count(&dir, |record| {
+                record.recoveries = record.recoveries.next(boot_time());
+                record.recoveries.in_a_row
+            });
+            recovery_at = Some(now + announce_recovery(&failures, in_a_row));
+        }
+        if !failures.unset.is_empty() && check_at.is_none() {
+            let wait = next_check(&dir);
+            let names: Vec<&str> = failures
+                .unset
+                .iter()
+                .map(|u| u.socket.name.as_str())
+                .collect();
+            // <5> notice: what we do about it.
+            println!(
+                "<5>qrexec-connect recover: leaving {SERVICE} and the other bindings alone \
+                 for {}; checking again in {} s",
+                name_some(&names),
+                wait.as_secs()
+            );
+            check_at = Some(now + wait);
+        }
+
+        if recovery_at.is_some_and(|at| now >= at) {
+            // These failures were read after the wait: whatever failed
+            // during it is handled too.
+            recovery_at = None;
+            if recover(&failures) {
+                return Ok(());
+            }
+            failures = read_again(failures);
+            continue;
+        }
+        if check_at.is_some_and(|at| now >= at) {
+            let (mut held, free): (Vec<Unset>, Vec<Unset>) =
+                failures.unset.iter().cloned().partition(|u| u.is_held());
+            if !free.is_empty() {
+                let names: Vec<&str> = free.iter().map(|u| u.socket.name.as_str()).collect();
+                let cleared = reset_failed(&names);
+                if !cleared.is_empty() {
+                    // <5> notice: the one daemon stop this costs.
+                    println!(
+                        "<5>qrexec-connect recover: nothing we can see holds the address of {} \
+                         now; sockets.target starts it again ({SERVICE} stops once for that, \
+                         its live connections continue)",
+                        name_some(&cleared)
+                    );
+                    return Ok(());
+                }
+            }
+            let wait = next_check(&dir);
+            for unset in &mut held {
+                unset.identify();
+                println!(
+                    "<5>qrexec-connect recover: {}: {}; checking again in {} s",
+                    unset.socket.name,
+                    unset
+                        .holders_in_words()
+                        .replace(" is in use ", " is still in use "),
+                    wait.as_secs()
+                );
+            }
+            check_at = Some(now + wait);
+        }
+        let next = [recovery_at, check_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(POLL, |at| {
+                at.saturating_duration_since(Instant::now()).min(POLL)
+            });
+        std::thread::sleep(next);
+        failures = read_again(failures);
+    }
+}
+
+/// Counts one more check in the record; the wait before it.
+fn next_check(dir: &RuntimeDir) -> Duration {
+    let in_a_row = Record::count(dir, |record| {
+        record.checks = record.checks.next_after(boot_time(), CHECKS_QUIET);
+        record.checks.in_a_row
+    });
+    check_wait(in_a_row)
+}
+
+/// The failed units now; if the manager cannot be asked (busy with a
+/// reload, say), what was read before, so that a run that may last long
+/// does not end on a passing error.
+fn read_again(before: Failures) -> Failures {
+    match Failures::read() {
+        Ok(now) => now,
+        Err(e) => {
+            println!(
+                "<4>qrexec-connect recover: cannot read the failed units ({e}); trying again \
+                 in {} s",
+                POLL.as_secs()
+            );
+            before
+        }
+    }
+}
+
+/// Says what will be restarted and when; the wait.
+fn announce_recovery(failures: &Failures, in_a_row: u32) -> Duration {
+    let wait = backoff(in_a_row);
+    let persisting = if in_a_row as usize >= BACKOFF.len() {
         format!(
-            " (recovery {} in a row: the cause persists; retrying at most every {} s until \
-             it stops)",
-            history.in_a_row,
+            " (recovery {in_a_row} in a row: the cause persists; retrying at most every {} s \
+             until it stops)",
             wait.as_secs()
         )
-    } else if history.in_a_row > 1 {
-        format!(" (recovery {} in a row)", history.in_a_row)
+    } else if in_a_row > 1 {
+        format!(" (recovery {in_a_row} in a row)")
     } else {
         String::new()
     };
-    let what = match (failed.is_empty(), watcher.is_some()) {
+    let what = match (failures.sockets.is_empty(), failures.watcher.is_some()) {
         (false, false) => "the binding sockets",
         (true, _) => "the reload watcher",
         (false, true) => "the binding sockets and the reload watcher",
@@ -353,30 +903,65 @@ pub fn run() -> io::Result<()> {
         "<5>qrexec-connect recover: restarting {what} in {} s{persisting}",
         wait.as_secs()
     );
-    std::thread::sleep(wait);
+    wait
+}
 
-    if !failed.is_empty() {
+/// Clears the failed states after the wait; true when sockets were
+/// cleared, which the unit's `OnSuccess=sockets.target` starts once this
+/// run has ended.
+fn recover(failures: &Failures) -> bool {
+    let mut cleared_sockets = false;
+    if !failures.sockets.is_empty() {
         // The start-limit counters go with the failed state, so the daemon
-        // gets its full allowance again. The sockets are started by the
-        // unit's OnSuccess=sockets.target once this run has ended.
-        let mut args = vec!["reset-failed", "--", SERVICE];
-        args.extend(failed.iter().map(|s| s.name.as_str()));
-        systemctl(&args)?;
+        // gets its full allowance again. Sockets systemd could not set up
+        // are tried again too: the daemon is down, so that costs nothing.
+        let mut units = vec![SERVICE];
+        units.extend(failures.sockets.iter().map(|s| s.name.as_str()));
+        units.extend(failures.unset.iter().map(|u| u.socket.name.as_str()));
+        let cleared = reset_failed(&units);
+        let sockets = cleared.iter().filter(|unit| **unit != SERVICE).count();
+        cleared_sockets = sockets > 0;
         println!(
-            "<5>qrexec-connect recover: cleared the failed state of {SERVICE} and {} socket{}; \
-             sockets.target starts them again",
-            failed.len(),
-            if failed.len() == 1 { "" } else { "s" }
+            "<5>qrexec-connect recover: cleared the failed state of {SERVICE} and {sockets} \
+             socket{}; sockets.target starts them again",
+            if sockets == 1 { "" } else { "s" }
         );
     }
-    if watcher.is_some() {
+    if failures.watcher.is_some() {
         // A path unit pulls in nothing else: started by name. If its flag
         // is still raised, the reload it missed is applied at once.
-        systemctl(&["reset-failed", "--", WATCHER, RECONCILE])?;
-        systemctl(&["start", "--no-block", WATCHER])?;
-        println!("<5>qrexec-connect recover: started {WATCHER} again");
+        reset_failed(&[WATCHER, RECONCILE]);
+        match systemctl(&["start", "--no-block", WATCHER]) {
+            Ok(_) => println!("<5>qrexec-connect recover: started {WATCHER} again"),
+            Err(e) => println!("<4>qrexec-connect recover: {e}"),
+        }
     }
-    Ok(())
+    cleared_sockets
+}
+
+/// `systemctl reset-failed` of `units`: in one call, and if that fails,
+/// one unit at a time, so that a unit the manager has forgotten meanwhile
+/// (its file removed, a reload, its failure cleared by hand: "not loaded")
+/// is skipped and any other error is logged without stopping the rest.
+/// Returns the units whose failed state is now cleared.
+fn reset_failed<'a>(units: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["reset-failed", "--"];
+    args.extend(units);
+    if systemctl(&args).is_ok() {
+        return units.to_vec();
+    }
+    units
+        .iter()
+        .copied()
+        .filter(|unit| match systemctl(&["reset-failed", "--", unit]) {
+            Ok(_) => true,
+            Err(e) if e.to_string().contains("not loaded") => false,
+            Err(e) => {
+                println!("<4>qrexec-connect recover: {e}");
+                false
+            }
+        })
+        .collect()
 }
 
 /// Says why the daemon's sockets failed, from what systemd kept of its
@@ -402,12 +987,6 @@ fn report_daemon_failure(failed: &[&SocketState]) -> io::Result<()> {
         describe_failure(&daemon, failed)
     );
     Ok(())
-}
-
-fn show_sockets() -> io::Result<String> {
-    let listed = manager::socket_units()?;
-    let names: Vec<&str> = listed.iter().map(|u| u.name.as_str()).collect();
-    manager::show(&["Id", "ActiveState", "Result"], &names)
 }
 
 /// Time since boot, suspend included.
@@ -439,8 +1018,14 @@ mod tests {
         }
         assert_eq!(waits, [2, 5, 10, 20, 20, 20]);
         assert_eq!(history.next(S(166) + QUIET + S(1)).in_a_row, 1);
-        assert_eq!(History::parse(&history.format()), history);
-        assert_eq!(History::parse("garbage"), History::default());
+        let record = Record {
+            recoveries: history,
+            checks: History::default().next_after(S(170), CHECKS_QUIET),
+        };
+        assert_eq!(Record::parse(&record.format()), record);
+        assert_eq!(Record::parse("garbage"), Record::default());
+        // A record written before checks were counted.
+        assert_eq!(Record::parse("6 166000\n").recoveries, history);
     }
 
     #[test]
@@ -491,6 +1076,92 @@ mod tests {
         let own =
             parse_daemon("Result=exit-code\nExecMainPID=5\nExecMainCode=1\nExecMainStatus=6\n");
         assert!(describe_daemon(&own).starts_with("exited with status 6"));
+    }
+
+    #[test]
+    fn checks_back_off_to_minutes_and_count_across_runs() {
+        let mut checks = History::default();
+        let mut waits = Vec::new();
+        for at in [100, 105, 120, 180, 480, 780] {
+            checks = checks.next_after(S(at), CHECKS_QUIET);
+            waits.push(check_wait(checks.in_a_row).as_secs());
+        }
+        assert_eq!(waits, [5, 15, 60, 300, 300, 300]);
+        assert!(CHECKS_QUIET > *CHECKS.last().unwrap());
+        assert_eq!(
+            checks
+                .next_after(S(780) + CHECKS_QUIET + S(1), CHECKS_QUIET)
+                .in_a_row,
+            1
+        );
+    }
+
+    /// The holders of real sockets of this process, as /proc shows them.
+    #[test]
+    fn holders_are_found_in_proc() {
+        use std::os::linux::net::SocketAddrExt;
+        let me = std::process::id();
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let ours = |holder: Option<Holder>| {
+            let mut holder = holder.expect("a holder");
+            holder.identify();
+            assert_eq!(holder.uid, Some(uid));
+            assert_eq!(holder.process.map(|(pid, _)| pid), Some(me));
+        };
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        ours(holder_of(&format!("127.0.0.1:{port}")));
+        ours(holder_of(&format!("0.0.0.0:{port}")));
+        assert_eq!(holder_of(&format!("127.0.0.2:{port}")), None);
+        drop(v4);
+        assert_eq!(holder_of(&format!("127.0.0.1:{port}")), None);
+
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let port = v6.local_addr().unwrap().port();
+        ours(holder_of(&format!("[::1]:{port}")));
+        assert_eq!(holder_of(&format!("[::2]:{port}")), None);
+
+        let name = format!("qrexec-connect-holder-test-{me}");
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+        let _abstract = std::os::unix::net::UnixListener::bind_addr(&address).unwrap();
+        ours(holder_of(&format!("@{name}")));
+        assert_eq!(holder_of(&format!("@{name}-other")), None);
+
+        // A path socket of our own is no holder: systemd replaces it.
+        let path = std::env::temp_dir().join(format!("qrexec-connect-holder-{me}"));
+        let _ = std::fs::remove_file(&path);
+        let _path = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(holder_of(path.to_str().unwrap()), None);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn holders_are_described_in_words() {
+        let holder = Holder {
+            uid: Some(4_000_000_000),
+            inode: Some(7),
+            process: Some((42, "nc".to_owned())),
+        };
+        assert_eq!(holder.to_string(), "uid 4000000000, pid 42 \"nc\"");
+        let unset = Unset {
+            socket: parse_sockets(
+                "Id=qrexec-connect-127.0.0.1:22.socket\nActiveState=failed\nResult=resources\n\
+                 Listen=127.0.0.1:22 (Stream)\n",
+            )
+            .pop()
+            .unwrap(),
+            holders: vec![("127.0.0.1:22".to_owned(), holder)],
+        };
+        assert_eq!(unset.socket.listen, ["127.0.0.1:22"]);
+        assert_eq!(
+            unset.describe(),
+            "qrexec-connect-127.0.0.1:22.socket cannot listen: its address 127.0.0.1:22 is in \
+             use by another process (uid 4000000000, pid 42 \"nc\")"
+        );
+        assert_eq!(
+            Holder::default().to_string(),
+            "another user's: /proc does not say whose"
+        );
     }
 
     #[test]
