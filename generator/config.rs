@@ -328,6 +328,11 @@ impl Config {
         }
     }
 
+    /// The binding whose socket unit is `unit`, if a line gives one.
+    pub fn binding_of_unit(&self, unit: &str) -> Option<&Binding> {
+        self.by_unit.get(unit).map(|&index| &self.bindings[index])
+    }
+
     /// Reads every config file of `dirs`.
     pub fn load(dirs: &ConfigDirs, specifiers: Specifiers) -> Config {
         let mut config = Config::new(specifiers);
@@ -635,6 +640,10 @@ pub const SHOWN_CHARS: usize = 256;
 /// cut (a 20 MB line must not become a 20 MB message). The result holds
 /// only characters that show as themselves.
 pub fn printable(bytes: &[u8]) -> String {
+    // Most text is short printable ASCII: copied as it is.
+    if bytes.len() <= SHOWN_CHARS && bytes.iter().all(|&b| matches!(b, b' '..=b'~' | b'\t')) {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
     let mut out = String::new();
     let mut shown = 0;
     for chunk in bytes.utf8_chunks() {
@@ -705,6 +714,9 @@ fn push_printable(out: &mut String, c: char) {
 /// U+0020 (U+00A0 and the like), which look like the space that separates
 /// fields but are not one. C0 and C1 controls are `char::is_control`.
 pub fn is_invisible(c: char) -> bool {
+    if u32::from(c) < 0xA0 {
+        return false;
+    }
     matches!(
         u32::from(c),
         0x00A0
