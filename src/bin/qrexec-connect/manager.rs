@@ -71,11 +71,3 @@ pub fn show(properties: &[&str], units: &[&str]) -> io::Result<String> {
     args.extend(units);
     systemctl(&args)
 }
-
-/// One property of one unit; empty if the manager cannot be asked.
-pub fn property(unit: &str, name: &str) -> String {
-    systemctl(&["show", "-p", name, "--value", unit])
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
