@@ -328,11 +328,6 @@ impl Config {
         }
     }
 
-    /// The binding whose socket unit is `unit`, if a line gives one.
-    pub fn binding_of_unit(&self, unit: &str) -> Option<&Binding> {
-        self.by_unit.get(unit).map(|&index| &self.bindings[index])
-    }
-
     /// Reads every config file of `dirs`.
     pub fn load(dirs: &ConfigDirs, specifiers: Specifiers) -> Config {
         let mut config = Config::new(specifiers);
@@ -466,16 +461,6 @@ pub fn parse_line(line: &[u8], at: Location) -> Result<Option<Binding>, LineErro
         fd_name,
         source: at,
     }))
-}
-
-/// A TARGET or SERVICE error, with the field it quotes [cut](cut).
-fn binding_error(error: BindingError) -> LineError {
-    LineError::Binding(match error {
-        BindingError::InvalidTarget(t) => BindingError::InvalidTarget(cut(&t)),
-        BindingError::InvalidService(s) => BindingError::InvalidService(cut(&s)),
-        BindingError::ColonInTarget(t) => BindingError::ColonInTarget(cut(&t)),
-        other => other,
-    })
 }
 
 /// Refuses a socket path systemd would refuse (too long once expanded) or
@@ -625,6 +610,23 @@ fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
         return Err("not a regular file, skipped".into());
     }
     fs::read(path).map_err(|e| format!("cannot read: {e}"))
+}
+
+impl Config {
+    /// The binding whose socket unit is `unit`, if a line gives one.
+    pub fn binding_of_unit(&self, unit: &str) -> Option<&Binding> {
+        self.by_unit.get(unit).map(|&index| &self.bindings[index])
+    }
+}
+
+/// A TARGET or SERVICE error, with the field it quotes [cut](cut).
+fn binding_error(error: BindingError) -> LineError {
+    LineError::Binding(match error {
+        BindingError::InvalidTarget(t) => BindingError::InvalidTarget(cut(&t)),
+        BindingError::InvalidService(s) => BindingError::InvalidService(cut(&s)),
+        BindingError::ColonInTarget(t) => BindingError::ColonInTarget(cut(&t)),
+        other => other,
+    })
 }
 
 /// How much of a user's text a message shows: this many characters (a byte
