@@ -194,8 +194,10 @@ impl fmt::Display for LineError {
             LineError::FieldCount(n) => {
                 write!(f, "expected 3 fields, LISTEN TARGET SERVICE, found {n}")
             }
-            LineError::Address(e) => e.fmt(f),
-            LineError::Binding(e) => e.fmt(f),
+            // They quote the field with Rust's escaping, which leaves some
+            // invisible characters as they are.
+            LineError::Address(e) => f.write_str(&printable_message(&e.to_string())),
+            LineError::Binding(e) => f.write_str(&printable_message(&e.to_string())),
             LineError::Duplicate { earlier, unit } => write!(
                 f,
                 "the same LISTEN is already bound at {earlier} (unit {unit})"
@@ -322,8 +324,8 @@ impl Problem {
     }
 }
 
-const BAD_FILE_NAME: &str = "file name is not an absolute path in UTF-8 without control \
-     or invisible characters, skipped";
+const BAD_FILE_NAME: &str = "file name is not an absolute path in UTF-8 without control, \
+     invisible or non-ASCII space characters, skipped";
 
 /// A directory or file the config was looked for in, and what became of it:
 /// what `--check` lists so that a file that was not read is never a mystery.
@@ -521,16 +523,19 @@ pub fn parse_line(line: &[u8], at: Location) -> Result<Option<Binding>, LineErro
     let [listen, target, service] = fields[..] else {
         return Err(LineError::FieldCount(fields.len()));
     };
-    let listen = ListenAddress::parse(listen).map_err(LineError::Address)?;
+    let listen = ListenAddress::parse(listen).map_err(|mut e| {
+        e.text = cut(&e.text);
+        LineError::Address(e)
+    })?;
     let target = match target {
         "''" | "\"\"" => "",
         other => other,
     };
     let destination = Destination {
-        target: Target::parse(target).map_err(LineError::Binding)?,
-        service: Service::parse(service).map_err(LineError::Binding)?,
+        target: Target::parse(target).map_err(binding_error)?,
+        service: Service::parse(service).map_err(binding_error)?,
     };
-    let fd_name = destination.to_fd_name().map_err(LineError::Binding)?;
+    let fd_name = destination.to_fd_name().map_err(binding_error)?;
     Ok(Some(Binding {
         unit_name: socket_unit_name(&listen),
         listen,
@@ -720,68 +725,140 @@ fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
     fs::read(path).map_err(|e| format!("cannot read: {e}"))
 }
 
-/// Makes bytes safe for a one-line message or a unit's `Description=`:
-/// control characters, [invisible](is_invisible) ones and bytes that are
-/// not UTF-8 are written as `\xNN` (or `\u{N}`); tabs stay.
-pub fn printable(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    let mut rest = bytes;
-    loop {
-        let (good, bad) = match std::str::from_utf8(rest) {
-            Ok(all) => (all, &[][..]),
-            Err(e) => {
-                let (good, bad) = rest.split_at(e.valid_up_to());
-                let bad_len = e.error_len().unwrap_or(bad.len());
-                (
-                    std::str::from_utf8(good).unwrap_or_default(),
-                    &bad[..bad_len],
-                )
-            }
-        };
-        for c in good.chars() {
-            match c {
-                '\t' => out.push(c),
-                c if c.is_ascii_control() => {
-                    let _ = write!(out, "\\x{:02x}", u32::from(c));
-                }
-                c if c.is_control() || is_invisible(c) => {
-                    let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-                }
-                c => out.push(c),
-            }
-        }
-        for b in bad {
-            let _ = write!(out, "\\x{b:02x}");
-        }
-        if good.len() + bad.len() >= rest.len() {
-            return out;
-        }
-        rest = &rest[good.len() + bad.len()..];
+impl Config {
+    /// The binding whose socket unit is `unit`, if a line gives one.
+    pub fn binding_of_unit(&self, unit: &str) -> Option<&Binding> {
+        self.by_unit.get(unit).map(|&index| &self.bindings[index])
     }
 }
 
-/// Characters that show nothing, or reorder what is shown around them, so
-/// that printed text can look unlike what it is: Unicode's
-/// Default_Ignorable_Code_Point set (zero-width spaces and joiners, the
-/// byte order mark, the bidirectional controls such as U+202E, variation
-/// selectors, tags, fillers) and the line and paragraph separators.
+/// A TARGET or SERVICE error, with the field it quotes [cut](cut).
+fn binding_error(error: BindingError) -> LineError {
+    LineError::Binding(match error {
+        BindingError::InvalidTarget(t) => BindingError::InvalidTarget(cut(&t)),
+        BindingError::InvalidService(s) => BindingError::InvalidService(cut(&s)),
+        BindingError::ColonInTarget(t) => BindingError::ColonInTarget(cut(&t)),
+        other => other,
+    })
+}
+
+/// How much of a user's text a message shows: this many characters (a byte
+/// that is not UTF-8 counts as one), then `…(N bytes)` with the whole
+/// length. More than any valid field holds (an fd name is at most 255 bytes,
+/// a socket path 107), so only a whole line, a file path or garbage is cut.
+pub const SHOWN_CHARS: usize = 256;
+
+/// The one rule for showing a user's text, in a one-line message, a unit's
+/// `Description=`, `status` or `policy`: control characters,
+/// [invisible](is_invisible) ones and bytes that are not UTF-8 are written as
+/// `\xNN` (or `\u{N}`), tabs stay, and text longer than [`SHOWN_CHARS`] is
+/// cut (a 20 MB line must not become a 20 MB message). The result holds
+/// only characters that show as themselves.
+pub fn printable(bytes: &[u8]) -> String {
+    // Most text is short printable ASCII: copied as it is.
+    if bytes.len() <= SHOWN_CHARS && bytes.iter().all(|&b| matches!(b, b' '..=b'~' | b'\t')) {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
+    let mut out = String::new();
+    let mut shown = 0;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if shown == SHOWN_CHARS {
+                return cut_here(out, bytes.len());
+            }
+            push_printable(&mut out, c);
+            shown += 1;
+        }
+        for b in chunk.invalid() {
+            if shown == SHOWN_CHARS {
+                return cut_here(out, bytes.len());
+            }
+            let _ = write!(out, "\\x{b:02x}");
+            shown += 1;
+        }
+    }
+    out
+}
+
+/// [`printable`] without the cut, for a message whose parts are already
+/// bounded but may hold characters that do not show as themselves (an
+/// error's own quoting of a field, a path from the environment).
+pub fn printable_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        push_printable(&mut out, c);
+    }
+    out
+}
+
+/// `text` as an error may quote it: at most [`SHOWN_CHARS`] characters,
+/// with the same length note as [`printable`]; not escaped (the quoting
+/// does that, and the message then goes through [`printable_message`]).
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        Some((end, _)) => cut_here(text[..end].to_owned(), text.len()),
+        None => text.to_owned(),
+    }
+}
+
+fn cut_here(mut shown: String, len: usize) -> String {
+    let _ = write!(shown, "…({len} bytes)");
+    shown
+}
+
+fn push_printable(out: &mut String, c: char) {
+    match c {
+        '\t' => out.push(c),
+        c if c.is_ascii_control() => {
+            let _ = write!(out, "\\x{:02x}", u32::from(c));
+        }
+        c if c.is_control() || is_invisible(c) => {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        }
+        c => out.push(c),
+    }
+}
+
+/// Characters that make printed text look unlike what it is: those that
+/// show nothing or reorder what is shown around them (Unicode's
+/// Default_Ignorable_Code_Point set: zero-width spaces and joiners, the byte
+/// order mark, the bidirectional embeddings, overrides and isolates such as
+/// U+202E, variation selectors, tags, fillers), the other format characters
+/// (Arabic number signs, interlinear annotation marks, Egyptian hieroglyph
+/// controls), the line and paragraph separators, and the spaces other than
+/// U+0020 (U+00A0 and the like), which look like the space that separates
+/// fields but are not one. C0 and C1 controls are `char::is_control`.
 pub fn is_invisible(c: char) -> bool {
+    if u32::from(c) < 0xA0 {
+        return false;
+    }
     matches!(
         u32::from(c),
-        0x00AD
+        0x00A0
+            | 0x00AD
             | 0x034F
+            | 0x0600..=0x0605
             | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
             | 0x115F..=0x1160
+            | 0x1680
             | 0x17B4..=0x17B5
             | 0x180B..=0x180F
-            | 0x200B..=0x200F
-            | 0x2028..=0x202E
-            | 0x2060..=0x206F
+            | 0x2000..=0x200F
+            | 0x2028..=0x202F
+            | 0x205F..=0x206F
+            | 0x3000
             | 0x3164
             | 0xFE00..=0xFE0F
             | 0xFEFF
             | 0xFFA0
-            | 0xFFF0..=0xFFF8
+            | 0xFFF0..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
             | 0x1BCA0..=0x1BCA3
             | 0x1D173..=0x1D17A
             | 0xE0000..=0xE0FFF
@@ -941,7 +1018,7 @@ mod tests {
             printable("a\u{202e}b\u{200b}c\u{feff}d\u{2066}e\u{2028}f\u{ad}g\u{e0041}".as_bytes()),
             "a\\u{202e}b\\u{200b}c\\u{feff}d\\u{2066}e\\u{2028}f\\u{ad}g\\u{e0041}"
         );
-        assert_eq!(printable("é ü 中 \u{a0}".as_bytes()), "é ü 中 \u{a0}");
+        assert_eq!(printable("é ü 中 \u{a0}".as_bytes()), "é ü 中 \\u{a0}");
         let mut config = Config::default();
         config.add_text(
             "/etc/qrexec-connect/a\u{202e}fnoc.conf",
@@ -952,6 +1029,113 @@ mod tests {
             config.problems[0].to_string(),
             format!("/etc/qrexec-connect/a\\u{{202e}}fnoc.conf: {BAD_FILE_NAME}")
         );
+    }
+
+    /// Characters that reorder, hide or fake what is shown around them.
+    #[test]
+    fn format_characters_c1_controls_and_odd_spaces_are_escaped() {
+        for c in [
+            '\u{202a}',
+            '\u{202b}',
+            '\u{202c}',
+            '\u{202d}',
+            '\u{202e}', // bidi embeddings
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}', // bidi isolates
+            '\u{200b}',
+            '\u{200c}',
+            '\u{200d}',
+            '\u{200e}',
+            '\u{200f}',
+            '\u{feff}',
+            '\u{2028}',
+            '\u{2029}', // line and paragraph separators
+            '\u{80}',
+            '\u{85}',
+            '\u{9b}',
+            '\u{9f}', // C1 controls (U+009B is CSI)
+            '\u{a0}',
+            '\u{1680}',
+            '\u{2000}',
+            '\u{2007}',
+            '\u{200a}',
+            '\u{202f}',
+            '\u{205f}',
+            '\u{3000}', // spaces that look like ' ' and are not
+            '\u{600}',
+            '\u{6dd}',
+            '\u{fff9}',
+            '\u{fffb}',
+            '\u{110bd}',
+            '\u{13430}',
+            '\u{e0001}', // other format characters
+        ] {
+            let shown = printable(format!("a{c}b").as_bytes());
+            assert_eq!(
+                shown,
+                format!("a\\u{{{:x}}}b", u32::from(c)),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+        for kept in ["é ü 中 ﬁ", "a\tb", "Ω≈ç√", "🙂"] {
+            assert_eq!(printable(kept.as_bytes()), kept);
+        }
+    }
+
+    #[test]
+    fn printable_cuts_long_text_and_says_how_long_it_was() {
+        let shown = printable(&vec![b'a'; 20_000_000]);
+        assert!(shown.len() < 1000, "{} bytes shown", shown.len());
+        assert!(shown.starts_with(&"a".repeat(200)), "{shown}");
+        assert!(shown.ends_with("…(20000000 bytes)"), "{shown}");
+        // The cut counts what was read: an escape is one character.
+        let shown = printable("\u{202e}".repeat(100_000).as_bytes());
+        assert!(shown.len() < 4000, "{} bytes shown", shown.len());
+        assert!(shown.ends_with("…(300000 bytes)"), "{shown}");
+        // Bytes that are not UTF-8 count one each.
+        let shown = printable(&vec![0xff; 100_000]);
+        assert!(shown.starts_with("\\xff\\xff") && shown.ends_with("…(100000 bytes)"));
+        // Nothing a valid field can hold is cut: an fd name is at most 255 bytes.
+        let field = "s".repeat(255);
+        assert_eq!(printable(field.as_bytes()), field);
+    }
+
+    /// What a problem echoes of its line (the text, and the field an error
+    /// quotes) is cut and printable, however long the line.
+    #[test]
+    fn problems_echo_long_and_hostile_lines_cut_and_escaped() {
+        let huge = "x".repeat(1_000_000);
+        let mut config = Config::default();
+        for line in [
+            format!("@{huge} vm svc"),
+            format!("/run/{huge} vm svc"),
+            format!("127.0.0.1:{huge} vm svc"),
+            format!("@a v{huge} svc"),
+            format!("@a vm s{huge}"),
+            format!("@a vm svc {huge}"),
+            "@a v\u{3164}m svc".to_owned(),
+            "@a vm s\u{115f}vc".to_owned(),
+            "@a\u{3164} vm svc\u{1b}[2J".to_owned(),
+        ] {
+            config.add_text("/a.conf", line.as_bytes());
+        }
+        assert_eq!(config.problems.len(), 9, "{:?}", config.problems.len());
+        for problem in &config.problems {
+            let message = problem.to_string();
+            assert!(
+                message.len() < 2000,
+                "{} bytes: {}",
+                message.len(),
+                &message[..300]
+            );
+            assert!(
+                !message.chars().any(|c| c.is_control() || is_invisible(c)),
+                "{message}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitCode;
 
+use qrexec_connect_generator::config::printable;
+
 const USAGE: &str = "\
 Usage: qrexec-connect-generator NORMAL-DIR [EARLY-DIR LATE-DIR]
        qrexec-connect-generator --check
@@ -56,7 +58,8 @@ fn main() -> ExitCode {
 
 /// Why `words` are not a valid command line (called only when they are not).
 fn what_is_wrong(words: &[&[u8]]) -> String {
-    let shown = |w: &[u8]| String::from_utf8_lossy(w).escape_debug().to_string();
+    // An argument is anyone's text: shown by the one printable rule.
+    let shown = |w: &[u8]| printable(w);
     if let Some(option) = words.iter().find(|w| w.starts_with(b"-")) {
         return match *option {
             b"--help" | b"-h" | b"--version" | b"-V" | b"--check" => format!(

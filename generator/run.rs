@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qrexec_connect_binding::address::Specifiers;
-use qrexec_connect_generator::config::{Binding, Config, ConfigDirs, Problem};
+use qrexec_connect_generator::config::{printable_message, Binding, Config, ConfigDirs, Problem};
 use qrexec_connect_generator::unit;
 
 /// Prefix for messages that do not start with a config file's path.
@@ -111,11 +111,14 @@ fn describe(problem: &Problem) -> String {
     }
 }
 
-/// One message, one line, one write: lines never interleave.
+/// One message, one line, one write: lines never interleave. What a message
+/// quotes of the config is already cut and escaped; the rest (paths from
+/// the environment, system errors) is escaped here, so no message can hold
+/// a line break, an escape sequence or a bidirectional control.
 fn report(message: &str) {
     let _ = io::stderr()
         .lock()
-        .write_all(format!("{message}\n").as_bytes());
+        .write_all(format!("{}\n", printable_message(message)).as_bytes());
 }
 
 /// Records what this run wrote, for the reload step

@@ -506,7 +506,19 @@ fn help_version_and_usage() {
             stderr.starts_with(&format!("qrexec-connect-generator: {why}\n\nUsage:")),
             "{bad:?}: {stderr}"
         );
-    }
+    } // An argument is echoed through the printable rule: escaped and cut.
+    let hostile = format!("--x\u{202e}\u{3164}\u{1b}[2J{}", "y".repeat(100_000));
+    let out = run(&[&hostile]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(
+            "qrexec-connect-generator: unknown option '--x\\u{202e}\\u{3164}\\x1b[2Jyyy"
+        ) && first.ends_with("…(100013 bytes)'"),
+        "{}",
+        &first[..first.len().min(300)]
+    );
 }
 
 /// An abstract socket has no file and so no permissions: the docs that list

@@ -8,6 +8,10 @@
 //!   (`systemctl show` output, the state file, the client's `--help`, kernel
 //!   socket addresses) have the same properties tested next to them, in
 //!   `src/bin/qrexec-connect/`.
+//! * The one printable rule (`printable`, issue 17), which every message,
+//!   `status` and `policy` show a user's text through: whatever the bytes,
+//!   what it returns holds only characters that show as themselves and is
+//!   bounded, whatever the length of the input.
 //! * End to end: a peer that connects and never sends, fd names that are
 //!   garbage, fewer fd names than sockets, a garbage `NOTIFY_SOCKET`.
 
@@ -26,6 +30,7 @@ use qrexec_connect_binding::address::ListenAddress;
 use qrexec_connect_binding::destination::{
     split_words, BindingError, Destination, Service, Target,
 };
+use qrexec_connect_generator::config::{is_invisible, printable, SHOWN_CHARS};
 
 use common::*;
 
@@ -86,10 +91,64 @@ fn shell_quote(words: &[String]) -> String {
         .join(" ")
 }
 
+/// Bytes a terminal would act on or show unlike themselves: escape
+/// sequences, C1 controls, bidirectional controls, zero-width and
+/// non-ASCII spaces, line breaks, invalid UTF-8, mixed with plain text, up
+/// to well past the printable rule's cut.
+fn terminal_hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just(b"\x1b[2J".to_vec()),
+        Just(b"\x1b]0;title\x07".to_vec()),
+        Just("\u{9b}31m".as_bytes().to_vec()),
+        Just("\u{202e}".as_bytes().to_vec()),
+        Just("\u{2066}".as_bytes().to_vec()),
+        Just("\u{200b}".as_bytes().to_vec()),
+        Just("\u{feff}".as_bytes().to_vec()),
+        Just("\u{a0}".as_bytes().to_vec()),
+        Just("\u{3000}".as_bytes().to_vec()),
+        Just("\u{2028}".as_bytes().to_vec()),
+        Just("\u{e0041}".as_bytes().to_vec()),
+        Just(b"\n\r\t\x00\x7f".to_vec()),
+        Just(b"\xff\xfe\xe2\x80".to_vec()),
+        "[a-z/.:@ ]{1,40}".prop_map(String::into_bytes),
+        "\\PC{1,8}".prop_map(String::into_bytes),
+    ];
+    prop_oneof![
+        prop::collection::vec(piece, 0..400).prop_map(|pieces| pieces.concat()),
+        prop::collection::vec(any::<u8>(), 0..3000),
+    ]
+}
+
 // ---------------------------------------------------------------------------
 // Property tests
 
 proptest! {
+    #[test]
+    fn printable_shows_only_what_shows_as_itself_and_is_bounded(
+        bytes in terminal_hostile_bytes()
+    ) {
+        let shown = printable(&bytes);
+        let unlike: Vec<char> = shown
+            .chars()
+            .filter(|&c| (c.is_control() && c != '\t') || is_invisible(c))
+            .collect();
+        prop_assert!(unlike.is_empty(), "{unlike:?} in {shown:?}");
+        // The longest escape is `\u{e0041}`, 9 characters for one.
+        prop_assert!(
+            shown.len() <= 9 * SHOWN_CHARS + 32,
+            "{} bytes shown for {}", shown.len(), bytes.len()
+        );
+        let cut = shown.ends_with(&format!("…({} bytes)", bytes.len()));
+        let units = bytes.utf8_chunks().map(|c| c.valid().chars().count() + c.invalid().len());
+        prop_assert_eq!(cut, units.sum::<usize>() > SHOWN_CHARS, "{:?}", shown);
+        // Shown again, printable text stays as it is (when short enough
+        // not to be cut itself).
+        if shown.chars().count() <= SHOWN_CHARS {
+            let again = printable(shown.as_bytes());
+            prop_assert_eq!(again, shown);
+        }
+    }
+
     #[test]
     fn split_words_never_panics_and_never_grows(text in untrusted_text()) {
         if let Ok(words) = split_words(&text) {

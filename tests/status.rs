@@ -196,6 +196,254 @@ fn status_follows_bindings_through_connections_changes_and_failures() {
     let _ = std::fs::remove_file(policy_file);
 }
 
+/// Characters that must never reach the terminal as they are.
+const HOSTILE: [char; 5] = ['\u{202e}', '\u{200b}', '\u{a0}', '\u{1b}', '\u{9b}'];
+
+/// Parses `--json` output with Python's JSON reader (strict about control
+/// characters in strings) and returns each row's `listen` and `source`,
+/// decoded, one per line, as `repr()`s so that nothing raw is printed.
+fn decoded_json(text: &[u8]) -> String {
+    let mut python = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys\n\
+             for row in json.load(sys.stdin):\n    print(repr(row['listen']), repr(row['source']))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut stdin = python.stdin.take().unwrap();
+    let text = text.to_vec();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&text);
+    });
+    let output = python.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        output.status.success(),
+        "status --json is not valid JSON: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Every field status shows (LISTEN from a config line and from a
+/// hand-written unit, file names, invalid lines) is printable and cut: a
+/// bidirectional override, zero-width and non-ASCII spaces, escape
+/// sequences, a line break in a file name and a 20 MB line never reach the
+/// terminal raw, and the output stays small. `--json` is valid JSON whose
+/// strings hold the exact values, escaped.
+#[test]
+fn status_shows_every_field_printable_and_cut() {
+    let huge = format!("@{} vm svc\n", "a".repeat(20_000_000));
+    let config = "@evil\u{202e}txt.exe vm qubes.ConnectTCP+1\n\
+                  %t/zero\u{200b}width vm qubes.ConnectTCP+2\n\
+                  @esc vm svc\u{1b}[2J\u{9b}2J\n\
+                  127.0.0.1:1\u{a0}vm svc\n"
+        .to_owned()
+        + &huge;
+    let hand_written = "[Socket]\nListenStream=@hand\u{202e}made\u{200b}\n\
+                        FileDescriptorName=vm qubes.ConnectTCP+3\n\
+                        [Install]\nWantedBy=sockets.target\n";
+    let manager = UserManager::start(&[
+        (CONFIG, &config),
+        (".config/qrexec-connect/a\u{202e}fnoc.conf", "@x vm svc\n"),
+        (".config/qrexec-connect/new\nline.conf", "@y vm svc\n"),
+        (
+            ".config/systemd/user/qrexec-connect-hand.socket",
+            hand_written,
+        ),
+    ]);
+    manager.settle();
+    manager.systemctl_ok(&["enable", "--now", "qrexec-connect-hand.socket"]);
+
+    let output = run(manager.command("qrexec-connect").arg("status"));
+    let text = String::from_utf8(output.stdout).expect("status prints UTF-8");
+    assert!(
+        text.len() < 64 * 1024,
+        "status printed {} bytes",
+        text.len()
+    );
+    let raw: Vec<char> = text.chars().filter(|c| HOSTILE.contains(c)).collect();
+    assert!(raw.is_empty(), "raw {raw:?} in:\n{text}");
+    assert!(!text.contains("new\nline"), "{text}");
+    for shown in [
+        "@evil\\u{202e}txt.exe",
+        "zero\\u{200b}width",
+        "@hand\\u{202e}made\\u{200b}",
+        "a\\u{202e}fnoc.conf",
+        "new\\x0aline.conf",
+        "svc\\x1b[2J\\u{9b}2J",
+        "127.0.0.1:1\\u{a0}vm svc",
+        "…(20000008 bytes)",
+    ] {
+        assert!(text.contains(shown), "{shown} is not in:\n{text}");
+    }
+
+    let output = run(manager.command("qrexec-connect").args(["status", "--json"]));
+    assert!(
+        output.stdout.len() < 64 * 1024,
+        "status --json printed {} bytes",
+        output.stdout.len()
+    );
+    let json = String::from_utf8(output.stdout.clone()).expect("--json is UTF-8");
+    let raw: Vec<char> = json.chars().filter(|c| HOSTILE.contains(c)).collect();
+    assert!(raw.is_empty(), "raw {raw:?} in:\n{json}");
+    let decoded = decoded_json(&output.stdout);
+    for exact in [
+        "'@evil\\u202etxt.exe'",
+        "'@hand\\u202emade\\u200b'",
+        "'%t/zero\\u200bwidth'",
+    ] {
+        assert!(decoded.contains(exact), "{exact} is not in:\n{decoded}");
+    }
+}
+
+/// A config line whose port another user holds: systemd's result
+/// (`resources`) is explained in words, with the holder's uid from /proc.
+#[test]
+fn status_says_who_holds_a_taken_address() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let port = free_port();
+    let mut holder = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\n\
+             s = socket.socket()\n\
+             s.bind(('127.0.0.1', int(sys.argv[1])))\n\
+             s.listen()\n\
+             print('ready', flush=True)\n\
+             sys.stdin.read()",
+            &port.to_string(),
+        ])
+        .uid(2001)
+        .gid(2001)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut ready = String::new();
+    std::io::BufReader::new(holder.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready", "the holder could not bind {port}");
+
+    let manager = UserManager::start(&[(CONFIG, &line(port, "server", 22))]);
+    let row = wait_row(&manager, port, "the taken port to fail", |r| {
+        field(r, "state") == "failed"
+    });
+    assert_eq!(field(&row, "detail"), "resources", "{row}");
+    let hint = field(&row, "hint");
+    assert!(
+        hint.contains(&format!(
+            "127.0.0.1:{port} is in use by another process (uid 2001)"
+        )),
+        "{row}"
+    );
+    let text = run(manager.command("qrexec-connect").arg("status"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("in use by another process (uid 2001)"),
+        "{text}"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+/// The units named in the `systemctl show` calls logged by the wrapper.
+fn units_shown(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').any(|w| w == "show"))
+        .flat_map(|l| l.split(' ').map(str::to_owned).collect::<Vec<_>>())
+        .filter(|w| w.starts_with("qrexec-connect-") && w.ends_with(".socket"))
+        .collect()
+}
+
+/// Status scales with the bindings: `systemctl show` costs about 1 ms a
+/// unit in the manager, so status asks it only about the units it cannot
+/// read from the generator's record (hand-written ones) and never about
+/// the healthy generated ones; 100,000 lines not applied yet are read and
+/// shown, one bounded row each. (A `systemctl` first in PATH logs its
+/// arguments and runs the real one.)
+#[test]
+fn status_asks_the_manager_only_about_units_it_cannot_read_elsewhere() {
+    const LOADED: usize = 300;
+    const PENDING: usize = 100_000;
+    let mut config: String = (0..LOADED)
+        .map(|i| format!("@loaded{i} vm qubes.ConnectTCP+{}\n", i + 1))
+        .collect();
+    let hand_written = "[Socket]\nListenStream=@hand\nFileDescriptorName=vm qubes.ConnectTCP+3\n";
+    let manager = UserManager::start(&[
+        (CONFIG, &config),
+        (
+            ".config/systemd/user/qrexec-connect-hand.socket",
+            hand_written,
+        ),
+    ]);
+    manager.settle();
+    manager.systemctl_ok(&["start", "qrexec-connect-hand.socket"]);
+    let log = manager.scratch.path().join("systemctl.log");
+    manager.write_executable(
+        "systemctl",
+        &format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec /usr/bin/systemctl \"$@\"\n",
+            log.display()
+        ),
+    );
+    let status = |args: &[&str]| {
+        let _ = std::fs::remove_file(&log);
+        let path = format!("PATH={}:/usr/bin:/bin", manager.scratch.path().display());
+        let output = run(manager
+            .command("env")
+            .arg(path)
+            .arg("qrexec-connect")
+            .args(args));
+        (output, units_shown(&log))
+    };
+
+    let (output, shown) = status(&["status", "--json"]);
+    let rows = String::from_utf8_lossy(&output.stdout)
+        .matches("\"listen\"")
+        .count();
+    assert_eq!(
+        rows,
+        LOADED + 1,
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(output.status.code(), Some(0));
+    assert!(
+        shown.len() <= 1,
+        "status asked about {} socket units: {:?}...",
+        shown.len(),
+        &shown[..shown.len().min(5)]
+    );
+
+    for i in 0..PENDING {
+        config += &format!("@pending{i} vm qubes.ConnectTCP+{}\n", i % 60_000 + 1);
+    }
+    std::fs::write(manager.home.path().join(CONFIG), &config).unwrap();
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let (output, shown) = status(args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: not applied yet");
+        let bindings = LOADED + 1 + PENDING;
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(text.matches("@pending").count(), PENDING, "{args:?}");
+        assert!(
+            output.stdout.len() < 400 * bindings,
+            "{args:?}: {} bytes for {bindings} bindings",
+            output.stdout.len()
+        );
+        assert!(shown.len() <= 1, "{args:?}: asked about {}", shown.len());
+    }
+}
+
 #[test]
 fn policy_allows_exactly_the_configured_bindings() {
     let config = "127.0.0.1:2222 ssh-server qubes.ConnectTCP+22\n\

@@ -117,6 +117,21 @@ pub fn split_list(text: &str) -> Vec<String> {
     }
 }
 
+/// A single value as `systemctl show` C-escapes it (`Listen=` always is:
+/// `\\` for a backslash, `\ooo` for each byte outside printable ASCII),
+/// back to the exact text; an escape systemd does not write stays as it is.
+pub fn unescape_value(text: &str) -> String {
+    let mut bytes = text.bytes().peekable();
+    let mut out = Vec::with_capacity(text.len());
+    while let Some(byte) = bytes.next() {
+        match byte {
+            b'\\' => out.extend(unescape(&mut bytes)),
+            byte => out.push(byte),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The bytes one escape inside double quotes stands for, its `\` already
 /// taken; an escape systemd does not write is kept as it is.
 fn unescape(bytes: &mut std::iter::Peekable<impl Iterator<Item = u8>>) -> Vec<u8> {
@@ -146,14 +161,6 @@ fn unescape(bytes: &mut std::iter::Peekable<impl Iterator<Item = u8>>) -> Vec<u8
         value = value * radix + char::from(digit).to_digit(radix).unwrap_or(0);
     }
     vec![value as u8]
-}
-
-/// One property of one unit; empty if the manager cannot be asked.
-pub fn property(unit: &str, name: &str) -> String {
-    systemctl(&["show", "-p", name, "--value", unit])
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }
 
 #[cfg(test)]

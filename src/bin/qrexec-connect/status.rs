@@ -4,26 +4,47 @@
 //! Three sources, each the truth for its part, and never the journal's text:
 //! * the config files, read with the generator's own grammar: what should
 //!   run, with `FILE:LINE`, and the lines that are wrong;
-//! * the user manager (`systemctl --user show`): what runs, each socket
-//!   unit's state and systemd's result for a failed one, hand-written units,
-//!   the reload watcher and the daemon;
+//! * the user manager: which socket units it has and their states (one
+//!   `list-units`), and what each generated unit was written with (the
+//!   generator's record, `$XDG_RUNTIME_DIR/qrexec-connect/generated`, as
+//!   reconcile reads it). `systemctl show`, which costs about 1 ms a unit,
+//!   is asked only about what neither tells: hand-written units, failed
+//!   ones (systemd's result), generated ones whose line is gone, and the
+//!   daemon and the reload watcher, all in one call. So status with
+//!   thousands of bindings takes one list-units and one short show;
 //! * the daemon's published counters (`published.rs`): live connections,
 //!   connections since it started, and how the last one ended.
+//!
+//! Every field comes from someone else's text (config lines and file names,
+//! unit files, the manager), so the plain view shows each one through the
+//! generator's one printable rule ([`printable`]: escaped, and cut after
+//! 256 characters), and `--json` escapes every character that does not show
+//! as itself, keeping the exact value.
+//!
+//! A socket systemd could not bind (`Result=resources`) is explained from
+//! /proc: who holds its address, with the holder's uid when /proc tells
+//! (`/proc/net/tcp`, `tcp6`; for Unix sockets the socket file's owner, or
+//! the process holding it when we may look at its fds).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::process::{Command, ExitCode};
 
-use crate::manager::{self, property};
+use crate::manager;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::policy::{self, PolicyBinding};
+use crate::reconcile;
 use crate::spawn::DEFAULT_CLIENT;
-use qrexec_connect_binding::address::Specifiers;
+use qrexec_connect_binding::address::{ListenAddress, Specifiers};
 use qrexec_connect_binding::destination::Destination;
-use qrexec_connect_binding::runtime_dir::RuntimeDir;
-use qrexec_connect_generator::config::{Config, ConfigDirs};
+use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
+use qrexec_connect_generator::config::{
+    is_invisible, printable, printable_message, Config, ConfigDirs, Problem,
+};
 
 use crate::published::{self, Counters};
 
@@ -43,6 +64,9 @@ struct Unit {
     fd_name: String,
     fragment: String,
     source_path: String,
+    /// In the generator's record: written by the generator at the last
+    /// reload, with `fd_name` as the record has it.
+    recorded: bool,
 }
 
 impl Unit {
@@ -53,9 +77,30 @@ impl Unit {
             .map_or(self.listen.as_str(), |(address, _)| address)
     }
     fn is_generated(&self) -> bool {
-        self.fragment.contains("/systemd/generator")
+        self.recorded || self.fragment.contains("/systemd/generator")
     }
 }
+
+/// What the manager said: the socket units by name, the daemon's state and
+/// result, and whether the reload watcher runs.
+#[derive(Debug, Default)]
+struct ManagerView {
+    units: BTreeMap<String, Unit>,
+    daemon: Unit,
+    watcher_active: bool,
+}
+
+/// The properties `show` is asked for.
+const PROPERTIES: [&str; 8] = [
+    "Id",
+    "LoadState",
+    "ActiveState",
+    "Result",
+    "Listen",
+    "FileDescriptorName",
+    "FragmentPath",
+    "SourcePath",
+];
 
 /// A binding's state, in the words `--json` uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +130,8 @@ impl State {
     }
 }
 
-/// One row of the report.
+/// One row of the report. The text fields hold the values as they are;
+/// they are made printable when shown.
 #[derive(Debug, Clone)]
 struct Row {
     listen: String,
@@ -94,6 +140,8 @@ struct Row {
     source: String,
     state: State,
     counters: Option<Counters>,
+    /// For a socket systemd could not bind: who holds its address.
+    holder: Option<Holder>,
     hint: Option<String>,
 }
 
@@ -116,45 +164,89 @@ struct Inventory {
     problems: Vec<String>,
 }
 
-fn socket_units() -> Option<Vec<Unit>> {
+/// Parses `systemctl show` output (blocks separated by blank lines) into
+/// units, by `Id`.
+fn parse_show(text: &str) -> Vec<Unit> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut unit = Unit::default();
+            for line in block.lines() {
+                let Some((key, value)) = line.split_once('=') else {
+                    continue;
+                };
+                let value = value.to_owned();
+                match key {
+                    "Id" => unit.name = value,
+                    "LoadState" => unit.load_state = value,
+                    "ActiveState" => unit.active_state = value,
+                    "Result" => unit.result = value,
+                    "Listen" => unit.listen = manager::unescape_value(&value),
+                    "FileDescriptorName" => unit.fd_name = value,
+                    "FragmentPath" => unit.fragment = value,
+                    "SourcePath" => unit.source_path = value,
+                    _ => {}
+                }
+            }
+            (!unit.name.is_empty()).then_some(unit)
+        })
+        .collect()
+}
+
+/// Asks the manager about the socket units, the daemon and the watcher;
+/// `None` when it cannot be asked. A generated unit that is not one of
+/// `config`'s lines is a removed line, whose source file only `show` knows.
+fn ask_manager(config: &Config) -> Option<ManagerView> {
     let listed = manager::socket_units().ok()?;
-    let names: Vec<&str> = listed.iter().map(|u| u.name.as_str()).collect();
-    let properties = [
-        "Id",
-        "LoadState",
-        "ActiveState",
-        "Result",
-        "Listen",
-        "FileDescriptorName",
-        "FragmentPath",
-        "SourcePath",
-    ];
-    let text = manager::show(&properties, &names).ok()?;
-    Some(
-        text.split("\n\n")
-            .filter_map(|block| {
-                let mut unit = Unit::default();
-                for line in block.lines() {
-                    let Some((key, value)) = line.split_once('=') else {
-                        continue;
-                    };
-                    let value = value.to_owned();
-                    match key {
-                        "Id" => unit.name = value,
-                        "LoadState" => unit.load_state = value,
-                        "ActiveState" => unit.active_state = value,
-                        "Result" => unit.result = value,
-                        "Listen" => unit.listen = value,
-                        "FileDescriptorName" => unit.fd_name = value,
-                        "FragmentPath" => unit.fragment = value,
-                        "SourcePath" => unit.source_path = value,
-                        _ => {}
+    // The record is absent when the generator could not write it: then
+    // every unit is asked about, as before there was one.
+    let record = RuntimeDir::from_env()
+        .ok()
+        .and_then(|dir| dir.read(GENERATED_FILE).ok().flatten())
+        .map(|text| reconcile::parse_state(&text))
+        .unwrap_or_default();
+    let mut units = BTreeMap::new();
+    let mut ask = Vec::new();
+    for listed in listed {
+        let mut unit = Unit {
+            name: listed.name,
+            load_state: listed.load_state,
+            active_state: listed.active_state,
+            ..Unit::default()
+        };
+        if unit.load_state == "loaded" {
+            let running = unit.active_state != "inactive";
+            match record.get(&unit.name) {
+                Some(written) => {
+                    unit.recorded = true;
+                    unit.fd_name = written.fd_name.clone();
+                    let line_gone = config.binding_of_unit(&unit.name).is_none();
+                    if unit.active_state == "failed" || (line_gone && running) {
+                        ask.push(unit.name.clone());
                     }
                 }
-                (!unit.name.is_empty()).then_some(unit)
-            })
-            .collect(),
-    )
+                None => ask.push(unit.name.clone()),
+            }
+        }
+        units.insert(unit.name.clone(), unit);
+    }
+    let mut names: Vec<&str> = ask.iter().map(String::as_str).collect();
+    names.extend([DAEMON, WATCHER]);
+    let mut view = ManagerView {
+        units,
+        ..ManagerView::default()
+    };
+    for shown in parse_show(&manager::show(&PROPERTIES, &names).ok()?) {
+        match shown.name.as_str() {
+            DAEMON => view.daemon = shown,
+            WATCHER => view.watcher_active = shown.active_state == "active",
+            _ => {
+                let recorded = view.units.get(&shown.name).is_some_and(|u| u.recorded);
+                view.units
+                    .insert(shown.name.clone(), Unit { recorded, ..shown });
+            }
+        }
+    }
+    Some(view)
 }
 
 /// The state of a unit that is loaded.
@@ -166,10 +258,19 @@ fn unit_state(unit: &Unit) -> State {
     }
 }
 
+/// Where a problem is, for the source column.
+fn problem_source(problem: &Problem) -> String {
+    match problem {
+        Problem::Line { at, .. } => at.to_string(),
+        Problem::File { path, .. } => path.clone(),
+        _ => String::new(),
+    }
+}
+
 fn inventory(qube: Option<&str>) -> Inventory {
     let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
-    let units = socket_units();
-    let manager = units.is_some();
+    let view = ask_manager(&config);
+    let manager = view.is_some();
     let mut problems = Vec::new();
     if !manager {
         problems.push(
@@ -177,20 +278,22 @@ fn inventory(qube: Option<&str>) -> Inventory {
                 .to_owned(),
         );
     }
-    let units: BTreeMap<String, Unit> = units
-        .unwrap_or_default()
-        .into_iter()
-        .map(|u| (u.name.clone(), u))
-        .collect();
+    let ManagerView {
+        units,
+        daemon,
+        watcher_active,
+    } = view.unwrap_or_default();
     let published = RuntimeDir::from_env()
         .ok()
         .and_then(|dir| dir.read(published::FILE).ok().flatten())
         .map(|text| published::parse(&text))
         .unwrap_or_default();
-    let daemon_state = property(DAEMON, "ActiveState");
     // Without a manager to ask, a daemon run by hand counts while it lives.
     let daemon_running = if manager {
-        matches!(daemon_state.as_str(), "active" | "activating" | "reloading")
+        matches!(
+            daemon.active_state.as_str(),
+            "active" | "activating" | "reloading"
+        )
     } else {
         published
             .pid
@@ -202,15 +305,12 @@ fn inventory(qube: Option<&str>) -> Inventory {
         }
         published.bindings.get(address).cloned()
     };
-    let counters_of = |unit: &Unit| counters_at(unit.address());
     let specifiers = Specifiers::from_env();
 
     let mut rows = Vec::new();
-    let mut seen = BTreeSet::new();
     for binding in &config.bindings {
         let destination = binding.destination();
         let unit = units.get(binding.unit_name());
-        seen.insert(binding.unit_name().to_owned());
         let state = match unit {
             None if !manager => State::Unknown,
             None => State::NotApplied("new line".into()),
@@ -220,39 +320,43 @@ fn inventory(qube: Option<&str>) -> Inventory {
             }
             Some(u) => unit_state(u),
         };
+        // The address as the daemon reads it from its socket; a
+        // hand-written unit of the same name says its own.
+        let address = match unit.filter(|u| !u.listen.is_empty()) {
+            Some(unit) => unit.address().to_owned(),
+            None => binding
+                .listen()
+                .expanded_path(&specifiers)
+                .map(|path| String::from_utf8_lossy(&path).into_owned())
+                .unwrap_or_else(|| binding.listen().to_string()),
+        };
         rows.push(Row {
             listen: binding.listen().to_string(),
             target: destination.target.as_str().to_owned(),
             service: destination.service.as_str().to_owned(),
             source: binding.source().to_string(),
-            counters: match unit {
-                Some(unit) => counters_of(unit),
-                // The address as the daemon reads it from its socket.
-                None => counters_at(
-                    &binding
-                        .listen()
-                        .expanded_path(&specifiers)
-                        .map(|path| String::from_utf8_lossy(&path).into_owned())
-                        .unwrap_or_else(|| binding.listen().to_string()),
-                ),
-            },
+            counters: counters_at(&address),
+            holder: holder_if_taken(&state, &address),
             state,
             hint: None,
         });
     }
     for problem in config.problems.iter().filter(|p| !p.is_warning()) {
-        let text = problem.to_string();
         rows.push(Row {
             listen: String::new(),
             target: String::new(),
             service: String::new(),
-            source: text.split(": ").next().unwrap_or("").to_owned(),
-            state: State::Invalid(text),
+            source: problem_source(problem),
+            state: State::Invalid(problem.to_string()),
             counters: None,
+            holder: None,
             hint: None,
         });
     }
-    for unit in units.values().filter(|u| !seen.contains(&u.name)) {
+    for unit in units
+        .values()
+        .filter(|u| config.binding_of_unit(&u.name).is_none())
+    {
         let destination = Destination::from_fd_name(&unit.fd_name).ok();
         let (target, service) = destination
             .as_ref()
@@ -278,22 +382,23 @@ fn inventory(qube: Option<&str>) -> Inventory {
             target,
             service,
             source,
-            counters: counters_of(unit),
+            counters: counters_at(unit.address()),
+            holder: holder_if_taken(&state, unit.address()),
             state,
             hint: None,
         });
     }
 
-    if manager && property(WATCHER, "ActiveState") != "active" {
+    if manager && !watcher_active {
         problems.push(format!(
             "the reload watcher {WATCHER} is not running: daemon-reload does not apply \
              changes (systemctl --user start {WATCHER})"
         ));
     }
-    if daemon_state == "failed" {
+    if daemon.active_state == "failed" {
         problems.push(format!(
             "{DAEMON} failed ({}): see journalctl SYSLOG_IDENTIFIER=qrexec-connect",
-            property(DAEMON, "Result")
+            printable(daemon.result.as_bytes())
         ));
     }
     // The client the running daemon uses, else the default one.
@@ -302,14 +407,15 @@ fn inventory(qube: Option<&str>) -> Inventory {
         .clone()
         .filter(|c| daemon_running && !c.is_empty())
         .unwrap_or_else(|| DEFAULT_CLIENT.to_owned());
+    let shown_client = printable(client.as_bytes());
     if !std::path::Path::new(&client).exists() {
         problems.push(format!(
-            "{client} is missing: install qubes-core-agent-qrexec (the qrexec client)"
+            "{shown_client} is missing: install qubes-core-agent-qrexec (the qrexec client)"
         ));
     } else if daemon_running && published.client_mode.as_deref() == Some("pipe") {
         problems.push(format!(
-            "{client} has no --use-stdin-socket (qrexec before 4.2.19): connections work, \
-             each with a splicer process; update qubes-core-agent when you can"
+            "{shown_client} has no --use-stdin-socket (qrexec before 4.2.19): connections \
+             work, each with a splicer process; update qubes-core-agent when you can"
         ));
     }
     for row in &mut rows {
@@ -318,22 +424,32 @@ fn inventory(qube: Option<&str>) -> Inventory {
     Inventory { rows, problems }
 }
 
-/// What to do about a row, if anything.
+/// What to do about a row, if anything. Each value from elsewhere in it is
+/// made printable here (the hint is prose with values inside).
 fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
     match &row.state {
-        State::NotApplied(why) => return Some(format!("{why}: {RELOAD}")),
+        State::NotApplied(why) => return Some(format!("{}: {RELOAD}", printable(why.as_bytes()))),
         State::Invalid(_) => {
             return Some("fix the line ('qrexec-connect-generator --check' checks)".into())
         }
         State::Failed(result) => {
-            let why = match result.as_str() {
-                "resources" => " (it could not listen: is the address in use?)",
-                "service-start-limit-hit" => " (the daemon failed too often)",
-                _ => "",
+            let why = match (result.as_str(), &row.holder) {
+                ("resources", Some(holder)) => format!(
+                    " (it could not listen: {} is in use by another process{})",
+                    printable(row.listen.as_bytes()),
+                    match holder.uid {
+                        Some(uid) => format!(" (uid {uid})"),
+                        None => " (its uid is not visible to you)".to_owned(),
+                    }
+                ),
+                ("resources", None) => " (it could not listen: is the address in use?)".into(),
+                ("service-start-limit-hit", _) => " (the daemon failed too often)".into(),
+                _ => String::new(),
             };
             return Some(format!(
-                "systemd stopped it: {result}{why}; the recovery step retries with a backoff, \
-                 see journalctl SYSLOG_IDENTIFIER=qrexec-connect"
+                "systemd stopped it: {}{why}; the recovery step retries with a backoff, \
+                 see journalctl SYSLOG_IDENTIFIER=qrexec-connect",
+                printable(result.as_bytes())
             ));
         }
         State::Stopped => return Some(format!("not listening: {RELOAD}")),
@@ -349,20 +465,157 @@ fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
                 destination,
             };
             let text = policy::render(qube.unwrap_or("THIS-QUBE"), &[binding]);
-            let rule = text.lines().find(|l| !l.starts_with('#'))?.to_owned();
+            let rule = text.lines().find(|l| !l.starts_with('#'))?;
             Some(format!(
                 "dom0 refused the call; a rule that allows it (qrexec-connect policy prints \
-                 them all): {rule}"
+                 them all): {}",
+                printable(rule.as_bytes())
             ))
         }
         127 => Some(format!(
             "the service qube has no {}: install or link it there",
-            row.service.split('+').next().unwrap_or("")
+            printable(row.service.split('+').next().unwrap_or("").as_bytes())
         )),
         -1 => Some("the daemon could not start a client for it: see the journal".into()),
         0 => None,
         _ => Some("the service ended with an error: see the service qube's journal".into()),
     }
+}
+
+/// Who holds an address a socket could not be bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holder {
+    /// `None` when /proc does not tell (another user's process holding a
+    /// Unix socket).
+    uid: Option<u32>,
+}
+
+/// For a socket systemd stopped because it could not bind
+/// (`Result=resources`), who holds `address`, if anyone.
+fn holder_if_taken(state: &State, address: &str) -> Option<Holder> {
+    if *state != State::Failed("resources".into()) {
+        return None;
+    }
+    match ListenAddress::parse(address).ok()? {
+        ListenAddress::Inet(address) => inet_holder(address),
+        ListenAddress::Abstract(name) => unix_holder(&format!("@{name}")),
+        ListenAddress::Path(path) => {
+            // A socket file there that systemd could not replace: its
+            // owner is the one who bound it.
+            let meta = std::fs::symlink_metadata(&path).ok()?;
+            let by_file = meta.file_type().is_socket().then_some(meta.uid());
+            unix_holder(&path).map(|holder| Holder {
+                uid: holder.uid.or(by_file),
+            })
+        }
+    }
+}
+
+/// A TCP socket bound to an address that clashes with `wanted`, from
+/// `/proc/net/tcp` and `tcp6` (this network namespace): a listening one
+/// first. Their `uid` column is the socket's owner.
+fn inet_holder(wanted: SocketAddr) -> Option<Holder> {
+    let mut found = None;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(uid)) = (
+                fields.get(1).and_then(|f| proc_inet_address(f)),
+                fields.get(3),
+                fields.get(7).and_then(|f| f.parse::<u32>().ok()),
+            ) else {
+                continue;
+            };
+            if local.port() != wanted.port() || !addresses_clash(local.ip(), wanted.ip()) {
+                continue;
+            }
+            let holder = Holder { uid: Some(uid) };
+            if *state == "0A" {
+                return Some(holder); // TCP_LISTEN
+            }
+            found.get_or_insert(holder);
+        }
+    }
+    found
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), as the
+/// kernel prints socket addresses in `/proc/net/tcp*`: each 32-bit word of
+/// the address in the machine's byte order, the port in hex.
+fn proc_inet_address(text: &str) -> Option<SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut words = Vec::new();
+    for chunk in address.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+        words.extend(word.to_ne_bytes());
+    }
+    let ip = match words.len() {
+        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(words).ok()?)),
+        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(words).ok()?)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether binding one address keeps the other from being bound on the
+/// same port: the same address, or a wildcard on either side.
+fn addresses_clash(a: IpAddr, b: IpAddr) -> bool {
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let (a, b) = (plain(a), plain(b));
+    a == b || a.is_unspecified() || b.is_unspecified()
+}
+
+/// A Unix socket bound to `name` (a path, or `@` and an abstract name), from
+/// `/proc/net/unix`, which has no owner column: the uid is that of the
+/// process holding it, when its fds may be looked at (ours; all for root).
+fn unix_holder(name: &str) -> Option<Holder> {
+    let text = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let inode = text
+        .lines()
+        .skip(1)
+        .filter_map(proc_unix_socket)
+        .find_map(|(inode, path)| (path == name).then_some(inode))?;
+    let wanted = format!("socket:[{inode}]");
+    let uid = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|process| {
+            process
+                .file_name()
+                .to_str()?
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then_some(())?;
+            let holds = std::fs::read_dir(process.path().join("fd"))
+                .ok()?
+                .flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == &*wanted)
+                });
+            holds.then(|| process.metadata().ok().map(|m| m.uid()))?
+        });
+    Some(Holder { uid })
+}
+
+/// The inode and path of one line of `/proc/net/unix` (`Num RefCount
+/// Protocol Flags Type St Inode Path`); the path is the rest of the line,
+/// spaces included, with an abstract name's leading NUL shown as `@`.
+fn proc_unix_socket(line: &str) -> Option<(&str, &str)> {
+    let mut rest = line;
+    let mut field = "";
+    for _ in 0..7 {
+        rest = rest.trim_start_matches(' ');
+        let end = rest.find(' ').unwrap_or(rest.len());
+        (field, rest) = rest.split_at(end);
+    }
+    Some((field, rest.strip_prefix(' ')?))
 }
 
 /// This qube's name, from `qubesdb-read /name`.
@@ -406,15 +659,24 @@ fn rfc3339(seconds: u64) -> String {
     )
 }
 
+/// A JSON string holding exactly `text`. Besides what JSON requires (`"`,
+/// `\` and C0 controls), DEL, C1 controls and every [invisible](is_invisible)
+/// character are written as `\uXXXX`, so the output is safe to print and a
+/// JSON reader still gets the exact value.
 fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
     for c in text.chars() {
         match c {
             '"' => out += "\\\"",
             '\\' => out += "\\\\",
             '\n' => out += "\\n",
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+            '\t' => out += "\\t",
+            c if c.is_control() || is_invisible(c) => {
+                let mut units = [0; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
             }
             c => out.push(c),
         }
@@ -423,8 +685,8 @@ fn json_string(text: &str) -> String {
     out
 }
 
-fn json_opt(value: Option<String>) -> String {
-    value.map_or("null".to_owned(), |v| json_string(&v))
+fn json_opt(value: Option<&str>) -> String {
+    value.map_or("null".to_owned(), json_string)
 }
 
 fn to_json(rows: &[Row]) -> String {
@@ -432,7 +694,7 @@ fn to_json(rows: &[Row]) -> String {
     for (i, row) in rows.iter().enumerate() {
         let c = row.counters.clone().unwrap_or_default();
         let detail = match &row.state {
-            State::Failed(d) | State::NotApplied(d) | State::Invalid(d) => Some(d.clone()),
+            State::Failed(d) | State::NotApplied(d) | State::Invalid(d) => Some(d.as_str()),
             _ => None,
         };
         let _ = write!(
@@ -449,20 +711,28 @@ fn to_json(rows: &[Row]) -> String {
             json_opt(detail),
             c.live,
             c.total,
-            json_opt(c.last_result.clone()),
+            json_opt(c.last_result.as_deref()),
             c.last_status.map_or("null".to_owned(), |s| s.to_string()),
-            json_opt(c.last_end.map(rfc3339)),
-            json_opt(row.hint.clone()),
+            json_opt(c.last_end.map(rfc3339).as_deref()),
+            json_opt(row.hint.as_deref()),
         );
     }
     out += if rows.is_empty() { "]\n" } else { "\n]\n" };
     out
 }
 
+/// A row's columns as shown: every field printable and cut.
+struct ShownRow {
+    listen: String,
+    target: String,
+    service: String,
+    last: String,
+}
+
 fn to_text(inventory: &Inventory, now: u64) -> String {
     let mut out = String::new();
     for problem in &inventory.problems {
-        let _ = writeln!(out, "problem: {problem}");
+        let _ = writeln!(out, "problem: {}", printable_message(problem));
     }
     if !inventory.problems.is_empty() {
         out.push('\n');
@@ -471,7 +741,32 @@ fn to_text(inventory: &Inventory, now: u64) -> String {
         out += "no bindings (see qrexec-connect.conf(5))\n";
         return out;
     }
-    let width = |f: fn(&Row) -> &str| inventory.rows.iter().map(|r| f(r).len()).max().unwrap_or(0);
+    let shown: Vec<ShownRow> = inventory
+        .rows
+        .iter()
+        .map(|row| {
+            let c = row.counters.as_ref();
+            let last = match c.map(|c| (&c.last_result, c.last_end)) {
+                Some((Some(result), Some(end))) => {
+                    format!("{}, {}", printable(result.as_bytes()), age(end, now))
+                }
+                _ => "-".to_owned(),
+            };
+            ShownRow {
+                listen: printable(row.listen.as_bytes()),
+                target: printable(row.target.as_bytes()),
+                service: printable(row.service.as_bytes()),
+                last,
+            }
+        })
+        .collect();
+    let width = |f: fn(&ShownRow) -> &str| {
+        shown
+            .iter()
+            .map(|r| f(r).chars().count())
+            .max()
+            .unwrap_or(0)
+    };
     let (wl, wt, ws) = (
         width(|r| &r.listen).max(6),
         width(|r| &r.target).max(6),
@@ -482,28 +777,25 @@ fn to_text(inventory: &Inventory, now: u64) -> String {
         "{:wl$}  {:wt$}  {:ws$}  {:11}  LIVE  TOTAL  LAST",
         "LISTEN", "TARGET", "SERVICE", "STATE"
     );
-    for row in &inventory.rows {
+    for (row, shown) in inventory.rows.iter().zip(&shown) {
         let c = row.counters.clone().unwrap_or_default();
-        let last = match (&c.last_result, c.last_end) {
-            (Some(result), Some(end)) => format!("{result}, {}", age(end, now)),
-            _ => "-".to_owned(),
-        };
         let _ = writeln!(
             out,
-            "{:wl$}  {:wt$}  {:ws$}  {:11}  {:>4}  {:>5}  {last}",
-            row.listen,
-            row.target,
-            row.service,
+            "{:wl$}  {:wt$}  {:ws$}  {:11}  {:>4}  {:>5}  {}",
+            shown.listen,
+            shown.target,
+            shown.service,
             row.state.word(),
             c.live,
-            c.total
+            c.total,
+            shown.last,
         );
-        let _ = writeln!(out, "    from {}", row.source);
+        let _ = writeln!(out, "    from {}", printable(row.source.as_bytes()));
         if let State::Invalid(message) = &row.state {
-            let _ = writeln!(out, "    {message}");
+            let _ = writeln!(out, "    {}", printable_message(message));
         }
         if let Some(hint) = &row.hint {
-            let _ = writeln!(out, "    hint: {hint}");
+            let _ = writeln!(out, "    hint: {}", printable_message(hint));
         }
     }
     out
@@ -518,8 +810,9 @@ pub fn status(args: &[OsString]) -> ExitCode {
             Some("--json") => json = true,
             _ => {
                 eprintln!(
-                    "qrexec-connect status: unknown argument {arg:?}\n\
-                     Usage: qrexec-connect status [--json]"
+                    "qrexec-connect status: unknown argument {}\n\
+                     Usage: qrexec-connect status [--json]",
+                    printable(std::os::unix::ffi::OsStrExt::as_bytes(arg.as_os_str()))
                 );
                 return ExitCode::from(2);
             }
@@ -532,7 +825,7 @@ pub fn status(args: &[OsString]) -> ExitCode {
         .map_or(0, |d| d.as_secs());
     if json {
         for problem in &inventory.problems {
-            eprintln!("qrexec-connect status: {problem}");
+            eprintln!("qrexec-connect status: {}", printable_message(problem));
         }
         print!("{}", to_json(&inventory.rows));
     } else {
@@ -560,5 +853,58 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         assert_eq!(json_string("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+        // Valid JSON either way; escaped so that printing it is safe too.
+        assert_eq!(
+            json_string("\u{7f}\u{9b}\u{202e}\u{a0}é\u{e0041}"),
+            "\"\\u007f\\u009b\\u202e\\u00a0é\\udb40\\udc41\""
+        );
+    }
+
+    #[test]
+    fn proc_net_addresses_are_read_in_machine_order() {
+        let v4 = proc_inet_address(&format!("{:08X}:1F90", u32::from_ne_bytes([127, 0, 0, 1])));
+        assert_eq!(v4, Some("127.0.0.1:8080".parse().unwrap()));
+        let words: String = [[0u8, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+            .iter()
+            .map(|w| format!("{:08X}", u32::from_ne_bytes(*w)))
+            .collect();
+        assert_eq!(
+            proc_inet_address(&format!("{words}:0016")),
+            Some("[::1]:22".parse().unwrap())
+        );
+        for bad in ["", "0100007F", "0100007F:", "XYZ:1F90", "0100007F0:1F90"] {
+            assert_eq!(proc_inet_address(bad), None, "{bad:?}");
+        }
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(addresses_clash(ip("127.0.0.1"), ip("::ffff:127.0.0.1")));
+        assert!(addresses_clash(ip("0.0.0.0"), ip("127.0.0.1")));
+        assert!(addresses_clash(ip("::1"), ip("::")));
+        assert!(!addresses_clash(ip("127.0.0.1"), ip("127.0.0.2")));
+    }
+
+    #[test]
+    fn listen_values_are_unescaped_as_systemctl_escapes_them() {
+        // As systemctl 252 prints them (checked on a real manager).
+        assert_eq!(
+            manager::unescape_value("@\\303\\251\\342\\200\\256 (Stream)"),
+            "@é\u{202e} (Stream)"
+        );
+        assert_eq!(manager::unescape_value("@plain\\\\back"), "@plain\\back");
+        assert_eq!(manager::unescape_value("@h\\\\\\\\x\\303\\251"), "@h\\\\xé");
+        assert_eq!(manager::unescape_value("/run/a\\x2db\\n"), "/run/a-b\n");
+        // What is not an escape stays; a lone byte that is not UTF-8 shows
+        // as U+FFFD.
+        assert_eq!(manager::unescape_value("a\\q\\9\\"), "a\\q\\9\\");
+        assert_eq!(manager::unescape_value("\\377"), "\u{fffd}");
+    }
+
+    #[test]
+    fn proc_net_unix_lines_keep_the_whole_path() {
+        let line = "0000000000000000: 00000002 00000000 00010000 0001 01    42 /run/a b";
+        assert_eq!(proc_unix_socket(line), Some(("42", "/run/a b")));
+        let line = "0000000000000000: 00000002 00000000 00010000 0001 01 123456 @name";
+        assert_eq!(proc_unix_socket(line), Some(("123456", "@name")));
+        let unnamed = "0000000000000000: 00000003 00000000 00000000 0001 03 7";
+        assert_eq!(proc_unix_socket(unnamed), None);
     }
 }
