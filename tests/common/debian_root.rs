@@ -7,13 +7,18 @@
 //!   `target/debian-roots/NAME/`, and again whenever its recipe (package
 //!   list, hooks, sources) changes. The cached root is never run: every use
 //!   is an overlay on it, so every run starts from the same pristine system.
-//! * [`Chroot`] runs a script in such an overlay, chrooted, in private mount
-//!   and PID namespaces: the mounts (proc, sys, dev, a tmpfs on /run) vanish
-//!   with the namespace, and when its first process ends, the kernel ends
-//!   every other process in it. That process is the chrooted shell, so
-//!   `/proc/1/root` is the root the script sees and systemd's tools do not
-//!   take the system for a chroot (they would ignore `systemctl --user
-//!   start`).
+//! * [`Chroot`] runs a script in such an overlay, made the root of private
+//!   mount and PID namespaces (pivot_root): the mounts (proc, sys, dev, a
+//!   tmpfs on /run) vanish with the namespace, and when its first process
+//!   ends, the kernel ends every other process in it. That process is the
+//!   script's shell, so `/proc/1/root` is the root the script sees and
+//!   systemd's tools do not take the system for a chroot (they would ignore
+//!   `systemctl --user start`). A mere chroot is not enough: a process that
+//!   enters a mount namespace made inside (`nsenter -m`) gets that
+//!   namespace's root, which would be the host's, and wrote to the host's
+//!   /run on a first try. The root gets this machine's resolver and local certificate
+//!   authorities, as a machine on this network would have them; nothing
+//!   else of the host.
 //! * The run inside a fresh root runs `make test` again, which would build a
 //!   root of its own, and so on: the outer run sets [`INSIDE_VAR`] to a
 //!   nonce it also writes into the exchange directory, and the inner tests
@@ -23,12 +28,13 @@
 //!
 //! Nothing here touches the host's processes or files outside `target/`,
 //! except the user-manager lock file that inner runs share with the host's
-//! (tests/common/user_manager.rs): one user manager at a time on the machine.
+//! (tests/common/user_manager.rs: one user manager at a time on the
+//! machine) and the cgroups [`Booted`] makes for its containers.
 
 #![allow(dead_code)] // each test binary uses some
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -77,43 +83,18 @@ fn host_sources() -> PathBuf {
     );
 }
 
-/// An exclusive flock(2) on a file, released on drop.
-struct FileLock(#[allow(dead_code)] std::fs::File);
-
-impl FileLock {
-    fn acquire(path: &Path) -> FileLock {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        loop {
-            // SAFETY: flock on a descriptor we own; no memory is involved.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return FileLock(file);
-            }
-            let error = std::io::Error::last_os_error();
-            assert_eq!(
-                error.kind(),
-                std::io::ErrorKind::Interrupted,
-                "flock: {error}"
-            );
-        }
-    }
-}
-
 /// `target/debian-roots`.
 fn roots_dir() -> PathBuf {
     target_dir().join("debian-roots")
 }
 
 /// The root built from `spec`, built first if missing or built from another
-/// recipe. Two test binaries building the same root wait for each other.
+/// recipe. The check and the build run under `flock(1)` on
+/// `target/debian-roots/NAME.lock`, so that test binaries (and the threads
+/// of one) building the same root wait for each other.
 pub fn cached_root(spec: &RootSpec) -> PathBuf {
     let dir = roots_dir().join(spec.name);
     std::fs::create_dir_all(&dir).unwrap();
-    let _building = FileLock::acquire(&roots_dir().join(format!("{}.lock", spec.name)));
     let sources = host_sources();
     let mut args: Vec<String> = vec![
         "--mode=root".into(),
@@ -127,36 +108,38 @@ pub fn cached_root(spec: &RootSpec) -> PathBuf {
     for hook in spec.customize {
         args.push(format!("--customize-hook={hook}"));
     }
-    // The recipe: what changes it rebuilds the root.
+    // The recipe: a change to any of it rebuilds the root.
     let recipe = format!(
         "mmdebstrap {args:?} {SUITE}\n{}:\n{}",
         sources.display(),
         std::fs::read_to_string(&sources).unwrap()
     );
-    let root = dir.join("root");
-    let recipe_file = dir.join("recipe");
-    if root.is_dir() && std::fs::read_to_string(&recipe_file).ok().as_deref() == Some(&recipe) {
-        return root;
-    }
-    let _ = std::fs::remove_file(&recipe_file);
-    let building = dir.join("root.new");
-    for old in [&root, &building] {
-        if old.exists() {
-            std::fs::remove_dir_all(old)
-                .unwrap_or_else(|e| panic!("remove {}: {e}", old.display()));
-        }
-    }
+    let wanted = dir.join(format!("recipe.{}", std::process::id()));
+    std::fs::write(&wanted, &recipe).unwrap();
     let log = dir.join("mmdebstrap.log");
+    let script = format!(
+        "dir=$1 wanted=$2; shift 2
+         if [ -d \"$dir/root\" ] && cmp -s \"$wanted\" \"$dir/recipe\"; then
+             rm -f \"$wanted\"; exit 0
+         fi
+         rm -rf \"$dir/recipe\" \"$dir/root\" \"$dir/root.new\"
+         echo building >&2
+         \"$@\" {SUITE} \"$dir/root.new\" {sources} > \"$dir/mmdebstrap.log\" 2>&1 || exit
+         mv \"$dir/root.new\" \"$dir/root\" && mv \"$wanted\" \"$dir/recipe\"",
+        sources = shell_quote(&sources.display().to_string())
+    );
     let started = Instant::now();
     let output = crate::common::run(
-        Command::new("mmdebstrap")
+        Command::new("flock")
+            .arg(roots_dir().join(format!("{}.lock", spec.name)))
+            .args(["sh", "-c", &script, "build-root"])
+            .arg(&dir)
+            .arg(&wanted)
+            .arg("mmdebstrap")
             .args(&args)
-            .arg(format!("--logfile={}", log.display()))
-            .arg(SUITE)
-            .arg(&building)
-            .arg(&sources)
             .stdin(Stdio::null()),
     );
+    let _ = std::fs::remove_file(&wanted);
     assert!(
         output.status.success(),
         "mmdebstrap could not build the Debian 12 root {} ({}); its log, {}:\n{}{}",
@@ -166,14 +149,14 @@ pub fn cached_root(spec: &RootSpec) -> PathBuf {
         tail(&std::fs::read_to_string(&log).unwrap_or_default(), 40),
         String::from_utf8_lossy(&output.stderr)
     );
-    std::fs::rename(&building, &root).unwrap();
-    std::fs::write(&recipe_file, &recipe).unwrap();
-    eprintln!(
-        "built the Debian 12 root {} in {:.0?}",
-        spec.name,
-        started.elapsed()
-    );
-    root
+    if !output.stderr.is_empty() {
+        eprintln!(
+            "built the Debian 12 root {} in {:.0?}",
+            spec.name,
+            started.elapsed()
+        );
+    }
+    dir.join("root")
 }
 
 /// The last `lines` lines of `text`.
@@ -224,9 +207,10 @@ impl Chroot {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).unwrap();
         }
-        for sub in ["upper", "work", "merged", "exchange"] {
+        for sub in ["upper", "work", "merged", "exchange", "tmp"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
+        std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
         Chroot {
             root: root.to_owned(),
             dir,
@@ -266,7 +250,21 @@ impl Chroot {
              mount --rbind /sys $m/sys
              mount --rbind /dev $m/dev
              mount -t tmpfs -o mode=0755 tmpfs $m/run
+             # /tmp on this machine's disk, as a Debian 12's /tmp is on its
+             # root file system: tests make overlays with their upper layer
+             # in /tmp, and an overlay's upper layer cannot be on an overlay.
+             mount --bind $dir/tmp $m/tmp
+             # This machine's network as the root's: its resolver, and the
+             # local certificate authorities it trusts (copied as sources too,
+             # so that an update-ca-certificates inside keeps them).
              cp /etc/resolv.conf $m/etc/resolv.conf
+             if [ -d /usr/local/share/ca-certificates ]; then
+                 mkdir -p $m/usr/local/share/ca-certificates
+                 cp -r /usr/local/share/ca-certificates/. $m/usr/local/share/ca-certificates/
+             fi
+             if [ -f /etc/ssl/certs/ca-certificates.crt ] && [ -d $m/etc/ssl/certs ]; then
+                 cp /etc/ssl/certs/ca-certificates.crt $m/etc/ssl/certs/ca-certificates.crt
+             fi
              mkdir -p $m/mnt/qrexec-connect-test
              mount --bind $dir/exchange $m/mnt/qrexec-connect-test
             ",
@@ -281,14 +279,27 @@ impl Chroot {
                 "
             ));
         }
-        // The chrooted shell replaces this one as the namespaces' first
-        // process, with nothing but `env` in its environment.
-        let mut chrooted: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        chrooted.extend(["/bin/sh".to_owned(), "-ec".to_owned(), script.to_owned()]);
-        let chrooted: Vec<String> = chrooted.iter().map(|a| shell_quote(a)).collect();
+        // The root becomes the mount namespace's own root (pivot_root, not
+        // chroot): a process that enters a mount namespace made inside
+        // (`nsenter -m`, as tests/common/user_manager.rs does) gets that
+        // namespace's root, and after a mere chroot that would be the
+        // host's. The host's tree is then unmounted: only the binds above
+        // stay visible. The script's shell replaces this one as the
+        // namespaces' first process, with nothing but `env` in its
+        // environment.
+        let mut inner: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        inner.extend(["/bin/sh".to_owned(), "-ec".to_owned(), script.to_owned()]);
+        let inner: Vec<String> = inner.iter().map(|a| shell_quote(a)).collect();
         setup.push_str(&format!(
-            "exec chroot \"$m\" /usr/bin/env -i {}\n",
-            chrooted.join(" ")
+            "cd \"$m\"
+             mkdir .host-root
+             pivot_root . .host-root
+             export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+             cd /
+             umount -l /.host-root
+             rmdir /.host-root
+             exec /usr/bin/env -i {}\n",
+            inner.join(" ")
         ));
         // The namespaces end with the test: the kernel kills unshare when
         // the thread that started it ends, and unshare's child with it.
@@ -345,4 +356,395 @@ impl Drop for Chroot {
 /// `text` as one word for sh.
 pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The cgroup hierarchies that name a process's cgroup for systemd: on a
+/// cgroup v1 machine (this kind: PID 1 is not systemd) `name=systemd` and,
+/// if mounted, the cgroup2 tree beside it; on a cgroup v2 machine, the one
+/// tree.
+fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.controllers").exists() {
+        return vec![base.to_owned()];
+    }
+    let found: Vec<PathBuf> = ["systemd", "unified"]
+        .iter()
+        .map(|name| base.join(name))
+        .filter(|dir| dir.join("cgroup.procs").exists())
+        .collect();
+    assert!(
+        found.iter().any(|dir| dir.ends_with("systemd")),
+        "no name=systemd cgroup hierarchy at /sys/fs/cgroup/systemd and no cgroup2 at \
+         /sys/fs/cgroup: systemd-nspawn cannot boot a system here"
+    );
+    found
+}
+
+/// The prefix of the cgroups [`Booted`] makes, directly under each
+/// hierarchy's root: `PREFIX-PID-N`, PID the test process's.
+const CGROUP_PREFIX: &str = "qrexec-connect-test-booted-";
+
+/// Every process in a cgroup and the cgroups below it.
+fn processes_in(cgroup: &Path) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![cgroup.to_owned()];
+    while let Some(dir) = queue.pop() {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            found.extend(text.lines().filter_map(|l| l.parse::<u32>().ok()));
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Removes a cgroup and those below it, deepest first (a cgroup goes only
+/// when it holds no process and no cgroup). Returns whether it is gone.
+fn remove_cgroup(cgroup: &Path) -> bool {
+    for entry in std::fs::read_dir(cgroup).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(cgroup);
+    !cgroup.exists()
+}
+
+/// Kills every process of our own cgroup tree (the container's, never
+/// another) and removes the tree, waiting a little for the dead to leave it.
+fn end_cgroup(cgroups: &[PathBuf]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let doomed: Vec<String> = cgroups
+            .iter()
+            .flat_map(|cgroup| processes_in(cgroup))
+            .map(|pid| pid.to_string())
+            .collect();
+        if !doomed.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(&doomed)
+                .stderr(Stdio::null())
+                .status();
+        }
+        let mut gone = true;
+        for cgroup in cgroups {
+            gone &= remove_cgroup(cgroup);
+        }
+        if gone || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes what a test process that died left of its containers (its
+/// cgroups are named after its pid): only cgroups with our prefix, only of
+/// processes that are gone.
+fn end_orphaned_cgroups() {
+    for hierarchy in cgroup_hierarchies() {
+        for entry in std::fs::read_dir(&hierarchy)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(CGROUP_PREFIX) else {
+                continue;
+            };
+            let owner = rest.split('-').next().unwrap_or_default();
+            if !Path::new("/proc").join(owner).exists() {
+                end_cgroup(&[entry.path()]);
+            }
+        }
+    }
+}
+
+/// A Debian root booted with systemd-nspawn: systemd as PID 1, on an
+/// overlay (the cached root stays pristine; the overlay's upper layer
+/// lives until drop, across [`Booted::reboot`]).
+///
+/// On this kind of machine (PID 1 is not systemd, cgroup v1 with cgroup2 at
+/// /sys/fs/cgroup/unified) `systemd-nspawn --boot --register=no
+/// --keep-unit` boots in its own cgroup: nspawn's process is first put into
+/// a new cgroup of its own in each hierarchy. Without that the container's
+/// systemd would take the host's root cgroup for its own and move every
+/// process of the machine into its `init.scope`. nspawn runs in a private
+/// mount namespace with a tmpfs on /run, so that its own state (and the
+/// overlay mount) stay out of the host's; `--link-journal=no`,
+/// `--resolv-conf=off` and `--timezone=off` keep it from touching the
+/// host's files. The network is the host's: the container's sockets are
+/// reached from the test as 127.0.0.1, and its qrexec-client-vm double
+/// reaches the test's servers the same way.
+///
+/// Commands reach the system through `nsenter` into the namespaces of its
+/// PID 1 (the leader); as the user, through `runuser -u user` with
+/// XDG_RUNTIME_DIR and DBUS_SESSION_BUS_ADDRESS set. Drop powers it off,
+/// kills what is left in its cgroups, removes them and the overlay.
+pub struct Booted {
+    root: PathBuf,
+    dir: PathBuf,
+    machine: String,
+    cgroups: Vec<PathBuf>,
+    nspawn: Option<std::process::Child>,
+    leader: u32,
+    boots: u32,
+}
+
+/// The user of a Qubes qube, and the runtime directory of its manager.
+pub const USER: &str = "user";
+pub const USER_RUNTIME_DIR: &str = "/run/user/1000";
+
+impl Booted {
+    /// An overlay on `root`, not booted yet: files can be put first.
+    pub fn new(root: &Path, tag: &str) -> Booted {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = roots_dir()
+            .join("runs")
+            .join(format!("booted-{tag}-{}-{n}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        for sub in ["upper", "work", "merged"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        Booted {
+            root: root.to_owned(),
+            dir,
+            machine: format!("qc-test-{}-{n}", std::process::id()),
+            cgroups: Vec::new(),
+            nspawn: None,
+            leader: 0,
+            boots: 0,
+        }
+    }
+
+    /// Puts a file into the system before it boots (root-owned).
+    pub fn put(&self, path: &str, contents: &[u8], mode: u32) {
+        let target = self.dir.join("upper").join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(&target, contents).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// The boot log (the container's console) so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    /// Boots the system and waits until it and the user's manager run.
+    /// Fails, saying why, if systemd-nspawn cannot boot it here.
+    pub fn boot(&mut self) {
+        assert!(self.nspawn.is_none(), "already booted");
+        end_orphaned_cgroups();
+        self.boots += 1;
+        let name = format!(
+            "{CGROUP_PREFIX}{}-{}-{}",
+            std::process::id(),
+            self.machine.rsplit('-').next().unwrap(),
+            self.boots
+        );
+        self.cgroups = cgroup_hierarchies()
+            .into_iter()
+            .map(|hierarchy| hierarchy.join(&name))
+            .collect();
+        for cgroup in &self.cgroups {
+            std::fs::create_dir(cgroup)
+                .unwrap_or_else(|e| panic!("cannot create the cgroup {}: {e}", cgroup.display()));
+        }
+        let script = "set -eu
+            dir=$1 root=$2 machine=$3
+            shift 3
+            # Into the new cgroups first (their cgroup.procs files follow).
+            for procs in \"$@\"; do echo $$ > \"$procs\"; done
+            mount -t tmpfs -o mode=0755 tmpfs /run
+            mount -t overlay overlay -o lowerdir=$root,upperdir=$dir/upper,workdir=$dir/work $dir/merged
+            exec systemd-nspawn --quiet --boot --register=no --keep-unit --link-journal=no \\
+                --resolv-conf=off --timezone=off --console=passive \\
+                --machine=$machine --directory=$dir/merged";
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("console.log"))
+            .unwrap();
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--pdeathsig", "KILL", "unshare", "--mount", "--propagation"])
+            .args(["private", "sh", "-c", script, "boot"])
+            .arg(&self.dir)
+            .arg(&self.root)
+            .arg(&self.machine)
+            .args(self.cgroups.iter().map(|c| c.join("cgroup.procs")))
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().unwrap())
+            .stderr(console);
+        self.nspawn = Some(
+            command
+                .spawn()
+                .expect("setpriv and unshare run (util-linux)"),
+        );
+        // The leader: the process of our cgroups that is PID 1 of its own
+        // PID namespace (NSpid ends in 1).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        self.leader = loop {
+            if let Some(status) = self.nspawn.as_mut().unwrap().try_wait().unwrap() {
+                self.nspawn = None;
+                panic!(
+                    "systemd-nspawn could not boot Debian 12 here: it ended ({status}) before \
+                     the system's PID 1 started; its output:\n{}",
+                    tail(&self.console(), 40)
+                );
+            }
+            let leader = processes_in(&self.cgroups[0]).into_iter().find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+                    status
+                        .lines()
+                        .find_map(|line| line.strip_prefix("NSpid:"))
+                        .is_some_and(|ids| {
+                            let ids: Vec<&str> = ids.split_whitespace().collect();
+                            ids.len() > 1 && ids.last() == Some(&"1")
+                        })
+                })
+            });
+            if let Some(leader) = leader {
+                break leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "systemd-nspawn did not start the system's PID 1 within a minute; its output:\n{}",
+                tail(&self.console(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let state = self.wait_state("the system", &["is-system-running"], None);
+        if state == "degraded" {
+            eprintln!(
+                "{}: booted degraded:\n{}",
+                self.machine,
+                self.stdout(self.command("systemctl").args(["--failed", "--no-pager"]))
+            );
+        }
+    }
+
+    /// Waits (a minute at most) until `systemctl ARGS` (as `user` when
+    /// given) says running or degraded; returns which.
+    fn wait_state(&self, what: &str, args: &[&str], user: Option<&str>) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut command = match user {
+                Some(_) => self.user_command("systemctl"),
+                None => self.command("systemctl"),
+            };
+            if user.is_some() {
+                command.arg("--user");
+            }
+            let output = crate::common::run(command.args(args));
+            let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            if state == "running" || state == "degraded" {
+                return state;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what} in the booted Debian 12 is not running after a minute \
+                     (systemctl {args:?}: {state:?}); failed units:\n{}\nconsole:\n{}",
+                    self.stdout(self.command("systemctl").args(["--failed", "--no-pager"])),
+                    tail(&self.console(), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The pid (on the host) of the system's PID 1.
+    pub fn leader(&self) -> u32 {
+        self.leader
+    }
+
+    /// A path of the running system, reachable from the host.
+    pub fn path(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{path}", self.leader))
+    }
+
+    /// A command run as root inside the system (all its namespaces, its
+    /// root), with a plain environment.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .args(["--target", &self.leader.to_string()])
+            .args(["--all", "--root", "--wd", "--", "env", "-i"])
+            .args(["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"])
+            .arg(program);
+        command
+    }
+
+    /// A command run as `user` inside the system, with the environment of
+    /// the user's session (its manager's runtime directory and bus).
+    pub fn user_command(&self, program: &str) -> Command {
+        let mut command = self.command("runuser");
+        command
+            .args(["-u", USER, "--", "env"])
+            .arg(format!("XDG_RUNTIME_DIR={USER_RUNTIME_DIR}"))
+            .arg(format!(
+                "DBUS_SESSION_BUS_ADDRESS=unix:path={USER_RUNTIME_DIR}/bus"
+            ))
+            .arg(program);
+        command
+    }
+
+    /// Runs `command`; it must succeed. Returns its standard output.
+    pub fn stdout(&self, command: &mut Command) -> String {
+        let output = crate::common::run(command);
+        assert!(
+            output.status.success(),
+            "{command:?} failed in the booted system ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Waits until the user's manager runs (lingering starts it at boot).
+    pub fn wait_user_manager(&self) {
+        self.wait_state("user@1000's manager", &["is-system-running"], Some(USER));
+    }
+
+    /// Powers the system off (as `systemctl poweroff` would, through
+    /// nspawn's SIGTERM) and waits for nspawn to end, then removes its
+    /// cgroups. The overlay stays for the next [`Booted::boot`].
+    pub fn shutdown(&mut self) {
+        let Some(mut nspawn) = self.nspawn.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &nspawn.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while nspawn.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = nspawn.kill();
+        let _ = nspawn.wait();
+        end_cgroup(&self.cgroups);
+        self.leader = 0;
+    }
+
+    /// Powers off and boots again on the same overlay.
+    pub fn reboot(&mut self) {
+        self.shutdown();
+        self.boot();
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        self.shutdown();
+        end_cgroup(&self.cgroups);
+        // The overlay was mounted in nspawn's namespace only, gone with it.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
