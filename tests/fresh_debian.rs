@@ -5,9 +5,10 @@
 //! what the tests need from tests/debian-packages.txt itself, so a package
 //! missing from that list fails here, in CI, and not on a user's machine.
 //!
-//! The inner `make test` runs every test again, this one included: there it
-//! only checks that it runs inside the root this test made and leaves a
-//! receipt (tests/common/debian_root.rs, `inside_fresh_root`).
+//! The inner `make test` runs every test again, this one and tests/booted.rs
+//! included: those build Debian roots of their own, so there they only check
+//! that they run inside the root this test made and leave a receipt, which
+//! this test requires (tests/common/debian_root.rs, `inside_fresh_root`).
 //!
 //! Also: `make test` without root, or on a machine without apt-get, stops
 //! before building anything, with the command to run.
@@ -146,10 +147,12 @@ fn the_readme_commands_pass_on_a_fresh_debian_12() {
     // The inner make test ran the tests that would build Debian roots of
     // their own, and they saw that they were inside.
     let receipts = std::fs::read_to_string(chroot.exchange().join("inside")).unwrap_or_default();
-    assert!(
-        receipts.lines().any(|line| line == "fresh_debian"),
-        "the inner make test did not run fresh_debian inside the root (receipts: {receipts:?})"
-    );
+    for test in ["fresh_debian", "booted"] {
+        assert!(
+            receipts.lines().any(|line| line == test),
+            "the inner make test did not run {test} inside the root (receipts: {receipts:?})"
+        );
+    }
 }
 
 /// The files `make test-packages` reads, copied where any user can read them.
