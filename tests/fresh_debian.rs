@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{run, workspace, TempDir};
-use debian_root::{cached_root, inside_fresh_root, tail, Chroot, RootSpec, EXCHANGE, INSIDE_VAR};
+use debian_root::{cached_root, inside_fresh_root, tail, RootRun, RootSpec, EXCHANGE, INSIDE_VAR};
 
 /// A fresh Debian 12 (the standard system) plus what the README says to add.
 const FRESH_DEBIAN: RootSpec = RootSpec {
@@ -56,10 +56,10 @@ fn the_readme_commands_pass_on_a_fresh_debian_12() {
         return;
     }
     let root = cached_root(&FRESH_DEBIAN);
-    let chroot = Chroot::new(&root, "fresh-debian");
+    let fresh = RootRun::new(&root, "fresh-debian");
     // What the user clones: this checkout's HEAD (committed work only).
     let head = git(&["rev-parse", "HEAD"]);
-    let bundle = chroot.exchange().join("qrexec-connect.bundle");
+    let bundle = fresh.exchange().join("qrexec-connect.bundle");
     git(&[
         "bundle",
         "create",
@@ -68,7 +68,7 @@ fn the_readme_commands_pass_on_a_fresh_debian_12() {
         "HEAD",
     ]);
     let nonce = format!("{}-{}", std::process::id(), head);
-    std::fs::write(chroot.exchange().join("nonce"), &nonce).unwrap();
+    std::fs::write(fresh.exchange().join("nonce"), &nonce).unwrap();
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -79,7 +79,7 @@ fn the_readme_commands_pass_on_a_fresh_debian_12() {
     // else): apt still resolves and installs everything each time.
     let apt_cache = common::user_manager::target_dir().join("debian-roots/apt-archives");
     std::fs::create_dir_all(apt_cache.join("partial")).unwrap();
-    let chroot = chroot
+    let fresh = fresh
         .bind(Path::new(USER_MANAGER_LOCK), USER_MANAGER_LOCK)
         .bind(&apt_cache, "/var/cache/apt/archives");
     let log = common::user_manager::target_dir().join("debian-roots/fresh-debian-run.log");
@@ -99,7 +99,7 @@ fn the_readme_commands_pass_on_a_fresh_debian_12() {
          done"
     );
     let started = Instant::now();
-    let status = chroot.run(
+    let status = fresh.run(
         &script,
         &[
             (
@@ -146,7 +146,7 @@ fn the_readme_commands_pass_on_a_fresh_debian_12() {
     }
     // The inner make test ran the tests that would build Debian roots of
     // their own, and they saw that they were inside.
-    let receipts = std::fs::read_to_string(chroot.exchange().join("inside")).unwrap_or_default();
+    let receipts = std::fs::read_to_string(fresh.exchange().join("inside")).unwrap_or_default();
     for test in ["fresh_debian", "booted"] {
         assert!(
             receipts.lines().any(|line| line == test),

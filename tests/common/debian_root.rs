@@ -7,7 +7,7 @@
 //!   `target/debian-roots/NAME/`, and again whenever its recipe (package
 //!   list, hooks, sources) changes. The cached root is never run: every use
 //!   is an overlay on it, so every run starts from the same pristine system.
-//! * [`Chroot`] runs a script in such an overlay, made the root of private
+//! * [`RootRun`] runs a script in such an overlay, made the root of private
 //!   mount and PID namespaces (pivot_root): the mounts (proc, sys, dev, a
 //!   tmpfs on /run) vanish with the namespace, and when its first process
 //!   ends, the kernel ends every other process in it. That process is the
@@ -16,9 +16,10 @@
 //!   `systemctl --user start`). A mere chroot is not enough: a process that
 //!   enters a mount namespace made inside (`nsenter -m`) gets that
 //!   namespace's root, which would be the host's, and wrote to the host's
-//!   /run on a first try. The root gets this machine's resolver and local certificate
-//!   authorities, as a machine on this network would have them; nothing
-//!   else of the host.
+//!   /run on a first try. The root gets this machine's resolver and local
+//!   certificate authorities, as a machine on this network would have
+//!   them, and a /tmp on disk; nothing else of the host but the binds its
+//!   caller asks for.
 //! * The run inside a fresh root runs `make test` again, which would build a
 //!   root of its own, and so on: the outer run sets [`INSIDE_VAR`] to a
 //!   nonce it also writes into the exchange directory, and the inner tests
@@ -44,7 +45,7 @@ use crate::common::user_manager::target_dir;
 /// Set by the outer fresh-Debian run for the inner `make test`.
 pub const INSIDE_VAR: &str = "QREXEC_CONNECT_IN_FRESH_DEBIAN";
 
-/// Where the exchange directory appears inside a [`Chroot`].
+/// Where the exchange directory appears inside a [`RootRun`].
 pub const EXCHANGE: &str = "/mnt/qrexec-connect-test";
 
 /// The suite every root is built from.
@@ -191,16 +192,16 @@ pub fn inside_fresh_root(test: &str) -> bool {
 }
 
 /// An overlay on a cached root, to run scripts in (see the module doc).
-pub struct Chroot {
+pub struct RootRun {
     root: PathBuf,
     /// `upper/`, `work/`, `merged/` and `exchange/`: removed on drop.
     dir: PathBuf,
     binds: Vec<(PathBuf, String)>,
 }
 
-impl Chroot {
+impl RootRun {
     /// An overlay on `root` under `target/debian-roots/runs/`.
-    pub fn new(root: &Path, tag: &str) -> Chroot {
+    pub fn new(root: &Path, tag: &str) -> RootRun {
         let dir = roots_dir()
             .join("runs")
             .join(format!("{tag}-{}", std::process::id()));
@@ -211,7 +212,7 @@ impl Chroot {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
-        Chroot {
+        RootRun {
             root: root.to_owned(),
             dir,
             binds: Vec::new(),
@@ -225,13 +226,13 @@ impl Chroot {
 
     /// Binds the host's `source` (a file or directory, which must exist)
     /// at `inside`.
-    pub fn bind(mut self, source: &Path, inside: &str) -> Chroot {
+    pub fn bind(mut self, source: &Path, inside: &str) -> RootRun {
         self.binds.push((source.to_owned(), inside.to_owned()));
         self
     }
 
     /// Runs `script` with `sh -e` as the first process of the namespaces,
-    /// chrooted, with only `env` in its environment, its output appended to
+    /// in the overlay as their root, with only `env` in its environment, its output appended to
     /// `log`. Ends everything it started after `limit` (a hang guard, not a
     /// speed check) and fails the test then.
     pub fn run(
@@ -346,7 +347,7 @@ impl Chroot {
     }
 }
 
-impl Drop for Chroot {
+impl Drop for RootRun {
     fn drop(&mut self) {
         // The overlay was mounted in the run's namespace only, gone with it.
         let _ = std::fs::remove_dir_all(&self.dir);
