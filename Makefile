@@ -1,7 +1,7 @@
 # qrexec-connect: build, test, demo, install and package.
 #
 #   make build                      release binaries and man pages (as yourself)
-#   make test                       every test (needs root: real systemd in a mount namespace)
+#   make test                       every test (as root: installs what the tests need first)
 #   make demo                       a live forwarding demo with the qrexec-client-vm test double
 #   sudo make install-client        client qube: daemon, generator, units (template qube)
 #   sudo make install-client PREFIX=/usr/local   the same, kept by an app qube across reboots
@@ -87,7 +87,7 @@ DIST_TARBALL := $(DIST_DIR)/$(DIST_NAME).tar.gz
 # empty file behind for the next make to install.
 .DELETE_ON_ERROR:
 
-.PHONY: all build test salt-venv demo bench bench-scaling bench-reload man install install-client \
+.PHONY: all build test test-packages salt-venv demo bench bench-scaling bench-reload man install install-client \
 	install-client-files \
 	install-connectnfs uninstall dist deb rpm clean
 
@@ -110,12 +110,42 @@ $(CLIENT_BINARIES) $(NFS_BINARY):
 	@echo "$@ is missing or older than its sources: run 'make build' first (as yourself, not as root)" >&2
 	@exit 1
 
-# Every test of every package. The integration tests run the programs from
-# target/debug, so those are built first (cargo test builds only the test
-# double's package's binary); a missing or stale one fails its test.
-test: salt-venv
+# Every test of every package, on a Debian 12 machine set up first (below).
+# The integration tests run the programs from target/debug, so those are
+# built first (cargo test builds only the test double's package's binary); a
+# missing or stale one fails its test.
+test: test-packages
+	$(MAKE) --no-print-directory salt-venv
 	$(CARGO) build --workspace --locked
 	QREXEC_CONNECT_SALT_CALL=$(abspath $(SALT_CALL)) $(CARGO) test --workspace --locked
+
+# What the tests need besides Rust, git and make: the Debian packages of
+# TEST_PACKAGES, one list that .ci/run uses too (through this target). As
+# root with apt-get, the missing ones are installed; otherwise make stops at
+# once, before any build, with the command to run.
+TEST_PACKAGES := tests/debian-packages.txt
+test-packages:
+	@packages=$$(sed 's/#.*//' $(TEST_PACKAGES)); \
+	if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then \
+		echo "make test: this machine has no apt-get. The tests need Debian 12 (they install" >&2; \
+		echo "the packages of $(TEST_PACKAGES) with apt-get, and build and install .deb" >&2; \
+		echo "packages): run  sudo make test  on Debian 12 (e.g. in a debian-12 qube)." >&2; \
+		exit 1; \
+	fi; \
+	installed=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $$packages 2>/dev/null \
+		| awk '$$1 == "ii" { print $$2 }'); \
+	missing=$$(for package in $$packages; do \
+		echo "$$installed" | grep -qxF "$$package" || echo "$$package"; done | xargs); \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "make test needs root (it runs a real systemd user manager in a private mount" >&2; \
+		echo "namespace$${missing:+, and installs $$missing}): run  sudo make test" >&2; \
+		exit 1; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+		echo "make test: installing what the tests need ($(TEST_PACKAGES)): $$missing"; \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 # tests/salt.rs applies the formula in salt/ with a real salt-call: Salt from
 # PyPI with every dependency pinned (--no-deps: nothing unpinned gets in), in

@@ -74,13 +74,18 @@ fn a_stopped_journald_never_stops_connections_and_the_dropped_lines_are_counted(
     );
     drop(resume);
 
-    // The next line the journal takes is preceded by the count.
-    assert_eq!(served(b"after").unwrap(), b"after");
-    let entries = manager.wait_journal(
-        &["SYSLOG_IDENTIFIER=qrexec-connect"],
-        "log messages were dropped while the journal was not accepting them",
-        LIMIT,
-    );
+    // The next line the journal takes is preceded by the count. A resumed
+    // journald may still be draining its queue when the next connection's
+    // line comes (on a busy machine it does): that line is dropped and
+    // counted too, so connect again until a line gets through.
+    let mut after = 0;
+    let entries = wait_for("the count of dropped lines in the journal", LIMIT, || {
+        after += 1;
+        assert_eq!(served(b"after").unwrap(), b"after");
+        let text = manager.journal(&["SYSLOG_IDENTIFIER=qrexec-connect"]);
+        text.contains("log messages were dropped while the journal was not accepting them")
+            .then_some(text)
+    });
     let dropped: u64 = entries
         .lines()
         .find(|l| l.contains("were dropped while the journal"))
@@ -89,7 +94,7 @@ fn a_stopped_journald_never_stops_connections_and_the_dropped_lines_are_counted(
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no DROPPED_MESSAGES field:\n{entries}"));
     assert!(
-        dropped > 0 && dropped <= CONNECTIONS as u64,
+        dropped > 0 && dropped <= (CONNECTIONS + after) as u64,
         "{dropped} dropped"
     );
     println!("{dropped} log messages dropped");
