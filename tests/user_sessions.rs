@@ -82,19 +82,37 @@ impl Sessions {
         let libexec = scratch.path().join("libexec/qrexec-connect");
         std::fs::create_dir_all(&libexec).unwrap();
         std::os::unix::fs::symlink(user_sessions(), libexec.join("user-sessions")).unwrap();
-        // An overlay whose upper layer holds a whiteout: no setpriv at all.
-        let hide_setpriv = if setup.without_setpriv {
+        let wrapper = scratch.path().join("setpriv-wrapper");
+        std::fs::write(
+            &wrapper,
+            "#!/bin/sh\n\
+             tr '\\000' '\\n' </proc/$$/environ >/run/setpriv-env.$$\n\
+             unset PWD\n\
+             exec /run/.setpriv-real \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let setpriv = if setup.without_setpriv {
+            // An overlay whose upper layer holds a whiteout: no setpriv at all.
             "mkdir -p /run/.bin/upper /run/.bin/work
              mknod /run/.bin/upper/setpriv c 0 0
              mount -t overlay overlay -o lowerdir=/usr/bin,upperdir=/run/.bin/upper,workdir=/run/.bin/work /usr/bin"
+                .to_owned()
         } else {
-            ""
+            // setpriv, wrapped: each run records the environment it was
+            // given (as root, before it changes user), then runs the real one
+            // (without the PWD that sh exports).
+            format!(
+                "cp /usr/bin/setpriv /run/.setpriv-real
+                 mount --bind {} /usr/bin/setpriv",
+                wrapper.display()
+            )
         };
         let script = format!(
             "set -e
              mount -t tmpfs -o mode=0755 tmpfs /run
              mkdir -p /run/user
-             {hide_setpriv}
+             {setpriv}
              mount --bind {fake} /usr/bin/systemctl
              mount -t overlay overlay -o lowerdir={libexec}:/usr/libexec /usr/libexec
              echo ready
@@ -241,7 +259,8 @@ fn a_users_systemctl_gets_no_terminal_no_root_descriptor_and_is_shown_escaped() 
         sessions.command("script").args([
             "-qec",
             &format!(
-                "echo $$ > /run/root-session; exec 7</etc/hostname; exec {} start",
+                "echo $$ > /run/root-session; exec 7</etc/hostname; \
+                 export ROOT_SECRET=root-only; exec {} start",
                 user_sessions()
             ),
             "/dev/null",
@@ -295,6 +314,34 @@ fn a_users_systemctl_gets_no_terminal_no_root_descriptor_and_is_shown_escaped() 
         // Its output goes to a file only root can open by name.
         assert_eq!(call.get("stdout_owner"), "0 600", "{call:#?}");
         assert_ne!(call.get("stdout_reopen"), "opened", "{call:#?}");
+    }
+
+    // What setpriv was given, as root, is all the user's process starts
+    // with: the two variables, none of root's (a process that runs as the
+    // user with root's environment shows it in /proc/PID/environ).
+    let given: Vec<String> = std::fs::read_dir(sessions.ns_path("/run"))
+        .unwrap()
+        .map(|entry| entry.unwrap())
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("setpriv-env.")
+        })
+        .map(|entry| std::fs::read_to_string(entry.path()).unwrap())
+        .collect();
+    assert_eq!(given.len(), calls.len(), "one setpriv per call: {given:#?}");
+    for environment in &given {
+        let mut names: Vec<&str> = environment
+            .lines()
+            .map(|line| line.split_once('=').map_or(line, |(name, _)| name))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["PATH", "XDG_RUNTIME_DIR"],
+            "setpriv, and so the user's process, got root's environment: {environment}"
+        );
     }
 
     // Root's terminal shows the call's output, every byte printable ASCII
