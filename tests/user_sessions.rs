@@ -120,20 +120,7 @@ impl Sessions {
             fake = FAKE_SYSTEMCTL,
             libexec = scratch.path().join("libexec").display(),
         );
-        let mut holder = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("unshare runs (tests need root)");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready", "namespace setup failed");
+        let holder = hold_mount_namespace(&script);
         let sessions = Sessions {
             holder,
             _scratch: scratch,

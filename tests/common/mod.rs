@@ -67,6 +67,26 @@ impl Drop for TempDir {
     }
 }
 
+/// Runs `script` with `sh` in a private mount namespace of its own; the
+/// script sets the namespace up, prints `ready` and then holds it
+/// (`exec sleep infinity`). Returns once it is ready: the process whose
+/// `/proc/PID/root` and `nsenter -t PID -m` reach the namespace.
+pub fn hold_mount_namespace(script: &str) -> Child {
+    let mut holder = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("unshare runs (tests need root)");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "namespace setup failed");
+    holder
+}
+
 /// A free TCP port on 127.0.0.1 (the kernel's pick, released at once).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

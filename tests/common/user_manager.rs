@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{descendants_of, run, wait_for, TempDir, DOUBLE};
+use super::{descendants_of, hold_mount_namespace, run, wait_for, TempDir, DOUBLE};
 
 pub const RUNTIME_DIR: &str = "/run/user/0";
 
@@ -158,20 +158,7 @@ impl UserManager {
              exec sleep infinity",
             rt = RUNTIME_DIR,
         );
-        let mut holder = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("unshare runs (tests need root)");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready", "namespace setup failed");
+        let holder = hold_mount_namespace(&script);
         let mut manager = UserManager {
             holder,
             journald: None,
