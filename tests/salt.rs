@@ -1508,6 +1508,32 @@ fn a_link_in_the_users_home_fails_the_client_state_and_root_files_stay_roots() {
     }
 }
 
+/// `client: dom0` is no client qube: qrexec reads `dom0` as `@adminvm`,
+/// which the strictest policy parser refuses as a source, and one refused
+/// rule makes qrexec refuse the whole policy directory (every call denied).
+/// Both states refuse the entry and name it; nothing is written.
+#[test]
+fn dom0_as_client_fails_both_states() {
+    let salt = SaltRoot::new();
+    let refused = [Refused {
+        yaml: Binding::new(
+            "dom0",
+            "127.0.0.1:2222",
+            "ssh-server",
+            "qubes.ConnectTCP+22",
+        )
+        .yaml(),
+        key: "client",
+        why: "dom0 is not a client qube",
+    }];
+    for (id, sls, path) in [
+        ("dom0", "qrexec-connect.policy", POLICY),
+        ("dom0", "qrexec-connect.client", SALT_CONF),
+    ] {
+        assert_each_refused(&salt, id, sls, path, &refused);
+    }
+}
+
 /// The README's ssh-agent example while the user is logged in: the client
 /// state checks `%t/` with the generator as the user would run it, so the
 /// user's own `/run/user/UID` is theirs, not another user's directory.
