@@ -126,6 +126,17 @@ impl SaltRoot {
         salt_root
     }
 
+    /// From now on `user` is logged in: the runs see a private
+    /// `/run/user/UID` owned by `user`, mode 0700, as systemd-logind makes it.
+    fn log_in(&self) {
+        fs::write(self.dir.path().join("logged-in"), "").unwrap();
+    }
+
+    /// The user's home as the states left it (`.config` and below).
+    fn home(&self) -> PathBuf {
+        self.file("home/user")
+    }
+
     fn set_pillar(&self, yaml: &str) {
         fs::write(self.dir.path().join("pillar/qrexec-connect.sls"), yaml).unwrap();
     }
@@ -158,7 +169,12 @@ impl SaltRoot {
                 "for d in etc home; do \
                    mount -t overlay overlay \
                      -o lowerdir=/$d,upperdir=$0/$d/upper,workdir=$0/$d/work /$d || exit 99; \
-                 done; exec \"$@\"",
+                 done; \
+                 if [ -e \"$0/logged-in\" ]; then \
+                   mount -t tmpfs -o mode=0755 tmpfs /run/user \
+                   && install -d -m 0700 -o \"$UID_OF_USER\" -g \"$UID_OF_USER\" \
+                        /run/user/\"$UID_OF_USER\" || exit 99; \
+                 fi; exec \"$@\"",
             )
             .arg(root)
             .arg(salt_call())
@@ -167,6 +183,7 @@ impl SaltRoot {
             .arg(format!("--id={id}"))
             .args(args)
             .env("PATH", path)
+            .env("UID_OF_USER", self.uid.to_string())
             .output()
             .expect("unshare runs (this test needs root)");
         assert_ne!(
@@ -1401,4 +1418,149 @@ fn one_call_goes_to_one_qube() {
         );
     }
     assert!(!salt.exists(POLICY), "wrote {POLICY}");
+}
+
+/// A file outside the user's reach, for the user to aim a link at: it must
+/// come out of every run as it went in, root's and unchanged.
+fn assert_untouched(path: &Path, contents: &str) {
+    let meta = fs::symlink_metadata(path).unwrap();
+    assert_eq!(meta.uid(), 0, "{} was given away", path.display());
+    assert_eq!(read(path), contents, "{} was overwritten", path.display());
+}
+
+/// The client state runs as root in the user's home, which the user owns:
+/// a link there must never carry root's write (and the chown to the user)
+/// to a file of root's. A symlinked salt.conf, a symlinked
+/// ~/.config/qrexec-connect or ~/.config, or a qrexec-connect directory the
+/// user does not own fails the state naming the path, and nothing outside
+/// the home changes.
+#[test]
+fn a_link_in_the_users_home_fails_the_client_state_and_root_files_stay_roots() {
+    let salt = SaltRoot::new();
+    salt.set_pillar(&bindings_pillar(&[Binding::new(
+        "work",
+        "127.0.0.1:2222",
+        "ssh-server",
+        "qubes.ConnectTCP+22",
+    )
+    .yaml()]));
+    let uid = salt.uid;
+    let home = salt.home();
+    let config = home.join(".config");
+    let own_dir = config.join("qrexec-connect");
+    let roots = salt.dir.path().join("roots");
+    fs::create_dir_all(&roots).unwrap();
+    let secret = roots.join("passwd");
+    let secret_text = "root:x:0:0:root:/root:/bin/sh\n";
+    fs::write(&secret, secret_text).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o644)).unwrap();
+    let user_dir = |path: &Path| {
+        fs::create_dir_all(path).unwrap();
+        std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+    };
+    let link = |target: &Path, at: &Path| {
+        std::os::unix::fs::symlink(target, at).unwrap();
+        std::os::unix::fs::lchown(at, Some(uid), Some(uid)).unwrap();
+    };
+    let cases: [(&str, &dyn Fn()); 4] = [
+        ("/home/user/.config/qrexec-connect/salt.conf", &|| {
+            user_dir(&config);
+            user_dir(&own_dir);
+            link(&secret, &own_dir.join("salt.conf"));
+        }),
+        ("/home/user/.config/qrexec-connect", &|| {
+            user_dir(&config);
+            link(&roots, &own_dir);
+        }),
+        ("/home/user/.config", &|| link(&roots, &config)),
+        ("/home/user/.config/qrexec-connect", &|| {
+            user_dir(&config);
+            fs::create_dir_all(&own_dir).unwrap();
+        }),
+    ];
+    for (path, set_up) in cases {
+        let _ = fs::remove_file(&config);
+        let _ = fs::remove_dir_all(&config);
+        set_up();
+        let run = salt.apply("work", "qrexec-connect.client");
+        assert!(
+            !run.success,
+            "the client state wrote through {path}:\n{}",
+            run.output
+        );
+        assert!(
+            run.output.lines().any(|l| l.contains(&format!("{path} "))
+                && (l.contains("symbolic link") || l.contains("not owned by user"))),
+            "the failure does not name {path}:\n{}",
+            run.output
+        );
+        assert_untouched(&secret, secret_text);
+        assert!(
+            !roots.join("salt.conf").exists(),
+            "salt.conf written into root's directory through {path}"
+        );
+        let roots_meta = fs::metadata(&roots).unwrap();
+        assert_eq!(
+            roots_meta.uid(),
+            0,
+            "root's directory given away via {path}"
+        );
+    }
+}
+
+/// `client: dom0` is no client qube: qrexec reads `dom0` as `@adminvm`,
+/// which the strictest policy parser refuses as a source, and one refused
+/// rule makes qrexec refuse the whole policy directory (every call denied).
+/// Both states refuse the entry and name it; nothing is written.
+#[test]
+fn dom0_as_client_fails_both_states() {
+    let salt = SaltRoot::new();
+    let refused = [Refused {
+        yaml: Binding::new(
+            "dom0",
+            "127.0.0.1:2222",
+            "ssh-server",
+            "qubes.ConnectTCP+22",
+        )
+        .yaml(),
+        key: "client",
+        why: "dom0 is not a client qube",
+    }];
+    for (id, sls, path) in [
+        ("dom0", "qrexec-connect.policy", POLICY),
+        ("dom0", "qrexec-connect.client", SALT_CONF),
+    ] {
+        assert_each_refused(&salt, id, sls, path, &refused);
+    }
+}
+
+/// The README's ssh-agent example while the user is logged in: the client
+/// state checks `%t/` with the generator as the user would run it, so the
+/// user's own `/run/user/UID` is theirs, not another user's directory.
+#[test]
+fn a_runtime_dir_line_passes_the_check_while_the_user_is_logged_in() {
+    let salt = SaltRoot::new();
+    salt.log_in();
+    salt.set_pillar(&bindings_pillar(&[
+        Binding::new(
+            "work",
+            "%t/qrexec-connect/ssh-agent",
+            "@default",
+            "qubes.ConnectSSHAgent",
+        )
+        .to("vault")
+        .yaml(),
+        Binding::new("work", "%h/.gnupg-split", "@dispvm", "qubes.Gpg").yaml(),
+    ]));
+    let run = salt.apply("work", "qrexec-connect.client");
+    assert!(
+        run.success,
+        "%t/ and %h/ refused with the user logged in:\n{}",
+        run.output
+    );
+    assert_eq!(
+        rule_lines(&read(&salt.file(SALT_CONF))),
+        "%t/qrexec-connect/ssh-agent @default qubes.ConnectSSHAgent\n\
+         %h/.gnupg-split @dispvm qubes.Gpg\n"
+    );
 }

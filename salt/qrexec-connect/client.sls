@@ -21,18 +21,42 @@ qrexec-connect-pillar:
 {%- else %}
 {%- set group = salt['file.gid_to_group'](account.gid) %}
 {%- set config_dir = account.home ~ '/.config' %}
-{%- set path = config_dir ~ '/qrexec-connect/salt.conf' %}
-{%- if lines %}
+{%- set own_dir = config_dir ~ '/qrexec-connect' %}
+{%- set path = own_dir ~ '/salt.conf' %}
+{#- The states run as root in a home the user owns: a link there would
+    carry root's write, and the chown to the user that follows, to any file
+    (ln -s /etc/passwd salt.conf). So no link is followed (follow_symlinks,
+    allow_symlink below), and a link or a directory of another owner on the
+    way fails the state, naming the path, before anything is written. Salt
+    3006's file states cannot write as the user (no runas), so a swap between
+    this check and the write remains possible: see docs/design.md. #}
+{%- set unsafe = [] %}
+{%- for each in [config_dir, own_dir, path] if salt['file.is_link'](each) %}
+  {%- do unsafe.append(each ~ ' is a symbolic link: this state runs as root and writes through none (remove it)') %}
+{%- endfor %}
+{%- if not unsafe and salt['file.directory_exists'](own_dir) and salt['file.get_uid'](own_dir, follow_symlinks=False) != account.uid %}
+  {%- do unsafe.append(own_dir ~ ' is not owned by user ' ~ account.name ~ ' (it is uid ' ~ salt['file.get_uid'](own_dir, follow_symlinks=False) ~ ')') %}
+{%- endif %}
+{%- if unsafe %}
+
+qrexec-connect-client-config:
+  test.fail_without_changes:
+    - comment: {{ unsafe | join('\n') | tojson }}
+
+{%- elif lines %}
 {#- Checked as the daemon will read it: by the generator of the installed
-    package, on a copy in a directory of its own (so that other config files
-    do not fail this state), with the user's home and runtime dir for %h and
-    %t. Only problems in this file fail the state; warnings pass. Without
-    the package (not installed in the template yet) the pillar checks above
-    are all there is. #}
+    package, as the user (its ownership checks take the user's own
+    /run/user/UID and home for the user's, not another's), on a copy in a
+    directory of its own that the user can read but not change (so that
+    other config files do not fail this state), with the user's home and
+    runtime dir for %h and %t. Only problems in this file fail the state;
+    warnings pass. Without the package (not installed in the template yet)
+    the pillar checks above are all there is. #}
 {%- set check_script = 'command -v qrexec-connect-generator >/dev/null || exit 0
+command -v setpriv >/dev/null || { echo "setpriv (util-linux) is needed to check salt.conf as ' ~ account.name ~ '"; exit 1; }
 dir=$(mktemp -d) || exit 1
-mkdir "$dir/qrexec-connect" && cp "$1" "$dir/qrexec-connect/salt.conf" || exit 1
-out=$(HOME=' ~ account.home ~ ' XDG_RUNTIME_DIR=/run/user/' ~ account.uid ~ ' XDG_CONFIG_HOME="$dir" qrexec-connect-generator --check 2>&1 >/dev/null)
+mkdir "$dir/qrexec-connect" && cp "$1" "$dir/qrexec-connect/salt.conf" && chmod -R a+rX "$dir" || exit 1
+out=$(HOME=' ~ account.home ~ ' XDG_RUNTIME_DIR=/run/user/' ~ account.uid ~ ' XDG_CONFIG_HOME="$dir" setpriv --reuid=' ~ account.uid ~ ' --regid=' ~ account.gid ~ ' --init-groups qrexec-connect-generator --check 2>&1 >/dev/null)
 rm -rf "$dir"
 problems=$(printf "%s\\n" "$out" | sed -n "s|^$dir/qrexec-connect/salt.conf:|' ~ path ~ ':|p" | grep -v "^[^ ]*:[0-9]*: warning: ")
 [ -z "$problems" ] || { printf "%s\\n" "$problems"; exit 1; }' %}
@@ -44,6 +68,7 @@ qrexec-connect-config-dir:
     - group: {{ group | tojson }}
     - mode: '0755'
     - makedirs: True
+    - allow_symlink: False
 
 qrexec-connect-client-config:
   file.managed:
@@ -51,6 +76,7 @@ qrexec-connect-client-config:
     - user: {{ account.name | tojson }}
     - group: {{ group | tojson }}
     - mode: '0644'
+    - follow_symlinks: False
 {#- ensure_ascii=False: a LISTEN path may hold any printable character,
     and JSON's \uD83D\uDE00 pairs for those beyond U+FFFF are not YAML. #}
     - contents: {{ ('# Written by Salt (qrexec-connect formula) for ' ~ qube ~ ' from the pillar\n# qrexec-connect:bindings; edits here are overwritten. LISTEN TARGET SERVICE.\n' ~ lines | join('\n') ~ '\n') | tojson(ensure_ascii=False) }}
