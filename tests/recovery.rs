@@ -311,6 +311,58 @@ fn a_port_another_user_holds_leaves_the_daemon_and_other_bindings_alone() {
     echo_on(&mut live, b"third");
 }
 
+/// A port another user has bound but does not listen on: no LISTEN row in
+/// /proc, yet systemd's bind fails. recover took it for free, restarted
+/// the socket (stopping the daemon) and failed again, on every check; now
+/// it probes the port as systemd binds it and leaves the daemon alone.
+#[test]
+fn a_port_another_user_binds_without_listening_leaves_the_daemon_alone() {
+    let echo = EchoServer::start();
+    let (a, b) = (free_port(), free_port());
+    let squatter = OtherUser::bind_only("127.0.0.1", a);
+    let manager = UserManager::start(&[(CONFIG, &(line(a, echo.port) + &line(b, echo.port)))]);
+    let results = wait_all_failed(&manager, &[unit_for(a)]);
+    assert_eq!(results, ["resources"]);
+    let mut live = TcpStream::connect(("127.0.0.1", b)).unwrap();
+    echo_on(&mut live, b"first");
+    let daemon = manager.main_pid(SERVICE).expect("the daemon runs");
+
+    // Two checks after the first look (5 s, then 15 s), or the daemon
+    // stopped, whichever comes first.
+    let pid_now = wait_for(
+        "recover to check the bound port twice, or the daemon to change",
+        Duration::from_secs(90),
+        || {
+            let pid = manager.main_pid(SERVICE);
+            (pid != Some(daemon) || count_entries(&manager, "still in use") >= 2).then_some(pid)
+        },
+    );
+    assert_eq!(
+        pid_now,
+        Some(daemon),
+        "recover stopped the daemon while another user binds the port\n{}",
+        manager.messages()
+    );
+    echo_on(&mut live, b"second");
+    assert_eq!(manager.property(&unit_for(a), "ActiveState"), "failed");
+    wait_entry_with(
+        &manager,
+        &[
+            &unit_for(a),
+            &format!("127.0.0.1:{a} is in use by another process"),
+        ],
+        LIMIT,
+    );
+
+    drop(squatter);
+    wait_for(
+        "binding a to come back once its port is free",
+        Duration::from_secs(90),
+        || answers(a).then_some(()),
+    );
+    echo_on(&mut live, b"third");
+}
+
 /// The recovery file (`recover.rs`, `History`) saying that three
 /// recoveries came just before: the next one waits 20 s, time enough for a
 /// test to act during its back-off on a busy machine.

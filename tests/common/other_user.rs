@@ -1,7 +1,8 @@
 //! Another local user's process, as an attacker would run one: uid
 //! [`OTHER_UID`] (no account is needed for a uid), started with `setpriv`,
 //! holding an address with `systemd-socket-activate`, which binds and
-//! listens at once and then waits for a first connection.
+//! listens at once and then waits for a first connection, or (perl, in
+//! every Debian) binding a port without listening.
 //!
 //! Included with `#[path]` by the tests that need it.
 
@@ -44,6 +45,38 @@ impl OtherUser {
         assert!(
             line.starts_with("Listening on "),
             "uid {OTHER_UID} could not listen on {address}: {line}"
+        );
+        OtherUser {
+            child,
+            _stderr: stderr,
+        }
+    }
+
+    /// Binds `ip`:`port` (TCP, without `SO_REUSEADDR`) and never listens:
+    /// no LISTEN row in `/proc/net/tcp`, yet systemd's bind there fails.
+    /// Returns once the socket is bound.
+    pub fn bind_only(ip: &str, port: u16) -> OtherUser {
+        let id = OTHER_UID.to_string();
+        let script = format!(
+            "use Socket; socket(S, PF_INET, SOCK_STREAM, 0) or die \"socket: $!\\n\"; \
+             bind(S, pack_sockaddr_in({port}, inet_aton(\"{ip}\"))) or die \"bind: $!\\n\"; \
+             print STDERR \"Bound\\n\"; sleep"
+        );
+        let mut child = Command::new("setpriv")
+            .arg(format!("--reuid={id}"))
+            .arg(format!("--regid={id}"))
+            .args(["--clear-groups", "--", "perl", "-e", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("setpriv (util-linux) and perl run");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert_eq!(
+            line, "Bound\n",
+            "uid {OTHER_UID} could not bind {ip}:{port}"
         );
         OtherUser {
             child,

@@ -38,6 +38,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
+use socket2::{Domain, SockAddr, Socket, Type};
+
 use crate::manager::{self, systemctl};
 use crate::reconcile::SERVICE;
 use crate::spawn::signal_name;
@@ -449,10 +451,14 @@ impl std::fmt::Display for Holder {
 }
 
 /// Who holds `address` (`127.0.0.1:22`, `[::1]:80`, `/path`, `@name`, as
-/// `Listen=` shows it), so that binding it fails; `None` when nothing in
-/// `/proc` does. TCP: a listening socket on the port at the same address or
-/// a wildcard. Path: a file of another user there (our own would be
-/// replaced). Abstract: a listening socket of that name.
+/// `Listen=` shows it), so that binding it fails; `None` when it is free.
+/// TCP: a listening socket on the port at the same address or a wildcard,
+/// or else the address failing a trial bind as systemd binds it (a socket
+/// bound without listening has no LISTEN row), with the uid of a row in
+/// any other state on it when there is one. Path: a file of another user
+/// there (systemd unlinks a file in its way and binds again; our own goes,
+/// another user's in a sticky directory does not). Abstract: a listening
+/// socket of that name, or else the name failing a trial bind.
 pub fn holder_of(address: &str) -> Option<Holder> {
     if address.starts_with('/') {
         let meta = std::fs::symlink_metadata(address).ok()?;
@@ -465,30 +471,65 @@ pub fn holder_of(address: &str) -> Option<Holder> {
             process: None,
         });
     }
-    if address.starts_with('@') {
-        return Some(Holder {
+    if let Some(name) = address.strip_prefix('@') {
+        let inode = unix_socket_inode(address);
+        let unix = SockAddr::unix(format!("\0{name}")).ok()?;
+        return (inode.is_some() || bind_fails_in_use(Domain::UNIX, &unix)).then_some(Holder {
             uid: None,
-            inode: Some(unix_socket_inode(address)?),
+            inode,
             process: None,
         });
     }
     let wanted: SocketAddr = address.parse().ok()?;
-    let (uid, inode) = ["/proc/net/tcp", "/proc/net/tcp6"]
+    let tables: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|table| std::fs::read_to_string(table).ok())
-        .find_map(|table| tcp_listener(&table, wanted))?;
+        .collect();
+    let row = |listening| {
+        tables
+            .iter()
+            .find_map(|table| tcp_socket(table, wanted, listening))
+    };
+    if let Some((uid, inode)) = row(true) {
+        return Some(Holder {
+            uid: Some(uid),
+            inode: Some(inode),
+            process: None,
+        });
+    }
+    if !bind_fails_in_use(Domain::for_address(wanted), &SockAddr::from(wanted)) {
+        return None;
+    }
+    let (uid, inode) = row(false).unzip();
     Some(Holder {
-        uid: Some(uid),
-        inode: Some(inode),
+        uid,
+        inode,
         process: None,
     })
 }
 
-/// In a `/proc/net/tcp` or `tcp6` table, the `(uid, inode)` of a listening
-/// socket that binding `wanted` would collide with: the same port, and the
-/// same address or a wildcard on either side (IPv4-mapped addresses
-/// compared as IPv4).
-pub fn tcp_listener(table: &str, wanted: SocketAddr) -> Option<(u32, u64)> {
+/// Whether binding a stream socket to `address` fails with `EADDRINUSE`,
+/// tried as systemd binds (with `SO_REUSEADDR`, which lets a port in
+/// `TIME_WAIT` be bound again). The socket never listens and is closed at
+/// once. Any other error (no permission for a low port, say) is not taken
+/// for a holder.
+fn bind_fails_in_use(domain: Domain, address: &SockAddr) -> bool {
+    let Ok(socket) = Socket::new(domain, Type::STREAM, None) else {
+        return false;
+    };
+    if domain != Domain::UNIX && socket.set_reuse_address(true).is_err() {
+        return false;
+    }
+    socket
+        .bind(address)
+        .is_err_and(|e| e.kind() == io::ErrorKind::AddrInUse)
+}
+
+/// In a `/proc/net/tcp` or `tcp6` table, the `(uid, inode)` of a socket
+/// (a listening one, or one in any other state) on an address binding
+/// `wanted` would collide with: the same port, and the same address or a
+/// wildcard on either side (IPv4-mapped addresses compared as IPv4).
+pub fn tcp_socket(table: &str, wanted: SocketAddr, listening: bool) -> Option<(u32, u64)> {
     const LISTEN: &str = "0A";
     let plain = |ip: IpAddr| match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
@@ -503,7 +544,7 @@ pub fn tcp_listener(table: &str, wanted: SocketAddr) -> Option<(u32, u64)> {
             fields.get(7)?,
             fields.get(9)?,
         );
-        if *state != LISTEN {
+        if (*state == LISTEN) != listening {
             return None;
         }
         let (ip, port) = local.split_once(':')?;
@@ -1126,6 +1167,25 @@ mod tests {
         let _abstract = std::os::unix::net::UnixListener::bind_addr(&address).unwrap();
         ours(holder_of(&format!("@{name}")));
         assert_eq!(holder_of(&format!("@{name}-other")), None);
+
+        // Bound, never listening: no LISTEN row, no accepting flag, yet
+        // binding fails.
+        let bound = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        bound
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let port = bound.local_addr().unwrap().as_socket().unwrap().port();
+        assert!(holder_of(&format!("127.0.0.1:{port}")).is_some());
+        assert!(holder_of(&format!("0.0.0.0:{port}")).is_some());
+        drop(bound);
+        assert_eq!(holder_of(&format!("127.0.0.1:{port}")), None);
+        let bound = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        bound
+            .bind(&SockAddr::unix(format!("\0{name}-bound")).unwrap())
+            .unwrap();
+        assert!(holder_of(&format!("@{name}-bound")).is_some());
+        drop(bound);
+        assert_eq!(holder_of(&format!("@{name}-bound")), None);
 
         // A path socket of our own is no holder: systemd replaces it.
         let path = std::env::temp_dir().join(format!("qrexec-connect-holder-{me}"));

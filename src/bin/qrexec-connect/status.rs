@@ -23,17 +23,18 @@
 //!
 //! A socket systemd could not bind (`Result=resources`) is explained from
 //! /proc: who holds its address, with the holder's uid when /proc tells
-//! (`/proc/net/tcp`, `tcp6`; for Unix sockets the socket file's owner, or
-//! the process holding it when we may look at its fds).
+//! (TCP and abstract names as recover finds them, `recover::holder_of`, a
+//! trial bind included; for path sockets the socket file's owner, or the
+//! process holding it when we may look at its fds).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::process::{Command, ExitCode};
 
 use crate::manager;
+use crate::recover;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::policy::{self, PolicyBinding};
@@ -497,8 +498,10 @@ fn holder_if_taken(state: &State, address: &str) -> Option<Holder> {
         return None;
     }
     match ListenAddress::parse(address).ok()? {
-        ListenAddress::Inet(address) => inet_holder(address),
-        ListenAddress::Abstract(name) => unix_holder(&format!("@{name}")),
+        // As recover finds them (one rule for both): a listening socket,
+        // or the address failing a trial bind as systemd binds it.
+        ListenAddress::Inet(address) => shared_holder(&address.to_string()),
+        ListenAddress::Abstract(name) => shared_holder(&format!("@{name}")),
         ListenAddress::Path(path) => {
             // A socket file there that systemd could not replace: its
             // owner is the one who bound it.
@@ -511,65 +514,12 @@ fn holder_if_taken(state: &State, address: &str) -> Option<Holder> {
     }
 }
 
-/// A TCP socket bound to an address that clashes with `wanted`, from
-/// `/proc/net/tcp` and `tcp6` (this network namespace): a listening one
-/// first. Their `uid` column is the socket's owner.
-fn inet_holder(wanted: SocketAddr) -> Option<Holder> {
-    let mut found = None;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(uid)) = (
-                fields.get(1).and_then(|f| proc_inet_address(f)),
-                fields.get(3),
-                fields.get(7).and_then(|f| f.parse::<u32>().ok()),
-            ) else {
-                continue;
-            };
-            if local.port() != wanted.port() || !addresses_clash(local.ip(), wanted.ip()) {
-                continue;
-            }
-            let holder = Holder { uid: Some(uid) };
-            if *state == "0A" {
-                return Some(holder); // TCP_LISTEN
-            }
-            found.get_or_insert(holder);
-        }
-    }
-    found
-}
-
-/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), as the
-/// kernel prints socket addresses in `/proc/net/tcp*`: each 32-bit word of
-/// the address in the machine's byte order, the port in hex.
-fn proc_inet_address(text: &str) -> Option<SocketAddr> {
-    let (address, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let mut words = Vec::new();
-    for chunk in address.as_bytes().chunks(8) {
-        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-        words.extend(word.to_ne_bytes());
-    }
-    let ip = match words.len() {
-        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(words).ok()?)),
-        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(words).ok()?)),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-/// Whether binding one address keeps the other from being bound on the
-/// same port: the same address, or a wildcard on either side.
-fn addresses_clash(a: IpAddr, b: IpAddr) -> bool {
-    let plain = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    let (a, b) = (plain(a), plain(b));
-    a == b || a.is_unspecified() || b.is_unspecified()
+/// [`recover::holder_of`], with the uid of the process holding the socket
+/// when /proc does not say it and we may look at its fds.
+fn shared_holder(address: &str) -> Option<Holder> {
+    let mut holder = recover::holder_of(address)?;
+    holder.identify();
+    Some(Holder { uid: holder.uid })
 }
 
 /// A Unix socket bound to `name` (a path, or `@` and an abstract name), from
@@ -858,28 +808,6 @@ mod tests {
             json_string("\u{7f}\u{9b}\u{202e}\u{a0}é\u{e0041}"),
             "\"\\u007f\\u009b\\u202e\\u00a0é\\udb40\\udc41\""
         );
-    }
-
-    #[test]
-    fn proc_net_addresses_are_read_in_machine_order() {
-        let v4 = proc_inet_address(&format!("{:08X}:1F90", u32::from_ne_bytes([127, 0, 0, 1])));
-        assert_eq!(v4, Some("127.0.0.1:8080".parse().unwrap()));
-        let words: String = [[0u8, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
-            .iter()
-            .map(|w| format!("{:08X}", u32::from_ne_bytes(*w)))
-            .collect();
-        assert_eq!(
-            proc_inet_address(&format!("{words}:0016")),
-            Some("[::1]:22".parse().unwrap())
-        );
-        for bad in ["", "0100007F", "0100007F:", "XYZ:1F90", "0100007F0:1F90"] {
-            assert_eq!(proc_inet_address(bad), None, "{bad:?}");
-        }
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(addresses_clash(ip("127.0.0.1"), ip("::ffff:127.0.0.1")));
-        assert!(addresses_clash(ip("0.0.0.0"), ip("127.0.0.1")));
-        assert!(addresses_clash(ip("::1"), ip("::")));
-        assert!(!addresses_clash(ip("127.0.0.1"), ip("127.0.0.2")));
     }
 
     #[test]
