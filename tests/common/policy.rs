@@ -14,10 +14,9 @@
 //! * SERVICE is `*` or a name of `[A-Za-z0-9_.-]`; ARGUMENT is `*`, or `+`
 //!   followed by `[A-Za-z0-9_.+-]` (a bare `+` is the empty argument); a `*`
 //!   service takes only a `*` argument;
-//! * SOURCE is `@anyvm`, `@tag:T`, `@type:T`, `@dispvm:VM`,
-//!   `@dispvm:@tag:T` or a qube name other than `dom0` (`@adminvm` and
-//!   `dom0` are refused as a source, as the strictest parser versions do);
-//!   TARGET may also be `@default`, `@adminvm` or `@dispvm`; `target=`/`default_target=` take `@adminvm`, `@dispvm`,
+//! * SOURCE is `@anyvm`, `@adminvm`, `@tag:T`, `@type:T`, `@dispvm:VM`,
+//!   `@dispvm:@tag:T` or a qube name; TARGET may also be `@default` or
+//!   `@dispvm`; `target=`/`default_target=` take `@adminvm`, `@dispvm`,
 //!   `@dispvm:VM` or a qube name;
 //! * ACTION is `allow`, `deny` or `ask`, with only the parameters qrexec
 //!   accepts for it (deny: `notify`; allow: `target`, `user`, `notify`,
@@ -307,10 +306,8 @@ fn check_token(token: &str, place: Place) -> Result<String, String> {
     };
     use Place::*;
     match token {
-        // qrexec reads the name dom0 as @adminvm. Not a source: the
-        // strictest parser versions refuse it there, and one refused rule
-        // makes qrexec refuse the whole policy directory.
-        "@adminvm" | "dom0" => return valid_here(&[Target, Redirect]),
+        // qrexec reads the name dom0 as @adminvm.
+        "@adminvm" | "dom0" => return valid_here(&[Source, Target, Redirect]),
         "@anyvm" => return valid_here(&[Source, Target]),
         "@default" => return valid_here(&[Target]),
         "@dispvm" => return valid_here(&[Target, Redirect]),
