@@ -171,7 +171,8 @@ impl SaltRoot {
                      -o lowerdir=/$d,upperdir=$0/$d/upper,workdir=$0/$d/work /$d || exit 99; \
                  done; \
                  if [ -e \"$0/logged-in\" ]; then \
-                   mount -t tmpfs -o mode=0755 tmpfs /run/user \
+                   { [ -d /run/user ] || mkdir -m 0755 /run/user; } \
+                   && mount -t tmpfs -o mode=0755 tmpfs /run/user \
                    && install -d -m 0700 -o \"$UID_OF_USER\" -g \"$UID_OF_USER\" \
                         /run/user/\"$UID_OF_USER\" || exit 99; \
                  fi; exec \"$@\"",
