@@ -521,23 +521,34 @@ fn help_version_and_usage() {
     );
 }
 
+/// The text of a document between `heading` and the next `next` (the
+/// next heading of the same level); `what` says what was expected.
+fn section<'a>(text: &'a str, heading: &str, next: &str, what: &str) -> &'a str {
+    text.split(heading)
+        .nth(1)
+        .and_then(|rest| rest.split(next).next())
+        .expect(what)
+}
+
 /// An abstract socket has no file and so no permissions: the docs that list
 /// the LISTEN forms must say who can connect to one.
 #[test]
 fn abstract_sockets_are_documented_as_open_to_the_whole_qube() {
     let root = workspace();
     let readme = fs::read_to_string(root.join("README.md")).unwrap();
-    let config_section = readme
-        .split("\n## Config\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n## ").next())
-        .expect("README has a Config section");
+    let config_section = section(
+        &readme,
+        "\n## Config\n",
+        "\n## ",
+        "README has a Config section",
+    );
     let man = fs::read_to_string(root.join("man/qrexec-connect.conf.5.scd")).unwrap();
-    let listen_section = man
-        .split("\n# LISTEN\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n# ").next())
-        .expect("qrexec-connect.conf(5) has a LISTEN section");
+    let listen_section = section(
+        &man,
+        "\n# LISTEN\n",
+        "\n# ",
+        "qrexec-connect.conf(5) has a LISTEN section",
+    );
     for (what, text) in [
         ("README.md, Config", config_section),
         ("qrexec-connect.conf(5), LISTEN", listen_section),
@@ -558,17 +569,19 @@ fn abstract_sockets_are_documented_as_open_to_the_whole_qube() {
 fn etc_lines_are_documented_as_bound_by_every_user() {
     let root = workspace();
     let readme = fs::read_to_string(root.join("README.md")).unwrap();
-    let config_section = readme
-        .split("\n## Config\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n## ").next())
-        .expect("README has a Config section");
+    let config_section = section(
+        &readme,
+        "\n## Config\n",
+        "\n## ",
+        "README has a Config section",
+    );
     let man = fs::read_to_string(root.join("man/qrexec-connect.conf.5.scd")).unwrap();
-    let description = man
-        .split("\n# DESCRIPTION\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n# ").next())
-        .expect("qrexec-connect.conf(5) has a DESCRIPTION section");
+    let description = section(
+        &man,
+        "\n# DESCRIPTION\n",
+        "\n# ",
+        "qrexec-connect.conf(5) has a DESCRIPTION section",
+    );
     for (what, text) in [
         ("README.md, Config", config_section),
         ("qrexec-connect.conf(5), DESCRIPTION", description),

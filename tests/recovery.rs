@@ -75,14 +75,7 @@ fn bindings_come_back_by_themselves_after_repeated_crashes() {
     let mut kills = 0;
     while kills < 5 {
         wait_for("binding a to answer", SETTLE, || answers(a).then_some(()));
-        let pid = manager
-            .main_pid("qrexec-connect.service")
-            .expect("the daemon runs after a connection");
-        // SAFETY: kill(2) on the daemon's pid, read from the manager just now.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        wait_for("the manager to notice the kill", SETTLE, || {
-            (manager.main_pid("qrexec-connect.service") != Some(pid)).then_some(())
-        });
+        manager.kill_daemon(SETTLE);
         kills += 1;
     }
     // The next connection asks for a sixth start in a few seconds: refused.

@@ -255,14 +255,7 @@ fn garbage_in_the_recovery_history_counts_as_none() {
     // (start limit: 5 starts in 10 s), which starts the recovery step.
     for _ in 0..5 {
         wait_forwarding(port);
-        let pid = manager
-            .main_pid("qrexec-connect.service")
-            .expect("the daemon runs after a connection");
-        // SAFETY: kill(2) on the daemon's pid, read from the manager just now.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        wait_for("the manager to notice the kill", SETTLE, || {
-            (manager.main_pid("qrexec-connect.service") != Some(pid)).then_some(())
-        });
+        manager.kill_daemon(SETTLE);
     }
     let _ = exchange(port, b"sixth start");
     let deadline = std::time::Instant::now() + Duration::from_secs(40);

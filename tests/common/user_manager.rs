@@ -325,6 +325,20 @@ impl UserManager {
             .filter(|&pid| pid != 0)
     }
 
+    /// Kills the running daemon with SIGKILL, as a crash would, and waits
+    /// until the manager has seen it go; returns the pid it had.
+    pub fn kill_daemon(&self, limit: Duration) -> u32 {
+        let pid = self
+            .main_pid("qrexec-connect.service")
+            .expect("the daemon runs after a connection");
+        // SAFETY: kill(2) on the daemon's pid, read from the manager just now.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        wait_for("the manager to notice the kill", limit, || {
+            (self.main_pid("qrexec-connect.service") != Some(pid)).then_some(())
+        });
+        pid
+    }
+
     /// Waits until the reconcile step triggered by the last reload has run:
     /// the flag is gone and the reconcile service is not running.
     pub fn settle(&self) {
