@@ -252,14 +252,7 @@ fn wait_forwarding(system: &Booted, port: u16, what: &str) {
 }
 
 fn wait_refused(port: u16, what: &str) {
-    wait_for(
-        &format!("{what}: 127.0.0.1:{port} to refuse connections"),
-        SETTLE,
-        || match TcpStream::connect(("127.0.0.1", port)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        },
-    );
+    common::wait_refused(what, port, SETTLE);
 }
 
 fn user_sockets(system: &Booted) -> String {

@@ -286,14 +286,7 @@ fn wait_forwarding(manager: &UserManager, port: u16, what: &str) {
 }
 
 fn wait_refused(port: u16, what: &str) {
-    wait_for(
-        &format!("{what}: 127.0.0.1:{port} to refuse"),
-        SETTLE,
-        || match TcpStream::connect(("127.0.0.1", port)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        },
-    );
+    common::wait_refused(what, port, SETTLE);
 }
 
 /// The session's first steps after an install: one config line, one

@@ -37,14 +37,7 @@ fn wait_forwarding(port: u16, expect: &[u8], send: &[u8]) {
 }
 
 fn wait_refused(port: u16) {
-    wait_for(
-        &format!("127.0.0.1:{port} to refuse"),
-        SETTLE,
-        || match TcpStream::connect(("127.0.0.1", port)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        },
-    );
+    common::wait_refused("a removed or moved binding", port, SETTLE);
 }
 
 /// A connection that is open and has echoed once.

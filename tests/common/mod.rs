@@ -41,6 +41,61 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
     }
 }
 
+/// Waits until a TCP connection to 127.0.0.1:`port` is refused (nothing
+/// listens there any more). On timeout the panic says what the last attempt
+/// got and which processes listen on the port, with their command lines and
+/// cgroups: a binding that outlives its removal and a stranger that took the
+/// port look the same from the test's side, and a CI log is all there is.
+pub fn wait_refused(what: &str, port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let last = match TcpStream::connect(("127.0.0.1", port)) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return,
+            Err(e) => format!("error {e}"),
+            Ok(stream) => format!("connected from {:?}", stream.local_addr()),
+        };
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {limit:?} waiting for {what}: 127.0.0.1:{port} to refuse; \
+                 the last attempt: {last}\n{}",
+                listeners_on(port)
+            );
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Who listens on a TCP port, for failure reports: `ss`'s rows, then the
+/// command line and cgroup of each process named there.
+pub fn listeners_on(port: u16) -> String {
+    let filter = format!("sport = :{port}");
+    let rows = Command::new("ss")
+        .args(["-H", "-ltnpe", &filter])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_else(|e| format!("ss: {e}\n"));
+    let mut report = format!("listening on port {port} (ss -ltnpe):\n{rows}");
+    let mut pids: Vec<&str> = rows
+        .split("pid=")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .collect();
+    pids.sort();
+    pids.dedup();
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        report.push_str(&format!(
+            "pid {pid}: {}\n  cgroup: {}\n",
+            String::from_utf8_lossy(&cmdline).replace('\0', " "),
+            cgroup.lines().collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    report
+}
+
 /// A fresh temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -361,6 +361,21 @@ impl UserManager {
 
 impl Drop for UserManager {
     fn drop(&mut self) {
+        // A failed test shows what the manager, the units and the daemon
+        // did (the CI log is all there is of a run on another machine).
+        if std::thread::panicking() {
+            let out = self
+                .command("journalctl")
+                .args(["--no-pager", "-o", "short-monotonic", "--no-hostname"])
+                .args(["-n", "400"])
+                .output();
+            if let Ok(out) = out {
+                eprintln!(
+                    "--- the test's journal (last 400 entries) ---\n{}--- end of journal ---",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        }
         if let Some(manager) = &mut self.manager {
             let pid = manager.id();
             let mut doomed = descendants_of(pid);
