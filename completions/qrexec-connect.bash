@@ -1,39 +1,56 @@
 # bash completion for qrexec-connect and qrexec-connect-generator
 
+# qrexec-connect: the users' commands first (the ones systemd runs only once
+# typed), then each command's own options. The daemon's options are not
+# offered: systemd starts the daemon, not a user.
 _qrexec_connect() {
     local cur=${COMP_WORDS[COMP_CWORD]}
     local prev=${COMP_WORDS[COMP_CWORD-1]}
-    local command=${COMP_WORDS[1]}
+    local user_commands='status policy help'
+    local systemd_commands='reconcile recover'
+    # The command is the first word that is no option (-d may come first).
+    local i at=0 command=
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        if [[ ${COMP_WORDS[i]} != -* ]]; then
+            at=$i command=${COMP_WORDS[i]}
+            break
+        fi
+    done
+    local words
     case $command in
-    status)
-        mapfile -t COMPREPLY < <(compgen -W '--json' -- "$cur")
-        return
+    '')
+        if [[ $cur == -* ]]; then
+            words='--help --version'
+        elif [[ -z $cur ]]; then
+            words=$user_commands
+        else
+            words="$user_commands $systemd_commands"
+        fi
         ;;
+    status) words='--json --help' ;;
     policy)
-        if [[ $prev == --source ]]; then
+        [[ $prev == --source ]] && return
+        words='--source --help'
+        ;;
+    help)
+        if [[ $cur == -* ]]; then
+            words='--help'
+        elif ((COMP_CWORD == at + 1)); then
+            words="$user_commands $systemd_commands"
+        else
             return
         fi
-        mapfile -t COMPREPLY < <(compgen -W '--source' -- "$cur")
-        return
         ;;
-    reconcile | recover)
-        return
+    reconcile)
+        if [[ $cur == --runtime-dir=* ]]; then
+            mapfile -t COMPREPLY < <(compgen -d -- "${cur#*=}")
+            return
+        fi
+        words='--runtime-dir= --help'
         ;;
+    recover) words='--help' ;;
+    *) return ;;
     esac
-    case $cur in
-    --client-mode=*)
-        mapfile -t COMPREPLY < <(compgen -W 'auto stdin-socket pipe' -- "${cur#*=}")
-        return
-        ;;
-    --qrexec-client-vm=*)
-        mapfile -t COMPREPLY < <(compgen -f -- "${cur#*=}")
-        return
-        ;;
-    esac
-    local words='--qrexec-client-vm= --max-connections= --client-mode= -d --debug -h --help -V --version'
-    if [[ $COMP_CWORD -eq 1 ]]; then
-        words="status policy reconcile recover $words"
-    fi
     mapfile -t COMPREPLY < <(compgen -W "$words" -- "$cur")
     [[ ${COMPREPLY[0]} == *= ]] && compopt -o nospace
 }

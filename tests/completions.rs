@@ -49,10 +49,13 @@ fn fish(line: &str) -> Vec<String> {
         .collect()
 }
 
-/// The options and commands a program's `--help` names.
-fn help_words(program: Program) -> Vec<String> {
-    let help = stdout(Command::new(program).arg("--help"));
-    // Options are the first column of lines that start with a dash.
+/// The heading of the daemon's options in `qrexec-connect --help`: they
+/// are not the users', so no completion offers them.
+const DAEMON_HEADING: &str = "The daemon (no COMMAND; systemd starts it for the sockets):";
+
+/// The options a help text names (first column of lines that start with a
+/// dash), and the commands its sections list.
+fn words_of_help(help: &str) -> Vec<String> {
     let mut words: Vec<String> = help
         .lines()
         .map(str::trim_start)
@@ -66,14 +69,31 @@ fn help_words(program: Program) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    for command in ["status", "policy", "reconcile", "recover"] {
-        if help.contains(&format!("qrexec-connect {command}")) {
+    for command in ["status", "policy", "help", "reconcile", "recover"] {
+        if help.contains(&format!("\n  {command}")) {
             words.push(command.to_owned());
         }
     }
     words.sort();
     words.dedup();
     words
+}
+
+/// The top help of a program without the daemon's section.
+fn users_help(program: Program) -> String {
+    let help = stdout(Command::new(program).arg("--help"));
+    help.split(DAEMON_HEADING).next().unwrap().to_owned()
+}
+
+/// Each command of `qrexec-connect` and the options its own help names.
+fn command_words() -> Vec<(&'static str, Vec<String>)> {
+    ["status", "policy", "help", "reconcile", "recover"]
+        .into_iter()
+        .map(|command| {
+            let help = stdout(Command::new(DAEMON).args([command, "--help"]));
+            (command, words_of_help(&help))
+        })
+        .collect()
 }
 
 #[test]
@@ -96,7 +116,7 @@ fn every_option_and_command_of_help_is_completed_by_every_shell() {
             ],
         ),
     ] {
-        let words = help_words(program);
+        let words = words_of_help(&users_help(program));
         assert!(words.len() >= 3, "{program}: {words:?}");
         for file in files {
             let text = std::fs::read_to_string(Path::new(DIR).join(file)).unwrap();
@@ -113,6 +133,91 @@ fn every_option_and_command_of_help_is_completed_by_every_shell() {
 }
 
 #[test]
+fn each_command_gets_its_own_options_and_help_in_bash_and_fish() {
+    for (command, words) in command_words() {
+        assert!(words.contains(&"--help".to_owned()), "{command}: {words:?}");
+        let mut bash_words = bash("_qrexec_connect", &["qrexec-connect", command, "--"]);
+        bash_words
+            .iter_mut()
+            .for_each(|w| *w = w.trim_end_matches('=').to_owned());
+        bash_words.sort();
+        let fish_words: Vec<String> = fish(&format!("qrexec-connect {command} --"))
+            .into_iter()
+            .map(|w| w.split('=').next().unwrap().to_owned())
+            .collect();
+        let mut fish_words = fish_words;
+        fish_words.sort();
+        fish_words.dedup();
+        let options: Vec<String> = words.into_iter().filter(|w| w.starts_with('-')).collect();
+        assert_eq!(bash_words, options, "bash, {command}");
+        assert_eq!(fish_words, options, "fish, {command}");
+    }
+}
+
+#[test]
+fn the_top_level_offers_users_commands_first_and_no_daemon_option() {
+    // bash: the users' commands for an empty word; systemd's once typed.
+    assert_eq!(
+        bash("_qrexec_connect", &["qrexec-connect", ""]),
+        ["status", "policy", "help"]
+    );
+    assert_eq!(
+        bash("_qrexec_connect", &["qrexec-connect", "re"]),
+        ["reconcile", "recover"]
+    );
+    assert_eq!(
+        bash("_qrexec_connect", &["qrexec-connect", "--"]),
+        ["--help", "--version"]
+    );
+    // fish: every command, the users' first (it keeps this order).
+    assert_eq!(
+        fish("qrexec-connect "),
+        ["status", "policy", "help", "reconcile", "recover"]
+    );
+    let top = fish("qrexec-connect --");
+    assert!(top.contains(&"--help".to_owned()), "{top:?}");
+    // No daemon option anywhere, in any shell.
+    for option in ["--qrexec-client-vm", "--max-connections", "--client-mode"] {
+        assert!(!top.iter().any(|w| w.starts_with(option)), "fish: {top:?}");
+        for file in [
+            "qrexec-connect.bash",
+            "_qrexec-connect",
+            "qrexec-connect.fish",
+        ] {
+            let text = std::fs::read_to_string(Path::new(DIR).join(file)).unwrap();
+            let spelled = option.trim_start_matches("--");
+            assert!(
+                !text.contains(option) && !text.contains(&format!("-l {spelled}")),
+                "{file} offers the daemon's {option}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_command_after_debug_or_help_is_still_found() {
+    assert_eq!(
+        bash(
+            "_qrexec_connect",
+            &["qrexec-connect", "-d", "status", "--j"]
+        ),
+        ["--json"]
+    );
+    assert_eq!(
+        bash("_qrexec_connect", &["qrexec-connect", "help", "po"]),
+        ["policy"]
+    );
+    assert_eq!(
+        bash(
+            "_qrexec_connect",
+            &["qrexec-connect", "policy", "--source", ""]
+        ),
+        Vec::<String>::new()
+    );
+    assert!(fish("qrexec-connect help ").contains(&"status".to_owned()));
+}
+
+#[test]
 fn bash_completes_commands_options_and_values() {
     assert_eq!(
         bash("_qrexec_connect", &["qrexec-connect", "st"]),
@@ -123,8 +228,8 @@ fn bash_completes_commands_options_and_values() {
         ["--json"]
     );
     assert_eq!(
-        bash("_qrexec_connect", &["qrexec-connect", "--client-mode=p"]),
-        ["pipe"]
+        bash("_qrexec_connect", &["qrexec-connect", "reconcile", "--r"]),
+        ["--runtime-dir="]
     );
     assert_eq!(
         bash(

@@ -374,6 +374,77 @@ fn config_lines_that_are_not_bindings_allow_nothing() {
     );
 }
 
+/// The file name dom0 should give `source`'s policy (issue 22): one per
+/// qube, and made of the characters qrexec reads (`[0-9a-z_.-]`, not
+/// starting with `.`), since one file named otherwise in policy.d makes
+/// qrexec refuse every call.
+fn policy_file_of(source: &str) -> String {
+    let client = Client::new(&[]);
+    let output = client.policy(&["--source", source]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# Install it in dom0 as /etc/qubes/policy.d/"))
+        .unwrap_or_else(|| panic!("no file name in\n{stdout}"));
+    let name = line.strip_suffix("; in dom0:").unwrap().to_owned();
+    assert!(
+        name.ends_with(".policy")
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'_' | b'.' | b'-')),
+        "{source}: {name}"
+    );
+    name
+}
+
+#[test]
+fn the_output_says_to_read_it_and_how_to_install_it_as_this_qubes_own_file() {
+    let client = Client::new(&[(
+        "ssh.conf",
+        "127.0.0.1:2222 ssh-server qubes.ConnectTCP+22\n",
+    )]);
+    let output = client.policy(&["--source", "work"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let file = "30-qrexec-connect-work.policy";
+    let steps = [
+        format!("qvm-run --pass-io work 'qrexec-connect policy' > {file}"),
+        format!("less {file}"),
+        format!("sudo cp {file} /etc/qubes/policy.d/"),
+    ];
+    let mut header = "# qrexec-connect: what work may call, one rule per binding.\n\
+                      # Read it before you install it: dom0's policy is the security boundary.\n\
+                      # Install it in dom0 as /etc/qubes/policy.d/30-qrexec-connect-work.policy; \
+                      in dom0:\n"
+        .to_owned();
+    for step in &steps {
+        header += &format!("#   {step}\n");
+    }
+    assert_eq!(
+        text(&output.stdout),
+        format!("{header}qubes.ConnectTCP +22 work ssh-server allow\n")
+    );
+    let mut advice = "qrexec-connect policy: read this policy before you install it in dom0: it \
+                      decides what work may call. In dom0, to copy it to \
+                      /etc/qubes/policy.d/30-qrexec-connect-work.policy:\n"
+        .to_owned();
+    for step in &steps {
+        advice += &format!("  {step}\n");
+    }
+    let stderr = text(&output.stderr);
+    assert!(stderr.ends_with(&advice), "{stderr}");
+
+    // Each qube its own file, in the characters qrexec reads, capitals too.
+    let names: Vec<String> = ["work", "Work", "WORK", "w-ork", "w_ork", "a1", "A1"]
+        .into_iter()
+        .map(policy_file_of)
+        .collect();
+    assert_eq!(names[0], file);
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(distinct.len(), names.len(), "{names:?}");
+}
+
 // ---------------------------------------------------------------------------
 // The source: a qube name, or nothing printed
 // ---------------------------------------------------------------------------

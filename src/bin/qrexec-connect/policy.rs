@@ -33,6 +33,13 @@
 //! [`printable`] rule, so no control, bidi or invisible character reaches
 //! the file and no comment can carry a second line.
 //!
+//! The output is meant for `/etc/qubes/policy.d/30-qrexec-connect-SOURCE.policy`
+//! ([`file_name`]): a file per client qube, so that installing one qube's
+//! policy never replaces another's. Its first comment and stderr say to read
+//! it before installing it, and give the dom0 commands that fetch it into a
+//! file, show it and copy it there ([`install_steps`]): what a client qube
+//! prints is only a proposal until dom0's administrator has read it.
+//!
 //! A service that is not part of Qubes gets a comment on what its service
 //! qube needs. Unlike the Salt formula's file, which holds every client's
 //! rules, this one holds one qube's: it ends with no `qubes.ConnectNFS *
@@ -46,7 +53,7 @@
 //! asking it about every generated unit made 2,000 bindings take seconds).
 
 use std::collections::{BTreeSet, HashSet};
-use std::ffi::OsString;
+use std::ffi::OsStr;
 use std::fmt::{self, Write as _};
 use std::process::{Command, ExitCode};
 
@@ -54,6 +61,7 @@ use qrexec_connect_binding::address::Specifiers;
 use qrexec_connect_binding::destination::{is_vm_name, Destination, MAX_VM_NAME};
 use qrexec_connect_generator::config::{printable, Config, ConfigDirs};
 
+use crate::cli::{self, Usage, UsageError};
 use crate::manager;
 
 /// What the policy needs of one binding.
@@ -69,19 +77,14 @@ pub struct PolicyBinding {
 /// The placeholder for a target that policy must choose.
 pub const CHOOSE: &str = "CHOOSE-A-QUBE";
 
-/// The file name the output is meant for, in dom0.
-pub const POLICY_FILE: &str = "/etc/qubes/policy.d/30-qrexec-connect.policy";
+/// The directory of dom0's policy files (R4.1 and later).
+pub const POLICY_DIR: &str = "/etc/qubes/policy.d";
 
 /// Services whose argument is a right of its own: `qubes.ConnectNFS`'s is
 /// the address the NFS server sees the client as, which decides the
 /// exports it gets. A binding of one without an argument is refused, as
 /// the Salt formula refuses it.
 pub const PINNED_SERVICES: [&str; 1] = ["qubes.ConnectNFS"];
-
-/// Exit status for a bad command line (LSB "invalid argument").
-const EXIT_USAGE: u8 = 2;
-
-const USAGE: &str = "Usage: qrexec-connect policy [--source NAME]";
 
 /// The rule a `--source` name or this qube's name must follow.
 fn qube_name_rule() -> String {
@@ -164,11 +167,8 @@ fn service_columns(destination: &Destination) -> (&str, &str) {
 /// the order of the bindings; refused if any binding cannot be allowed
 /// exactly.
 pub fn rules(source: &QubeName, bindings: &[PolicyBinding]) -> Result<String, PolicyError> {
+    let mut text = header(source);
     let source = source.as_str();
-    let mut text = format!(
-        "# qrexec-connect: what {source} may call, one rule per binding.\n\
-         # Install in dom0 as {POLICY_FILE}\n"
-    );
     if bindings.is_empty() {
         text += "# (no bindings)\n";
         return Ok(text);
@@ -210,6 +210,60 @@ pub fn rules(source: &QubeName, bindings: &[PolicyBinding]) -> Result<String, Po
     Ok(text)
 }
 
+/// The comment that opens the policy: whose it is, to read it, and how to
+/// install it (the file name and the commands of [`install_steps`]).
+fn header(source: &QubeName) -> String {
+    let mut text = format!(
+        "# qrexec-connect: what {} may call, one rule per binding.\n\
+         # Read it before you install it: dom0's policy is the security boundary.\n\
+         # Install it in dom0 as {POLICY_DIR}/{}; in dom0:\n",
+        source.as_str(),
+        file_name(source)
+    );
+    for step in install_steps(source) {
+        let _ = writeln!(text, "#   {step}");
+    }
+    text
+}
+
+/// The name of `source`'s file in [`POLICY_DIR`]:
+/// `30-qrexec-connect-SOURCE.policy`, one per client qube, so installing one
+/// qube's policy never replaces another's (and, sorting after the
+/// `30-user` files, never before the administrator's own rules).
+///
+/// qrexec reads only names made of `[0-9a-z_.-]`, and refuses every call
+/// while `policy.d` holds a `*.policy` file named otherwise; a qube name may
+/// hold capitals (`Work`), so each capital is written as `.` and its lower
+/// case (`30-qrexec-connect-.work.policy`): a qube name holds no `.`, so two
+/// qubes never get the same name.
+pub fn file_name(source: &QubeName) -> String {
+    let mut name = String::from("30-qrexec-connect-");
+    for c in source.as_str().chars() {
+        if c.is_ascii_uppercase() {
+            name.push('.');
+        }
+        name.push(c.to_ascii_lowercase());
+    }
+    name + ".policy"
+}
+
+/// The dom0 commands that fetch `source`'s policy into dom0, show it, and
+/// copy it into [`POLICY_DIR`]. Fetched to a file first, not straight into
+/// `policy.d`: what the client qube prints is only a proposal until dom0's
+/// administrator has read it (a compromised qube could print any rule), and
+/// `less` shows control characters escaped.
+pub fn install_steps(source: &QubeName) -> [String; 3] {
+    let file = file_name(source);
+    [
+        format!(
+            "qvm-run --pass-io {} 'qrexec-connect policy' > {file}",
+            source.as_str()
+        ),
+        format!("less {file}"),
+        format!("sudo cp {file} {POLICY_DIR}/"),
+    ]
+}
+
 /// [`rules`] for one-line uses (`status`'s hints): the policy, or, when it
 /// cannot be written, a comment saying why (never a rule).
 pub fn render(source_qube: &str, bindings: &[PolicyBinding]) -> String {
@@ -236,22 +290,19 @@ fn service_note(name: &str) -> Option<String> {
 }
 
 /// `qrexec-connect policy [--source NAME]`: the dom0 policy for this qube's
-/// bindings on stdout, or nothing there and why on stderr. 0; 1 when the
-/// name of this qube or a binding is wrong; 2 for a bad argument.
-pub fn run(args: &[OsString]) -> ExitCode {
-    let given = match source_argument(args) {
-        Ok(given) => given,
-        Err(message) => {
-            eprintln!("qrexec-connect policy: {message}\n{USAGE}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+/// bindings on stdout and how to install it on stderr, or nothing on stdout
+/// and why on stderr. 0; 1 when the name of this qube or a binding is
+/// wrong; 2 for a `--source` that is not a qube name (`cli.rs` checked the
+/// rest of the command line).
+pub fn run(given: Option<&OsStr>) -> ExitCode {
     let source = match given {
-        Some(given) => match QubeName::parse(&given) {
-            Ok(source) => source,
-            Err(error) => {
-                eprintln!("qrexec-connect policy: --source {error}");
-                return ExitCode::from(EXIT_USAGE);
+        Some(given) => match given.to_str().map(QubeName::parse) {
+            Some(Ok(source)) => source,
+            Some(Err(error)) => return source_error(error),
+            None => {
+                return source_error(PolicyError::NotAQubeName {
+                    given: printable(given.as_encoded_bytes()),
+                })
             }
         },
         None => match own_name() {
@@ -266,6 +317,7 @@ pub fn run(args: &[OsString]) -> ExitCode {
     match rules(&source, &bindings) {
         Ok(text) => {
             print!("{text}");
+            eprint!("{}", install_advice(&source));
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -275,34 +327,26 @@ pub fn run(args: &[OsString]) -> ExitCode {
     }
 }
 
-/// The value of `--source NAME` or `--source=NAME`, if given; a missing or
-/// repeated value, or any other argument, is an error.
-fn source_argument(args: &[OsString]) -> Result<Option<String>, String> {
-    let mut source = None;
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let bytes = arg.as_encoded_bytes();
-        let value = if bytes == b"--source" {
-            args.next()
-                .ok_or_else(|| "--source needs a qube name".to_owned())?
-                .as_encoded_bytes()
-        } else if let Some(value) = bytes.strip_prefix(b"--source=") {
-            value
-        } else {
-            return Err(format!("unknown argument \"{}\"", printable(bytes)));
-        };
-        let value = std::str::from_utf8(value).map_err(|_| {
-            format!(
-                "--source \"{}\" is not UTF-8: {}",
-                printable(value),
-                qube_name_rule()
-            )
-        })?;
-        if source.replace(value.to_owned()).is_some() {
-            return Err("--source is given twice".to_owned());
-        }
+/// A `--source` that is not a qube name: a usage error.
+fn source_error(error: PolicyError) -> ExitCode {
+    cli::usage_error(&UsageError {
+        usage: Usage::Command("policy"),
+        message: format!("--source {error}"),
+    })
+}
+
+/// What stderr says after the policy: read it, and how to install it.
+fn install_advice(source: &QubeName) -> String {
+    let mut text = format!(
+        "qrexec-connect policy: read this policy before you install it in dom0: it decides \
+         what {} may call. In dom0, to copy it to {POLICY_DIR}/{}:\n",
+        source.as_str(),
+        file_name(source)
+    );
+    for step in install_steps(source) {
+        let _ = writeln!(text, "  {step}");
     }
-    Ok(source)
+    text
 }
 
 /// This qube's name, from `qubesdb-read /name`, checked like `--source`.
@@ -550,21 +594,25 @@ mod tests {
     }
 
     #[test]
-    fn arguments_are_read_strictly() {
-        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(source_argument(&args(&[])), Ok(None));
-        assert_eq!(
-            source_argument(&args(&["--source", "work"])),
-            Ok(Some("work".into()))
-        );
-        assert_eq!(
-            source_argument(&args(&["--source=work"])),
-            Ok(Some("work".into()))
-        );
-        assert_eq!(source_argument(&args(&["--source="])), Ok(Some("".into())));
-        assert!(source_argument(&args(&["--source"])).is_err());
-        assert!(source_argument(&args(&["--source", "a", "--source=b"])).is_err());
-        assert!(source_argument(&args(&["--json"])).is_err());
+    fn each_qube_gets_its_own_file_in_the_characters_qrexec_reads() {
+        let name = |qube: &str| file_name(&QubeName::parse(qube).unwrap());
+        assert_eq!(name("work"), "30-qrexec-connect-work.policy");
+        assert_eq!(name("Work"), "30-qrexec-connect-.work.policy");
+        assert_eq!(name("a_B-c9"), "30-qrexec-connect-a_.b-c9.policy");
+        let qubes = ["ab", "aB", "Ab", "AB", "a_b", "a-b", "a.b"];
+        let names: HashSet<String> = qubes
+            .iter()
+            .filter(|q| QubeName::parse(q).is_ok())
+            .map(|q| name(q))
+            .collect();
+        assert_eq!(names.len(), 6);
+        for file in &names {
+            assert!(
+                file.bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'_' | b'.' | b'-')),
+                "{file}"
+            );
+        }
     }
 
     #[test]
