@@ -957,6 +957,17 @@ fn wrap(text: &str, width: usize, first: &str, rest: &str) -> Vec<String> {
     lines
 }
 
+/// A path under `$HOME` as `~/...`, as the user thinks of it (and short
+/// enough to fit a line); anything else as it is.
+fn home_as_tilde(path: &str) -> std::borrow::Cow<'_, str> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let home = home.trim_end_matches('/');
+    match path.strip_prefix(home).filter(|_| !home.is_empty()) {
+        Some(rest) if rest.starts_with('/') => format!("~{rest}").into(),
+        _ => path.into(),
+    }
+}
+
 /// The plain view, fitted to `width` columns: a table while LISTEN,
 /// TARGET, SERVICE, STATE and the counters fit on a line (LAST too when
 /// it fits, else on its own line under the row), else one block per
@@ -989,10 +1000,19 @@ fn to_text(inventory: &Inventory, now: u64, width: usize) -> String {
                 )),
                 _ => None,
             };
+            // A config line's words come printable and cut already.
+            let is_line = row.unit.is_empty() && matches!(row.state, State::Invalid(_));
+            let show = |text: &str| {
+                if is_line {
+                    text.to_owned()
+                } else {
+                    printable(text.as_bytes())
+                }
+            };
             ShownRow {
-                listen: printable(row.listen.as_bytes()),
-                target: printable(row.target.as_bytes()),
-                service: printable(row.service.as_bytes()),
+                listen: show(&row.listen),
+                target: show(&row.target),
+                service: show(&row.service),
                 last,
             }
         })
@@ -1065,12 +1085,13 @@ fn to_text(inventory: &Inventory, now: u64, width: usize) -> String {
         if !last_inline && shown.last.is_some() {
             notes.push(format!("last: {last}"));
         }
-        let source = printable(row.source.as_bytes());
-        notes.push(if row.unit.is_empty() {
-            format!("from {source}")
-        } else {
-            format!("unit {}, from {source}", printable(row.unit.as_bytes()))
-        });
+        notes.push(format!(
+            "from {}",
+            printable(home_as_tilde(&row.source).as_bytes())
+        ));
+        if !row.unit.is_empty() {
+            notes.push(format!("unit {}", printable(row.unit.as_bytes())));
+        }
         if let State::Invalid(message) | State::Conflict(message) = &row.state {
             notes.push(printable_message(message));
         }
