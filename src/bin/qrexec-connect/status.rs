@@ -574,7 +574,9 @@ fn mark_conflicts(rows: &mut [Row]) {
         if let Some((_, b)) = other {
             let detail = format!(
                 "{} is also the address of {} (from {})",
-                a.address, b.unit, b.source
+                a.address,
+                b.unit,
+                home_as_tilde(&b.source)
             );
             // `disable --now` leaves a failed unit failed: the one that
             // could not listen is reset too.
@@ -1060,8 +1062,14 @@ fn to_text(inventory: &Inventory, now: u64, width: usize) -> String {
             let _ = writeln!(out, "{}", line.trim_end());
         } else {
             let mut lines = wrap(&shown.listen, width, "", "  ");
+            lines.push(format!(
+                "    {}  live {}  total {}",
+                row.state.word(),
+                c.live,
+                c.total
+            ));
             let destination = format!(
-                "{} {}  {}  live {}  total {}",
+                "{} {}",
                 if shown.target.is_empty() {
                     "-"
                 } else {
@@ -1072,9 +1080,6 @@ fn to_text(inventory: &Inventory, now: u64, width: usize) -> String {
                 } else {
                     &shown.service
                 },
-                row.state.word(),
-                c.live,
-                c.total
             );
             lines.extend(wrap(&destination, width, "    to ", "      "));
             for line in lines {
