@@ -475,3 +475,57 @@ fn a_socket_unloaded_during_the_backoff_does_not_stop_the_recovery() {
         answers(b).then_some(())
     });
 }
+
+/// Issue 22: a config line and an old hand-written unit on the same
+/// address. The generated socket cannot listen (`Result=resources`), held
+/// by our own other unit: recover says so once, naming both units and the
+/// command that retires the old one, and neither checks nor retries on a
+/// schedule; once the old unit is disabled, the binding comes back by
+/// itself.
+#[test]
+fn a_clash_with_our_own_old_unit_is_reported_once_not_retried() {
+    let echo = EchoServer::start();
+    let port = free_port();
+    let old = "qrexec-connect-old.socket";
+    let hand_written = format!(
+        "[Socket]\nListenStream=127.0.0.1:{port}\n\
+         FileDescriptorName=@default qubes.ConnectTCP+{}\n\
+         [Install]\nWantedBy=sockets.target\n",
+        echo.port
+    );
+    let manager = UserManager::start(&[(&format!(".config/systemd/user/{old}"), &hand_written)]);
+    manager.settle();
+    manager.systemctl_ok(&["enable", "--now", old]);
+    std::fs::create_dir_all(manager.home.path().join(".config/qrexec-connect")).unwrap();
+    std::fs::write(manager.home.path().join(CONFIG), line(port, echo.port)).unwrap();
+    manager.daemon_reload();
+    let results = wait_all_failed(&manager, &[unit_for(port)]);
+    assert_eq!(results, ["resources"]);
+    wait_entry_with(
+        &manager,
+        &[
+            &unit_for(port),
+            old,
+            &format!("systemctl --user disable --now {old}"),
+        ],
+        LIMIT,
+    );
+
+    manager.systemctl_ok(&["disable", "--now", old]);
+    wait_for(
+        "the generated binding to come back once the old unit is gone",
+        COME_BACK,
+        || {
+            (manager.property(&unit_for(port), "ActiveState") == "active" && answers(port))
+                .then_some(())
+        },
+    );
+    for needle in ["checking again", "still in use", "another process"] {
+        assert_eq!(
+            count_entries(&manager, needle),
+            0,
+            "{needle:?}: recover treated our own unit as a stranger\n{}",
+            manager.messages()
+        );
+    }
+}

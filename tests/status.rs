@@ -260,7 +260,12 @@ fn status_shows_every_field_printable_and_cut() {
     manager.settle();
     manager.systemctl_ok(&["enable", "--now", "qrexec-connect-hand.socket"]);
 
-    let output = run(manager.command("qrexec-connect").arg("status"));
+    // Wide enough that no field is broken across lines.
+    let output = run(manager
+        .command("env")
+        .arg("COLUMNS=1000")
+        .arg("qrexec-connect")
+        .arg("status"));
     let text = String::from_utf8(output.stdout).expect("status prints UTF-8");
     assert!(
         text.len() < 64 * 1024,
@@ -277,7 +282,7 @@ fn status_shows_every_field_printable_and_cut() {
         "a\\u{202e}fnoc.conf",
         "new\\x0aline.conf",
         "svc\\x1b[2J\\u{9b}2J",
-        "127.0.0.1:1\\u{a0}vm svc",
+        "127.0.0.1:1\\u{a0}vm",
         "…(20000008 bytes)",
     ] {
         assert!(text.contains(shown), "{shown} is not in:\n{text}");
@@ -436,7 +441,8 @@ fn status_asks_the_manager_only_about_units_it_cannot_read_elsewhere() {
         let text = String::from_utf8_lossy(&output.stdout);
         assert_eq!(text.matches("@pending").count(), PENDING, "{args:?}");
         assert!(
-            output.stdout.len() < 400 * bindings,
+            // About 420 bytes a row in --json since it has `unit`.
+            output.stdout.len() < 500 * bindings,
             "{args:?}: {} bytes for {bindings} bindings",
             output.stdout.len()
         );
@@ -541,4 +547,231 @@ fn policy_prints_the_rules_of_the_policy_examples() {
         })
         .collect();
     assert_eq!(rules, expected, "{text}");
+}
+
+/// The plain view of `status`, with an exit status.
+fn plain_status(manager: &UserManager, columns: &str) -> (Option<i32>, String) {
+    let output = run(manager
+        .command("env")
+        .arg(format!("COLUMNS={columns}"))
+        .arg("qrexec-connect")
+        .arg("status"));
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// A hand-written unit in the Python tool's style, with `@dispvm:TEMPLATE`
+/// in `FileDescriptorName=`: systemd drops the name (it refuses `:`) and
+/// passes the unit's name, so every connection is closed at once. Status
+/// must call it invalid and say why, in `--json` and in the plain view, and
+/// the daemon's journal message must say the same in words.
+#[test]
+fn status_calls_a_unit_whose_fd_name_systemd_dropped_invalid() {
+    let port = free_port();
+    let unit = "qrexec-connect-dvm.socket";
+    let hand_written = format!(
+        "[Socket]\nListenStream=127.0.0.1:{port}\n\
+         FileDescriptorName=@dispvm:fedora-dvm qubes.ConnectTCP+1235\n\
+         [Install]\nWantedBy=sockets.target\n"
+    );
+    let manager = UserManager::start(&[(&format!(".config/systemd/user/{unit}"), &hand_written)]);
+    manager.settle();
+    manager.systemctl_ok(&["enable", "--now", unit]);
+    // What systemd 252 made of it: the unit's own name.
+    assert_eq!(manager.property(unit, "FileDescriptorName"), unit);
+    assert_ne!(exchange(port).as_deref(), Some(&b"ping"[..]));
+
+    let row = wait_row(&manager, port, "the unit to be invalid", |r| {
+        field(r, "state") == "invalid"
+    });
+    let detail = field(&row, "detail");
+    assert!(
+        detail.contains("systemd dropped FileDescriptorName=@dispvm:fedora-dvm")
+            && detail.contains("':'"),
+        "{row}"
+    );
+    assert_eq!(field(&row, "unit"), unit, "{row}");
+    let (code, text) = plain_status(&manager, "80");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("systemd dropped FileDescriptorName="),
+        "{text}"
+    );
+
+    let journal = manager.wait_journal(
+        &["SYSLOG_IDENTIFIER=qrexec-connect"],
+        "FileDescriptorName=",
+        SETTLE,
+    );
+    let entry = journal
+        .lines()
+        .find(|l| l.contains("qrexec-connect-dvm.socket") && l.contains("invalid"))
+        .unwrap_or_else(|| panic!("no message about the unit:\n{journal}"));
+    assert!(
+        entry.contains("dropped") && entry.contains("refuses ':'"),
+        "{entry}"
+    );
+}
+
+/// A config line and an old hand-written unit on the same address: both
+/// rows say `conflict`, each names the other unit, and the hint is the
+/// command that retires the old one.
+#[test]
+fn status_names_both_units_of_a_clash() {
+    let port = free_port();
+    let old = "qrexec-connect-old.socket";
+    let hand_written = format!(
+        "[Socket]\nListenStream=127.0.0.1:{port}\n\
+         FileDescriptorName=server qubes.ConnectTCP+22\n\
+         [Install]\nWantedBy=sockets.target\n"
+    );
+    let manager = UserManager::start(&[(&format!(".config/systemd/user/{old}"), &hand_written)]);
+    manager.settle();
+    manager.systemctl_ok(&["enable", "--now", old]);
+    std::fs::create_dir_all(manager.home.path().join(".config/qrexec-connect")).unwrap();
+    std::fs::write(manager.home.path().join(CONFIG), line(port, "server", 22)).unwrap();
+    manager.daemon_reload();
+    manager.settle();
+    let generated = format!("qrexec-connect-127.0.0.1:{port}.socket");
+    let wait_conflict = |unit: &str| {
+        wait_for("both rows to show the clash", SETTLE, || {
+            let (_, rows) = status(&manager);
+            rows.iter()
+                .find(|r| field(r, "unit") == unit && field(r, "state") == "conflict")
+                .cloned()
+        })
+    };
+    let row = wait_conflict(&generated);
+    assert!(field(&row, "detail").contains(old), "{row}");
+    assert!(
+        field(&row, "hint").contains(&format!("systemctl --user disable --now {old}")),
+        "{row}"
+    );
+    let row = wait_conflict(old);
+    assert!(field(&row, "detail").contains(&generated), "{row}");
+    assert!(field(&row, "detail").contains("status.conf:1"), "{row}");
+    let (code, text) = plain_status(&manager, "80");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("disable --now"), "{text}");
+}
+
+/// Masked, stopped by hand, and a call qrexec could not start (125): each
+/// gets its own words, none of them "run daemon-reload".
+#[test]
+fn status_says_masked_stopped_and_125_in_their_own_words() {
+    let (masked, stopped, closed) = (free_port(), free_port(), free_port());
+    let nothing_listens = free_port();
+    let config = line(masked, "server", 22)
+        + &line(stopped, "server", 22)
+        + &line(closed, "server", nothing_listens);
+    let manager = UserManager::start(&[(CONFIG, &config)]);
+    manager.settle();
+    let unit = |port: u16| format!("qrexec-connect-127.0.0.1:{port}.socket");
+    manager.systemctl_ok(&["mask", "--now", &unit(masked)]);
+    manager.settle();
+    manager.systemctl_ok(&["stop", &unit(stopped)]);
+    assert_ne!(exchange(closed).as_deref(), Some(&b"ping"[..]));
+
+    let row = wait_row(&manager, masked, "the masked unit", |r| {
+        field(r, "state") == "masked"
+    });
+    assert!(
+        field(&row, "hint").contains(&format!("systemctl --user unmask {}", unit(masked))),
+        "{row}"
+    );
+    let row = wait_row(&manager, stopped, "the stopped unit", |r| {
+        field(r, "state") == "stopped"
+    });
+    let hint = field(&row, "hint");
+    assert!(
+        hint.contains(&format!("systemctl --user start {}", unit(stopped)))
+            && !hint.contains("daemon-reload"),
+        "{row}"
+    );
+    let row = wait_row(&manager, closed, "the failed call", |r| {
+        field(r, "last_status") == "125"
+    });
+    let hint = field(&row, "hint");
+    assert!(
+        hint.contains("could not start the call")
+            && hint.contains(&format!("nothing listens on port {nothing_listens}")),
+        "{row}"
+    );
+}
+
+/// Counters are kept across the daemon restart a reload causes: a binding
+/// the reload did not touch keeps its TOTAL and LAST.
+#[test]
+fn status_counters_survive_the_restart_a_reload_causes() {
+    let echo = EchoServer::start();
+    let (kept, added) = (free_port(), free_port());
+    let manager = UserManager::start(&[(CONFIG, &line(kept, "server", echo.port))]);
+    manager.settle();
+    assert_eq!(exchange(kept).as_deref(), Some(&b"ping"[..]));
+    wait_row(&manager, kept, "one connection counted", |r| {
+        field(r, "total") == "1"
+    });
+    let before = manager.main_pid("qrexec-connect.service");
+
+    let config = line(kept, "server", echo.port) + &line(added, "server", echo.port);
+    std::fs::write(manager.home.path().join(CONFIG), config).unwrap();
+    manager.daemon_reload();
+    manager.settle();
+    assert_eq!(exchange(added).as_deref(), Some(&b"ping"[..]));
+    wait_row(&manager, added, "the new daemon to count", |r| {
+        field(r, "total") == "1"
+    });
+    assert_ne!(
+        manager.main_pid("qrexec-connect.service"),
+        before,
+        "restarted"
+    );
+    let (_, rows) = status(&manager);
+    let row = row_for(&rows, kept).expect("the kept binding");
+    assert_eq!(field(row, "total"), "1", "{row}");
+    assert!(
+        field(row, "last_result").contains("closed normally"),
+        "{row}"
+    );
+}
+
+/// At 80 columns, and narrower, every line of the plain view fits; the
+/// unit name is shown, and an invalid line shows its raw LISTEN once and
+/// its FILE:LINE once.
+#[test]
+fn status_fits_the_terminal() {
+    let echo = EchoServer::start();
+    let port = free_port();
+    let config = format!(
+        "%t/qrexec-connect/a-rather-long-socket-name-for-the-agent vm qubes.ConnectSSHAgent\n\
+         127.0.0.1:{port} a-long-service-qube-name qubes.ConnectTCP+{}\n\
+         @bogus-listen-word vm\n",
+        echo.port
+    );
+    let manager = UserManager::start(&[(CONFIG, &config)]);
+    manager.settle();
+    assert_eq!(exchange(port).as_deref(), Some(&b"ping"[..]));
+    wait_row(&manager, port, "one connection counted", |r| {
+        field(r, "total") == "1"
+    });
+    for columns in ["80", "60"] {
+        let (_, text) = plain_status(&manager, columns);
+        let width: usize = columns.parse().unwrap();
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= width,
+                "{columns} columns: {} wide: {line:?}\n{text}",
+                line.chars().count()
+            );
+        }
+        assert!(
+            text.contains(&format!("qrexec-connect-127.0.0.1:{port}.socket")),
+            "{text}"
+        );
+        assert!(text.contains("closed normally"), "{text}");
+        assert_eq!(text.matches("status.conf:3").count(), 1, "{text}");
+        assert_eq!(text.matches("@bogus-listen-word").count(), 1, "{text}");
+    }
 }

@@ -240,6 +240,17 @@ impl fmt::Display for BindingError {
                 "invalid qrexec service {s:?}: use NAME or NAME+ARGUMENT with letters, digits, \
                  '.', '_', '-' (and '+' in the argument), at most {MAX_SERVICE} bytes"
             ),
+            // One word is what systemd passes when the unit has no
+            // FileDescriptorName=, or when it dropped the value as invalid:
+            // the unit's own name.
+            BindingError::WordCount(1) => write!(
+                f,
+                "expected two words, TARGET and SERVICE, found one; systemd passes the \
+                 unit's own name when FileDescriptorName= is missing or when it dropped the \
+                 value as invalid (systemd refuses ':', so no @dispvm:TEMPLATE, characters \
+                 outside printable ASCII and more than {MAX_FD_NAME} bytes, and says so only \
+                 in the user manager's journal)"
+            ),
             BindingError::WordCount(n) => write!(
                 f,
                 "expected exactly two words, TARGET and SERVICE, found {n} \

@@ -13,6 +13,13 @@
 //! line breaks escaped. The key is the socket's address as the daemon reads
 //! it from the socket, which is what systemd shows as the socket unit's
 //! `Listen=` (without its ` (Stream)`).
+//!
+//! A daemon-reload that changes the bindings restarts the daemon (the
+//! handover stops it; the next connection starts it). So that a binding the
+//! reload did not touch keeps its TOTAL and LAST, a new daemon starts each
+//! binding from what the previous one published for the same address and
+//! the same TARGET and SERVICE ([`Published::new`]); LIVE starts at 0, as
+//! connections of the old daemon that go on are no longer its to count.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -48,6 +55,11 @@ pub struct Published {
     started: u64,
     pid: u32,
     bindings: RefCell<BTreeMap<String, Counters>>,
+    /// What the previous daemon published, by address: where [`serve`]
+    /// takes up its counts.
+    ///
+    /// [`serve`]: Published::serve
+    previous: BTreeMap<String, Counters>,
     /// The client it runs and how (`stdin-socket`, `pipe`), once known.
     client: RefCell<(String, Option<&'static str>)>,
     changed: Notify,
@@ -62,9 +74,18 @@ fn now() -> u64 {
 impl Published {
     /// Publishes into our runtime directory, or nowhere when there is none
     /// (e.g. run by hand with systemd-socket-activate and no XDG_RUNTIME_DIR).
+    /// Reads what the previous daemon published, if anything, to carry its
+    /// counts on.
     pub fn new() -> Rc<Published> {
+        let dir = RuntimeDir::from_env().ok();
+        let previous = dir
+            .as_ref()
+            .and_then(|dir| dir.read(FILE).ok().flatten())
+            .map(|text| parse(&text).bindings)
+            .unwrap_or_default();
         Rc::new(Published {
-            dir: RuntimeDir::from_env().ok(),
+            dir,
+            previous,
             started: now(),
             pid: std::process::id(),
             bindings: RefCell::new(BTreeMap::new()),
@@ -79,16 +100,13 @@ impl Published {
         self.changed.notify_one();
     }
 
-    /// A binding the daemon serves.
+    /// A binding the daemon serves, with the previous daemon's TOTAL and
+    /// LAST when it served the same address for the same destination.
     pub fn serve(&self, listen: &str, target: &str, service: &str) {
-        self.bindings.borrow_mut().insert(
-            listen.to_owned(),
-            Counters {
-                target: target.to_owned(),
-                service: service.to_owned(),
-                ..Counters::default()
-            },
-        );
+        let counters = carried_on(self.previous.get(listen), target, service);
+        self.bindings
+            .borrow_mut()
+            .insert(listen.to_owned(), counters);
         self.changed.notify_one();
     }
 
@@ -143,6 +161,22 @@ impl Published {
             let text = format(&daemon, &self.bindings.borrow());
             let _ = dir.write_atomically(FILE, &text);
         }
+    }
+}
+
+/// A binding's counters at the start of a daemon: the previous daemon's
+/// TOTAL and LAST for the same destination, else zero. LIVE is always 0.
+fn carried_on(previous: Option<&Counters>, target: &str, service: &str) -> Counters {
+    match previous {
+        Some(before) if before.target == target && before.service == service => Counters {
+            live: 0,
+            ..before.clone()
+        },
+        _ => Counters {
+            target: target.to_owned(),
+            service: service.to_owned(),
+            ..Counters::default()
+        },
     }
 }
 
@@ -320,5 +354,25 @@ mod tests {
         );
         assert_eq!(snapshot.client_mode.as_deref(), Some("pipe"));
         assert_eq!(snapshot.bindings, bindings);
+    }
+
+    #[test]
+    fn counts_carry_on_for_the_same_destination_only() {
+        let before = Counters {
+            target: "vm".into(),
+            service: "qubes.ConnectTCP+22".into(),
+            live: 3,
+            total: 9,
+            last_result: Some("closed normally".into()),
+            last_status: Some(0),
+            last_end: Some(1_764_650_000),
+        };
+        let kept = carried_on(Some(&before), "vm", "qubes.ConnectTCP+22");
+        assert_eq!((kept.live, kept.total), (0, 9));
+        assert_eq!(kept.last_end, before.last_end);
+        let moved = carried_on(Some(&before), "other", "qubes.ConnectTCP+22");
+        assert_eq!((moved.total, moved.last_end), (0, None));
+        assert_eq!(moved.target, "other");
+        assert_eq!(carried_on(None, "vm", "s").total, 0);
     }
 }

@@ -31,6 +31,15 @@
 //! reads the failed units again every [`POLL`] (10 s): a failure while a run is
 //! busy is merged into it by systemd, so a run that read them only once
 //! would lose it.
+//!
+//! One holder is not a stranger: another of our own `qrexec-connect-*.socket`
+//! units on the same address (a config line and the old hand-written unit it
+//! replaces, issue 22). Checking cannot end that: the address stays taken
+//! until the user retires one unit. Such a clash ([`Clash`]) is said once,
+//! naming both units and the command, and neither checked nor retried; the
+//! run stays, reading the failed units every [`POLL`] as for any held
+//! address, and once the other unit no longer listens there, clears the
+//! failed state at once.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -43,7 +52,8 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use crate::manager::{self, systemctl};
 use crate::reconcile::SERVICE;
 use crate::spawn::signal_name;
-use qrexec_connect_binding::runtime_dir::RuntimeDir;
+use qrexec_connect_binding::address::{ListenAddress, Specifiers};
+use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 use qrexec_connect_generator::config::printable;
 use qrexec_connect_generator::owner::{Account, Ids};
 
@@ -619,6 +629,110 @@ fn process_with_socket(inode: u64) -> Option<(u32, String)> {
         })
 }
 
+/// A socket that systemd could not set up because another of our own
+/// socket units listens on its address.
+#[derive(Debug, Clone)]
+struct Clash {
+    socket: SocketState,
+    address: String,
+    /// Our unit that listens there.
+    other: String,
+    /// Which of the two the generator did not write (the one to retire);
+    /// `None` when both or neither were written by hand.
+    hand_written: Option<String>,
+}
+
+impl Clash {
+    fn describe(&self) -> String {
+        let then = format!(
+            "; the other then starts within {} s (see the README, \"Coming from the Python \
+             qrexec-connect\")",
+            POLL.as_secs()
+        );
+        let what = match &self.hand_written {
+            // `disable --now` leaves a failed unit failed: reset it too.
+            Some(old) if *old == self.socket.name => format!(
+                "retire this old hand-written unit with 'systemctl --user disable --now {old}' \
+                 and 'systemctl --user reset-failed {old}'"
+            ),
+            Some(old) => format!(
+                "retire the old hand-written unit with 'systemctl --user disable --now \
+                 {old}'{then}"
+            ),
+            None => format!(
+                "keep one of them ('systemctl --user disable --now {}', or remove its config \
+                 line){then}",
+                self.other
+            ),
+        };
+        format!(
+            "{} cannot listen: its address {} is taken by our own {}; two units cannot share \
+             an address, so this is not retried: {what}",
+            self.socket.name,
+            printable(self.address.as_bytes()),
+            self.other,
+        )
+    }
+}
+
+/// Whether two sockets listening on `a` and `b` (as `Listen=` shows them)
+/// take the same address: the same path or abstract name; or the same TCP
+/// port on the same IP or on a wildcard on either side (IPv4-mapped
+/// addresses compared as IPv4), as [`tcp_socket`] finds a holder.
+pub fn addresses_collide(a: &str, b: &str) -> bool {
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) {
+        (Ok(a), Ok(b)) => {
+            let (ia, ib) = (plain(a.ip()), plain(b.ip()));
+            a.port() == b.port() && (ia == ib || ia.is_unspecified() || ib.is_unspecified())
+        }
+        _ => a == b,
+    }
+}
+
+/// Our socket units that listen now: name, address, and whether written by
+/// hand.
+type Listening = Vec<(String, String, bool)>;
+
+/// Our socket units that listen now, with their addresses: the generated
+/// ones from the generator's record, the others (written by hand, few)
+/// from the manager; and the names the generator wrote. Read only when a
+/// socket could not be set up.
+fn our_listening_units(
+    listed: &[manager::ListedUnit],
+) -> io::Result<(Listening, std::collections::BTreeSet<String>)> {
+    let record = RuntimeDir::from_env()
+        .ok()
+        .and_then(|dir| dir.read(GENERATED_FILE).ok().flatten())
+        .map(|text| crate::reconcile::parse_state(&text))
+        .unwrap_or_default();
+    let specifiers = Specifiers::from_env();
+    let mut ours = Vec::new();
+    let mut ask = Vec::new();
+    for unit in listed.iter().filter(|u| u.active_state == "active") {
+        match record.get(&unit.name) {
+            Some(written) => {
+                let address = ListenAddress::parse(&written.listen)
+                    .ok()
+                    .and_then(|a| a.expanded_path(&specifiers))
+                    .map(|path| String::from_utf8_lossy(&path).into_owned())
+                    .unwrap_or_else(|| written.listen.clone());
+                ours.push((unit.name.clone(), address, false));
+            }
+            None => ask.push(unit.name.as_str()),
+        }
+    }
+    for socket in parse_sockets(&manager::show(&["Id", "Listen"], &ask)?) {
+        for address in socket.listen {
+            ours.push((socket.name.clone(), manager::unescape_value(&address), true));
+        }
+    }
+    Ok((ours, record.into_keys().collect()))
+}
+
 /// A socket that systemd could not set up, and who holds each of its
 /// addresses now (empty: nobody we can see).
 #[derive(Debug, Clone)]
@@ -690,6 +804,8 @@ struct Failures {
     sockets: Vec<SocketState>,
     /// Sockets systemd could not set up (`Result=resources`).
     unset: Vec<Unset>,
+    /// Of those, the ones whose address another of our units holds.
+    clashes: Vec<Clash>,
     /// The reload watcher, when it failed.
     watcher: Option<SocketState>,
 }
@@ -706,11 +822,38 @@ impl Failures {
             .collect();
         let shown = manager::show(&["Id", "ActiveState", "Result", "Listen"], &failed)?;
         let mut failures = Failures::default();
+        let mut ours = None;
         for socket in parse_sockets(&shown) {
             if socket.active_state != "failed" {
                 continue;
             }
             if socket.result == "resources" {
+                let (ours, generated) = match &ours {
+                    Some(ours) => ours,
+                    None => ours.insert(our_listening_units(&listed)?),
+                };
+                let clash = socket.listen.iter().find_map(|address| {
+                    ours.iter()
+                        .find(|(name, theirs, _)| {
+                            *name != socket.name && addresses_collide(address, theirs)
+                        })
+                        .map(|(name, _, by_hand)| (address.clone(), name.clone(), *by_hand))
+                });
+                if let Some((address, other, other_by_hand)) = clash {
+                    let this_by_hand = !generated.contains(&socket.name);
+                    let hand_written = match (this_by_hand, other_by_hand) {
+                        (true, false) => Some(socket.name.clone()),
+                        (false, true) => Some(other.clone()),
+                        _ => None,
+                    };
+                    failures.clashes.push(Clash {
+                        socket,
+                        address,
+                        other,
+                        hand_written,
+                    });
+                    continue;
+                }
                 let holders = socket
                     .listen
                     .iter()
@@ -731,7 +874,10 @@ impl Failures {
     }
 
     fn is_empty(&self) -> bool {
-        self.sockets.is_empty() && self.unset.is_empty() && self.watcher.is_none()
+        self.sockets.is_empty()
+            && self.unset.is_empty()
+            && self.clashes.is_empty()
+            && self.watcher.is_none()
     }
 
     /// What needs the recovery back-off: failed daemon sockets or watcher.
@@ -746,6 +892,8 @@ impl Failures {
 struct Told {
     sockets: BTreeMap<String, String>,
     watcher: bool,
+    /// Sockets said to clash with another of our units.
+    clashes: std::collections::BTreeSet<String>,
 }
 
 impl Told {
@@ -776,6 +924,14 @@ impl Told {
                 unset.identify();
                 println!("<4>qrexec-connect recover: {}", unset.describe());
                 self.sockets.insert(unset.socket.name.clone(), key);
+            }
+        }
+        for clash in &failures.clashes {
+            if self.clashes.insert(clash.socket.name.clone()) {
+                // <4> warning: a binding is down until the user acts.
+                println!("<4>qrexec-connect recover: {}", clash.describe());
+                self.sockets
+                    .insert(clash.socket.name.clone(), "clash".to_owned());
             }
         }
         match &failures.watcher {
@@ -809,6 +965,27 @@ pub fn run() -> io::Result<()> {
     let mut check_at: Option<Instant> = None;
     loop {
         told.report(&mut failures);
+        // A clash that ended (the other unit stopped): its address looks
+        // free, so it starts again now, without the checks' schedule.
+        let ended: Vec<&str> = failures
+            .unset
+            .iter()
+            .filter(|u| !u.is_held() && told.clashes.contains(&u.socket.name))
+            .map(|u| u.socket.name.as_str())
+            .collect();
+        if !ended.is_empty() {
+            let cleared = reset_failed(&ended);
+            if !cleared.is_empty() {
+                // <5> notice: the one daemon stop this costs.
+                println!(
+                    "<5>qrexec-connect recover: no other unit of ours listens on the address of \
+                     {} now; sockets.target starts it again ({SERVICE} stops once for that, its \
+                     live connections continue)",
+                    name_some(&cleared)
+                );
+                return Ok(());
+            }
+        }
         if failures.unset.is_empty() {
             check_at = None;
         }
@@ -1048,6 +1225,55 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn addresses_collide_as_the_kernel_counts_them() {
+        assert!(addresses_collide("127.0.0.1:22", "127.0.0.1:22"));
+        assert!(addresses_collide("127.0.0.1:22", "0.0.0.0:22"));
+        assert!(addresses_collide("[::]:22", "127.0.0.1:22"));
+        assert!(addresses_collide("[::ffff:127.0.0.1]:22", "127.0.0.1:22"));
+        assert!(!addresses_collide("127.0.0.1:22", "127.0.0.2:22"));
+        assert!(!addresses_collide("127.0.0.1:22", "127.0.0.1:23"));
+        assert!(addresses_collide("/run/user/1/a", "/run/user/1/a"));
+        assert!(addresses_collide("@name", "@name"));
+        assert!(!addresses_collide("@name", "/name"));
+    }
+
+    #[test]
+    fn a_clash_names_both_units_and_the_unit_to_retire() {
+        let socket = |name: &str| SocketState {
+            name: name.into(),
+            active_state: "failed".into(),
+            result: "resources".into(),
+            listen: vec!["127.0.0.1:22".into()],
+        };
+        let clash = Clash {
+            socket: socket("qrexec-connect-127.0.0.1:22.socket"),
+            address: "127.0.0.1:22".into(),
+            other: "qrexec-connect-old.socket".into(),
+            hand_written: Some("qrexec-connect-old.socket".into()),
+        };
+        let text = clash.describe();
+        assert!(text.starts_with("qrexec-connect-127.0.0.1:22.socket cannot listen"));
+        assert!(
+            text.contains("taken by our own qrexec-connect-old.socket"),
+            "{text}"
+        );
+        assert!(
+            text.contains("disable --now qrexec-connect-old.socket"),
+            "{text}"
+        );
+        let clash = Clash {
+            socket: socket("qrexec-connect-old.socket"),
+            other: "qrexec-connect-127.0.0.1:22.socket".into(),
+            ..clash
+        };
+        let text = clash.describe();
+        assert!(
+            text.contains("reset-failed qrexec-connect-old.socket"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_and_resets_after_a_quiet_period() {

@@ -41,7 +41,7 @@ use crate::policy::{self, PolicyBinding};
 use crate::reconcile;
 use crate::spawn::DEFAULT_CLIENT;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
-use qrexec_connect_binding::destination::Destination;
+use qrexec_connect_binding::destination::{Destination, MAX_FD_NAME};
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 use qrexec_connect_generator::config::{
     is_invisible, printable, printable_message, Config, ConfigDirs, Problem,
@@ -103,16 +103,22 @@ const PROPERTIES: [&str; 8] = [
     "SourcePath",
 ];
 
-/// A binding's state, in the words `--json` uses.
+/// A binding's state, in the words `--json` uses. The man page lists them
+/// (docs/design.md, "Issue 22: status", has the list and meanings).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Listening,
     Failed(String),
     /// The config and what runs differ; the reason.
     NotApplied(String),
-    /// Loaded but not listening.
+    /// Loaded but not listening (stopped by hand, or not started yet).
     Stopped,
-    /// A config line that is not a binding; the `--check` message.
+    /// Masked (`systemctl --user mask`): it never starts until unmasked.
+    Masked,
+    /// Two of our units on one address; the other one, in words.
+    Conflict(String),
+    /// A config line that is not a binding (the `--check` message), or a
+    /// unit whose `FileDescriptorName=` is not `TARGET SERVICE` (why).
     Invalid(String),
     /// No user manager to ask (e.g. the daemon run by hand).
     Unknown,
@@ -125,6 +131,8 @@ impl State {
             State::Failed(_) => "failed",
             State::NotApplied(_) => "not-applied",
             State::Stopped => "stopped",
+            State::Masked => "masked",
+            State::Conflict(_) => "conflict",
             State::Invalid(_) => "invalid",
             State::Unknown => "unknown",
         }
@@ -136,6 +144,14 @@ impl State {
 #[derive(Debug, Clone)]
 struct Row {
     listen: String,
+    /// The socket unit (`qrexec-connect-….socket`); empty for a line that
+    /// is not a binding.
+    unit: String,
+    /// The address as the socket listens (a path expanded), to find two
+    /// units on one address; empty when there is none.
+    address: String,
+    /// Written by hand (not by the generator), for the clash hint.
+    hand_written: bool,
     target: String,
     service: String,
     source: String,
@@ -259,6 +275,29 @@ fn unit_state(unit: &Unit) -> State {
     }
 }
 
+/// The first word of a line as a problem shows it (printable, cut): up to
+/// the first space, or through the cut mark (`…(N bytes)`) when the line
+/// was cut before its first space.
+fn first_word(text: &str) -> &str {
+    let text = text.trim_start();
+    let space = text.find([' ', '\t']).unwrap_or(text.len());
+    match text.find("…(") {
+        Some(cut) if cut < space => text[cut..]
+            .find(')')
+            .map_or(text, |close| &text[..cut + close + 1]),
+        _ => &text[..space],
+    }
+}
+
+/// A problem line's text (printable, cut) as LISTEN, TARGET and the rest.
+fn line_words(text: &str) -> (String, String, String) {
+    let listen = first_word(text);
+    let rest = text.trim_start()[listen.len()..].trim_start();
+    let target = first_word(rest);
+    let service = rest.trim_start()[target.len()..].trim();
+    (listen.to_owned(), target.to_owned(), service.to_owned())
+}
+
 /// Where a problem is, for the source column.
 fn problem_source(problem: &Problem) -> String {
     match problem {
@@ -300,11 +339,15 @@ fn inventory(qube: Option<&str>) -> Inventory {
             .pid
             .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
     };
+    // What the daemon published last. While it is stopped (after the
+    // handover of a reload, until the next connection) the counts stand,
+    // and the next daemon carries them on (published.rs); nothing is live.
     let counters_at = |address: &str| -> Option<Counters> {
+        let mut counters = published.bindings.get(address).cloned()?;
         if !daemon_running {
-            return None;
+            counters.live = 0;
         }
-        published.bindings.get(address).cloned()
+        Some(counters)
     };
     let specifiers = Specifiers::from_env();
 
@@ -315,6 +358,7 @@ fn inventory(qube: Option<&str>) -> Inventory {
         let state = match unit {
             None if !manager => State::Unknown,
             None => State::NotApplied("new line".into()),
+            Some(u) if u.load_state == "masked" => State::Masked,
             Some(u) if u.load_state != "loaded" => State::NotApplied("new line".into()),
             Some(u) if u.fd_name != binding.fd_name() => {
                 State::NotApplied(format!("runs as {:?}", u.fd_name))
@@ -333,6 +377,9 @@ fn inventory(qube: Option<&str>) -> Inventory {
         };
         rows.push(Row {
             listen: binding.listen().to_string(),
+            unit: binding.unit_name().to_owned(),
+            hand_written: unit.is_some_and(|u| !u.is_generated() && u.load_state == "loaded"),
+            address: address.clone(),
             target: destination.target.as_str().to_owned(),
             service: destination.service.as_str().to_owned(),
             source: binding.source().to_string(),
@@ -343,12 +390,22 @@ fn inventory(qube: Option<&str>) -> Inventory {
         });
     }
     for problem in config.problems.iter().filter(|p| !p.is_warning()) {
+        // The line's own words in the LISTEN, TARGET and SERVICE columns
+        // (each shown once), and the message without the line and the
+        // FILE:LINE the source column already shows.
+        let ((listen, target, service), message) = match problem {
+            Problem::Line { error, text, .. } => (line_words(text), error.to_string()),
+            other => (Default::default(), other.to_string()),
+        };
         rows.push(Row {
-            listen: String::new(),
-            target: String::new(),
-            service: String::new(),
+            listen,
+            unit: String::new(),
+            address: String::new(),
+            hand_written: false,
+            target,
+            service,
             source: problem_source(problem),
-            state: State::Invalid(problem.to_string()),
+            state: State::Invalid(message),
             counters: None,
             holder: None,
             hint: None,
@@ -370,6 +427,8 @@ fn inventory(qube: Option<&str>) -> Inventory {
                 "inactive" => continue,
                 _ => State::NotApplied("removed from the config".into()),
             }
+        } else if destination.is_none() {
+            State::Invalid(fd_name_problem(unit))
         } else {
             unit_state(unit)
         };
@@ -380,6 +439,9 @@ fn inventory(qube: Option<&str>) -> Inventory {
         };
         rows.push(Row {
             listen: unit.address().to_owned(),
+            unit: unit.name.clone(),
+            address: unit.address().to_owned(),
+            hand_written: !unit.is_generated(),
             target,
             service,
             source,
@@ -419,10 +481,139 @@ fn inventory(qube: Option<&str>) -> Inventory {
              work, each with a splicer process; update qubes-core-agent when you can"
         ));
     }
-    for row in &mut rows {
+    mark_conflicts(&mut rows);
+    for row in rows.iter_mut().filter(|row| row.hint.is_none()) {
         row.hint = hint(row, qube);
     }
     Inventory { rows, problems }
+}
+
+/// Why a hand-written unit's `FileDescriptorName=` is not `TARGET SERVICE`.
+/// systemd drops a value it refuses (a `:`, which separates the names in
+/// `LISTEN_FDNAMES`; a character outside printable ASCII; more than 255
+/// bytes), says so only in its own journal, and passes the unit's name:
+/// so when the manager reports the unit's name, the unit file tells what
+/// was written.
+fn fd_name_problem(unit: &Unit) -> String {
+    const CLOSED: &str = "the daemon closes every connection at once";
+    if unit.fd_name == unit.name || unit.fd_name.is_empty() {
+        match written_fd_name(&unit.fragment) {
+            Some(written) => {
+                let why = if written.contains(':') {
+                    "':'".to_owned()
+                } else if let Some(c) = written.chars().find(|c| !matches!(c, ' '..='~')) {
+                    format!("{c:?}")
+                } else if written.len() > MAX_FD_NAME {
+                    format!("{} bytes", written.len())
+                } else {
+                    String::new()
+                };
+                if !why.is_empty() {
+                    return format!(
+                        "systemd dropped FileDescriptorName={written} because it holds {why} \
+                        (systemd refuses ':', characters outside printable ASCII and more than \
+                        {MAX_FD_NAME} bytes there) and passes the unit's name instead: {CLOSED}"
+                    );
+                }
+            }
+            None => {
+                return format!(
+                    "no FileDescriptorName= (it must be TARGET SERVICE), so systemd passes the \
+                    unit's name: {CLOSED}"
+                )
+            }
+        }
+    }
+    match Destination::from_fd_name(&unit.fd_name) {
+        Err(why) => format!("FileDescriptorName={}: {why}: {CLOSED}", unit.fd_name),
+        Ok(_) => String::new(),
+    }
+}
+
+/// The last `FileDescriptorName=` value in a unit file, as written (the
+/// first 1 MiB of the file is read).
+fn written_fd_name(path: &str) -> Option<String> {
+    use std::io::Read as _;
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(1 << 20)
+        .read_to_end(&mut text)
+        .ok()?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("FileDescriptorName="))
+        .map(|value| value.trim().to_owned())
+        .next_back()
+}
+
+/// Two of our units on one address (typically a config line and the old
+/// hand-written unit it replaces): only one can listen, the other fails
+/// with `resources` at each start. Both rows say `conflict` and name each
+/// other; the hint retires the hand-written one.
+fn mark_conflicts(rows: &mut [Row]) {
+    let counts = |row: &Row| {
+        !row.address.is_empty()
+            && !row.unit.is_empty()
+            && matches!(
+                row.state,
+                State::Listening | State::Failed(_) | State::Stopped | State::Conflict(_)
+            )
+    };
+    let mut found = Vec::new();
+    for (i, a) in rows.iter().enumerate() {
+        if !counts(a) {
+            continue;
+        }
+        let other = rows.iter().enumerate().find(|(j, b)| {
+            *j != i
+                && counts(b)
+                && b.unit != a.unit
+                && recover::addresses_collide(&a.address, &b.address)
+        });
+        if let Some((_, b)) = other {
+            let detail = format!(
+                "{} is also the address of {} (from {})",
+                a.address,
+                b.unit,
+                home_as_tilde(&b.source)
+            );
+            // `disable --now` leaves a failed unit failed: the one that
+            // could not listen is reset too.
+            let retire = |old: &Row, other: &Row| {
+                let reset = match old.state {
+                    State::Failed(_) => format!(" and systemctl --user reset-failed {}", old.unit),
+                    _ => format!(
+                        " (the recovery step then starts {} within 10 s)",
+                        other.unit
+                    ),
+                };
+                format!(
+                    "retire the old hand-written unit: systemctl --user disable --now {}{reset}; \
+                     see the README, \"Coming from the Python qrexec-connect\"",
+                    old.unit
+                )
+            };
+            let hint = match (a.hand_written, b.hand_written) {
+                (false, true) => retire(b, a),
+                (true, false) => retire(a, b),
+                (true, true) => format!(
+                    "disable one of them: systemctl --user disable --now {} (or {})",
+                    a.unit, b.unit
+                ),
+                (false, false) => format!(
+                    "two config lines take one address: remove one ({} or {})",
+                    a.source, b.source
+                ),
+            };
+            found.push((i, detail, hint));
+        }
+    }
+    for (i, detail, hint) in found {
+        rows[i].state = State::Conflict(detail);
+        rows[i].holder = None;
+        rows[i].hint = Some(hint);
+    }
 }
 
 /// What to do about a row, if anything. Each value from elsewhere in it is
@@ -430,8 +621,16 @@ fn inventory(qube: Option<&str>) -> Inventory {
 fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
     match &row.state {
         State::NotApplied(why) => return Some(format!("{}: {RELOAD}", printable(why.as_bytes()))),
-        State::Invalid(_) => {
+        State::Invalid(_) if row.unit.is_empty() => {
             return Some("fix the line ('qrexec-connect-generator --check' checks)".into())
+        }
+        State::Invalid(_) => {
+            return Some(format!(
+                "write FileDescriptorName=TARGET SERVICE in {} (no ':', so no \
+                @dispvm:TEMPLATE: use @dispvm and choose the template in the dom0 policy), \
+                or replace the unit with a config line (qrexec-connect.conf(5))",
+                printable(row.source.as_bytes())
+            ))
         }
         State::Failed(result) => {
             let why = match (result.as_str(), &row.holder) {
@@ -453,7 +652,20 @@ fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
                 printable(result.as_bytes())
             ));
         }
-        State::Stopped => return Some(format!("not listening: {RELOAD}")),
+        State::Stopped => {
+            return Some(format!(
+                "not listening (stopped by hand?): systemctl --user start {}",
+                printable(row.unit.as_bytes())
+            ))
+        }
+        State::Masked => {
+            return Some(format!(
+                "masked, so it never starts: systemctl --user unmask {unit}, then \
+                systemctl --user start {unit}",
+                unit = printable(row.unit.as_bytes())
+            ))
+        }
+        State::Conflict(_) => return None,
         State::Listening | State::Unknown => {}
     }
     let status = row.counters.as_ref()?.last_status?;
@@ -477,6 +689,22 @@ fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
             "the service qube has no {}: install or link it there",
             printable(row.service.split('+').next().unwrap_or("").as_bytes())
         )),
+        // qrexec-client-vm's own status: the call was allowed, but the
+        // service qube could not start it (docs/qrexec-facts.md).
+        125 => Some(match row.service.strip_prefix("qubes.ConnectTCP+") {
+            Some(port) => format!(
+                "{} could not start the call (status 125): nothing listens on port {} \
+                there, or qubes.ConnectTCP failed to start; see that qube",
+                printable(row.target.as_bytes()),
+                printable(port.as_bytes())
+            ),
+            None => format!(
+                "{} could not start the call (status 125): {} exists there but failed to \
+                start (a socket service with nothing listening?); see that qube's journal",
+                printable(row.target.as_bytes()),
+                printable(row.service.as_bytes())
+            ),
+        }),
         -1 => Some("the daemon could not start a client for it: see the journal".into()),
         0 => None,
         _ => Some("the service ended with an error: see the service qube's journal".into()),
@@ -644,19 +872,22 @@ fn to_json(rows: &[Row]) -> String {
     for (i, row) in rows.iter().enumerate() {
         let c = row.counters.clone().unwrap_or_default();
         let detail = match &row.state {
-            State::Failed(d) | State::NotApplied(d) | State::Invalid(d) => Some(d.as_str()),
+            State::Failed(d) | State::NotApplied(d) | State::Invalid(d) | State::Conflict(d) => {
+                Some(d.as_str())
+            }
             _ => None,
         };
         let _ = write!(
             out,
             "{}\n  {{\"listen\": {}, \"target\": {}, \"service\": {}, \"source\": {}, \
-             \"state\": {}, \"detail\": {}, \"live\": {}, \"total\": {}, \"last_result\": {}, \
+             \"unit\": {}, \"state\": {}, \"detail\": {}, \"live\": {}, \"total\": {}, \"last_result\": {}, \
              \"last_status\": {}, \"last_end\": {}, \"hint\": {}}}",
             if i == 0 { "" } else { "," },
             json_string(&row.listen),
             json_string(&row.target),
             json_string(&row.service),
             json_string(&row.source),
+            json_string(&row.unit),
             json_string(row.state.word()),
             json_opt(detail),
             c.live,
@@ -676,13 +907,80 @@ struct ShownRow {
     listen: String,
     target: String,
     service: String,
-    last: String,
+    last: Option<String>,
 }
 
-fn to_text(inventory: &Inventory, now: u64) -> String {
+/// The width to fit: the terminal's when stdout is one, else `$COLUMNS`,
+/// else 80; never below 40, where nothing reads well anyway.
+fn output_width() -> usize {
+    use std::io::IsTerminal;
+    let stdout = std::io::stdout();
+    let terminal = stdout
+        .is_terminal()
+        .then(|| rustix::termios::tcgetwinsize(&stdout).ok())
+        .flatten()
+        .map(|size| usize::from(size.ws_col))
+        .filter(|&columns| columns > 0);
+    let columns = terminal.or_else(|| std::env::var("COLUMNS").ok()?.trim().parse().ok());
+    columns.unwrap_or(80).max(40)
+}
+
+/// `text` in lines of at most `width` characters: the first starts with
+/// `first`, the others with `rest` (indents); broken at spaces, and a word
+/// longer than a line (a path, a unit name) is broken where the line ends.
+fn wrap(text: &str, width: usize, first: &str, rest: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = first.to_owned();
+    let mut fresh = true;
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        let used = line.chars().count();
+        let length = word.chars().count();
+        if !fresh && used + 1 + length <= width {
+            line.push(' ');
+            line.push_str(word);
+            continue;
+        }
+        if !fresh {
+            lines.push(std::mem::replace(&mut line, rest.to_owned()));
+        }
+        let mut chars: Vec<char> = word.chars().collect();
+        loop {
+            let room = width.saturating_sub(line.chars().count()).max(1);
+            if chars.len() <= room {
+                line.extend(chars);
+                break;
+            }
+            line.extend(chars.drain(..room));
+            lines.push(std::mem::replace(&mut line, rest.to_owned()));
+        }
+        fresh = false;
+    }
+    lines.push(line);
+    lines
+}
+
+/// A path under `$HOME` as `~/...`, as the user thinks of it (and short
+/// enough to fit a line); anything else as it is.
+fn home_as_tilde(path: &str) -> std::borrow::Cow<'_, str> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let home = home.trim_end_matches('/');
+    match path.strip_prefix(home).filter(|_| !home.is_empty()) {
+        Some(rest) if rest.starts_with('/') => format!("~{rest}").into(),
+        _ => path.into(),
+    }
+}
+
+/// The plain view, fitted to `width` columns: a table while LISTEN,
+/// TARGET, SERVICE, STATE and the counters fit on a line (LAST too when
+/// it fits, else on its own line under the row), else one block per
+/// binding; the unit, source, messages and hints on their own lines
+/// under each row, wrapped.
+fn to_text(inventory: &Inventory, now: u64, width: usize) -> String {
     let mut out = String::new();
     for problem in &inventory.problems {
-        let _ = writeln!(out, "problem: {}", printable_message(problem));
+        for line in wrap(&printable_message(problem), width, "problem: ", "    ") {
+            let _ = writeln!(out, "{line}");
+        }
     }
     if !inventory.problems.is_empty() {
         out.push('\n');
@@ -697,55 +995,118 @@ fn to_text(inventory: &Inventory, now: u64) -> String {
         .map(|row| {
             let c = row.counters.as_ref();
             let last = match c.map(|c| (&c.last_result, c.last_end)) {
-                Some((Some(result), Some(end))) => {
-                    format!("{}, {}", printable(result.as_bytes()), age(end, now))
+                Some((Some(result), Some(end))) => Some(format!(
+                    "{}, {}",
+                    printable(result.as_bytes()),
+                    age(end, now)
+                )),
+                _ => None,
+            };
+            // A config line's words come printable and cut already.
+            let is_line = row.unit.is_empty() && matches!(row.state, State::Invalid(_));
+            let show = |text: &str| {
+                if is_line {
+                    text.to_owned()
+                } else {
+                    printable(text.as_bytes())
                 }
-                _ => "-".to_owned(),
             };
             ShownRow {
-                listen: printable(row.listen.as_bytes()),
-                target: printable(row.target.as_bytes()),
-                service: printable(row.service.as_bytes()),
+                listen: show(&row.listen),
+                target: show(&row.target),
+                service: show(&row.service),
                 last,
             }
         })
         .collect();
-    let width = |f: fn(&ShownRow) -> &str| {
-        shown
-            .iter()
-            .map(|r| f(r).chars().count())
-            .max()
-            .unwrap_or(0)
-    };
+    let widest = |f: fn(&ShownRow) -> usize| shown.iter().map(f).max().unwrap_or(0);
     let (wl, wt, ws) = (
-        width(|r| &r.listen).max(6),
-        width(|r| &r.target).max(6),
-        width(|r| &r.service).max(7),
+        widest(|r| r.listen.chars().count()).max(6),
+        widest(|r| r.target.chars().count()).max(6),
+        widest(|r| r.service.chars().count()).max(7),
     );
-    let _ = writeln!(
-        out,
-        "{:wl$}  {:wt$}  {:ws$}  {:11}  LIVE  TOTAL  LAST",
-        "LISTEN", "TARGET", "SERVICE", "STATE"
-    );
-    for (row, shown) in inventory.rows.iter().zip(&shown) {
-        let c = row.counters.clone().unwrap_or_default();
+    let wlast = widest(|r| r.last.as_ref().map_or(1, |l| l.chars().count())).max(4);
+    // LISTEN  TARGET  SERVICE  STATE(11)  LIVE  TOTAL
+    let table = wl + wt + ws + 2 * 5 + 11 + 4 + 5;
+    let is_table = table <= width;
+    let last_inline = is_table && table + 2 + wlast <= width;
+    if is_table {
         let _ = writeln!(
             out,
-            "{:wl$}  {:wt$}  {:ws$}  {:11}  {:>4}  {:>5}  {}",
-            shown.listen,
-            shown.target,
-            shown.service,
-            row.state.word(),
-            c.live,
-            c.total,
-            shown.last,
+            "{}",
+            format!(
+                "{:wl$}  {:wt$}  {:ws$}  {:11}  LIVE  TOTAL{}",
+                "LISTEN",
+                "TARGET",
+                "SERVICE",
+                "STATE",
+                if last_inline { "  LAST" } else { "" }
+            )
+            .trim_end()
         );
-        let _ = writeln!(out, "    from {}", printable(row.source.as_bytes()));
-        if let State::Invalid(message) = &row.state {
-            let _ = writeln!(out, "    {}", printable_message(message));
+    }
+    for (row, shown) in inventory.rows.iter().zip(&shown) {
+        let c = row.counters.clone().unwrap_or_default();
+        let last = shown.last.as_deref().unwrap_or("-");
+        if is_table {
+            let line = format!(
+                "{:wl$}  {:wt$}  {:ws$}  {:11}  {:>4}  {:>5}  {}",
+                shown.listen,
+                shown.target,
+                shown.service,
+                row.state.word(),
+                c.live,
+                c.total,
+                if last_inline { last } else { "" },
+            );
+            let _ = writeln!(out, "{}", line.trim_end());
+        } else {
+            let mut lines = wrap(&shown.listen, width, "", "  ");
+            lines.push(format!(
+                "    {}  live {}  total {}",
+                row.state.word(),
+                c.live,
+                c.total
+            ));
+            let destination = format!(
+                "{} {}",
+                if shown.target.is_empty() {
+                    "-"
+                } else {
+                    &shown.target
+                },
+                if shown.service.is_empty() {
+                    "-"
+                } else {
+                    &shown.service
+                },
+            );
+            lines.extend(wrap(&destination, width, "    to ", "      "));
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let mut notes = Vec::new();
+        if !last_inline && shown.last.is_some() {
+            notes.push(format!("last: {last}"));
+        }
+        notes.push(format!(
+            "from {}",
+            printable(home_as_tilde(&row.source).as_bytes())
+        ));
+        if !row.unit.is_empty() {
+            notes.push(format!("unit {}", printable(row.unit.as_bytes())));
+        }
+        if let State::Invalid(message) | State::Conflict(message) = &row.state {
+            notes.push(printable_message(message));
         }
         if let Some(hint) = &row.hint {
-            let _ = writeln!(out, "    hint: {}", printable_message(hint));
+            notes.push(format!("hint: {}", printable_message(hint)));
+        }
+        for note in notes {
+            for line in wrap(&note, width, "    ", "      ") {
+                let _ = writeln!(out, "{line}");
+            }
         }
     }
     out
@@ -779,7 +1140,7 @@ pub fn status(args: &[OsString]) -> ExitCode {
         }
         print!("{}", to_json(&inventory.rows));
     } else {
-        print!("{}", to_text(&inventory, now));
+        print!("{}", to_text(&inventory, now, output_width()));
     }
     let healthy = inventory.problems.is_empty() && inventory.rows.iter().all(Row::is_healthy);
     if healthy {
@@ -792,6 +1153,28 @@ pub fn status(args: &[OsString]) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_line_keeps_its_cut_mark_in_the_first_word() {
+        assert_eq!(first_word("127.0.0.1:1 vm"), "127.0.0.1:1");
+        assert_eq!(first_word("@aaa…(20000008 bytes)"), "@aaa…(20000008 bytes)");
+        assert_eq!(first_word("@a b…(9 bytes)"), "@a");
+        let words = line_words("127.0.0.1:1 vm  svc x");
+        assert_eq!(words, ("127.0.0.1:1".into(), "vm".into(), "svc x".into()));
+        assert_eq!(line_words("@x").1, "");
+    }
+
+    #[test]
+    fn text_wraps_within_the_width_and_long_words_break() {
+        let lines = wrap("hint: run systemctl --user start x", 20, "    ", "      ");
+        assert_eq!(
+            lines,
+            ["    hint: run", "      systemctl", "      --user start x"]
+        );
+        let lines = wrap(&"u".repeat(30), 20, "    ", "      ");
+        assert!(lines.iter().all(|l| l.chars().count() <= 20), "{lines:?}");
+        assert_eq!(lines.concat().matches('u').count(), 30);
+    }
 
     #[test]
     fn dates_are_rfc3339_in_utc() {
