@@ -148,6 +148,21 @@ fn check_config(config: &Config) -> Result<(), TestCaseError> {
             let prefix = format!("{at}: ");
             prop_assert!(message.starts_with(&prefix));
         }
+        // `--check` and the journal show the headline, then the line's text
+        // on a line of its own: each must be one clean line.
+        let headline = problem.headline();
+        for part in std::iter::once(headline.as_str()).chain(problem.text()) {
+            prop_assert!(
+                !part
+                    .chars()
+                    .any(|c| (c.is_control() && c != '\t') || is_invisible(c)),
+                "not one clean line: {part:?}"
+            );
+        }
+        if let Some(at) = problem.location() {
+            let prefix = format!("{at}: ");
+            prop_assert!(headline.starts_with(&prefix));
+        }
     }
     Ok(())
 }
