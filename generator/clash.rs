@@ -71,7 +71,7 @@ pub fn clashes(bindings: &[Binding], specifiers: &Specifiers) -> Result<Vec<Clas
             "--no-pager",
             "show",
             "-p",
-            "Id,Listen,FragmentPath",
+            "Id,Listen,FragmentPath,ActiveState,UnitFileState",
             "--",
             "qrexec-connect-*.socket",
         ])
@@ -88,7 +88,10 @@ pub fn clashes(bindings: &[Binding], specifiers: &Specifiers) -> Result<Vec<Clas
         let address = systemd_address(binding.listen(), specifiers);
         for unit in &units {
             // The line's own unit, or another line's, is not a clash.
-            if unit.id == binding.unit_name() || !unit.listens.contains(&address) {
+            if unit.id == binding.unit_name()
+                || !unit.listens.contains(&address)
+                || !unit.holds_or_will_hold()
+            {
                 continue;
             }
             found.push(Clash {
@@ -124,6 +127,20 @@ struct ShownUnit {
     /// Addresses, without the ` (Stream)` that follows each.
     listens: Vec<String>,
     fragment: String,
+    active_state: String,
+    unit_file_state: String,
+}
+
+impl ShownUnit {
+    /// Listening now, or enabled (it will listen at the next login): a
+    /// unit stopped and disabled but still loaded takes nothing.
+    fn holds_or_will_hold(&self) -> bool {
+        matches!(
+            self.active_state.as_str(),
+            "active" | "activating" | "reloading"
+        ) || self.unit_file_state.starts_with("enabled")
+            || self.fragment.contains("/systemd/generator")
+    }
 }
 
 /// `systemctl show` output: blocks of `NAME=VALUE` lines, one per unit,
@@ -145,6 +162,8 @@ fn parse_show(text: &str) -> Vec<ShownUnit> {
         match name {
             "Id" => unit.id = value,
             "FragmentPath" => unit.fragment = value,
+            "ActiveState" => unit.active_state = value,
+            "UnitFileState" => unit.unit_file_state = value,
             "Listen" => {
                 let address = value
                     .rsplit_once(" (")
@@ -211,11 +230,13 @@ mod tests {
                     id: "qrexec-connect-old.socket".into(),
                     listens: vec!["127.0.0.1:2222".into(), "/run/user/1000/a\\b\u{e9}".into()],
                     fragment: "/home/user/.config/systemd/user/qrexec-connect-old.socket".into(),
+                    ..ShownUnit::default()
                 },
                 ShownUnit {
                     id: "qrexec-connect-x.socket".into(),
                     listens: vec![],
                     fragment: String::new(),
+                    ..ShownUnit::default()
                 },
             ]
         );
