@@ -60,6 +60,10 @@ _qrexec_connect_generator() {
     if [[ $COMP_CWORD -eq 1 ]]; then
         mapfile -t COMPREPLY < <(compgen -W '--check -h --help -V --version' -- "$cur")
         [[ $cur == -* ]] || mapfile -t -O "${#COMPREPLY[@]}" COMPREPLY < <(compgen -d -- "$cur")
+    elif [[ ${COMP_WORDS[1]} == --check ]]; then
+        # --check [--verbose] [FILE...]
+        mapfile -t COMPREPLY < <(compgen -W '-v --verbose' -- "$cur")
+        [[ $cur == -* ]] || mapfile -t -O "${#COMPREPLY[@]}" COMPREPLY < <(compgen -f -- "$cur")
     fi
 }
 

@@ -72,8 +72,8 @@ CONFIG
 step "1. The config: ~/.config/qrexec-connect/web.conf"
 sed 's/^/    /' "$config"
 
-step "2. The socket unit the generator writes for the first line (qrexec-connect-generator --check)"
-units=$("$bin/qrexec-connect-generator" --check 2>/dev/null)
+step "2. The socket unit the generator writes for the first line (qrexec-connect-generator --check --verbose)"
+units=$("$bin/qrexec-connect-generator" --check --verbose 2>/dev/null)
 awk '/^==> /{n++} n==1' <<<"$units" | sed 's/^/    /'
 fdnames=$(sed -n 's/^FileDescriptorName=//p' <<<"$units" | paste -sd:)
 

@@ -149,7 +149,17 @@ impl Binding {
 pub enum LineError {
     NotUtf8,
     ControlCharacter(char),
-    FieldCount(usize),
+    /// A space other than U+0020 or a tab (U+00A0 and the like): it looks
+    /// like the blank between fields but is not one.
+    OddSpace(char),
+    /// Fewer than three fields: the ones missing (`TARGET`, `SERVICE`,
+    /// `TARGET and SERVICE`).
+    Missing(&'static str),
+    /// More than three fields; the ones after SERVICE, made printable.
+    TooMany(String),
+    /// One field in qvm-connect-tcp's `LOCALPORT:TARGET:REMOTEPORT` form;
+    /// the line that means the same.
+    QvmConnectTcp(String),
     Address(AddressError),
     Binding(BindingError),
     /// Maps to the unit of an earlier line: the same LISTEN.
@@ -187,13 +197,30 @@ impl fmt::Display for LineError {
                     u32::from(*c)
                 )
             }
-            LineError::FieldCount(2) => f.write_str(
-                "expected 3 fields, LISTEN TARGET SERVICE, found 2 \
-                 (write '' or @default for the default target)",
+            LineError::OddSpace(c) => write!(
+                f,
+                "U+{:04X} looks like a space but does not separate fields (only a space or \
+                 a tab does): write a plain space",
+                u32::from(*c)
             ),
-            LineError::FieldCount(n) => {
-                write!(f, "expected 3 fields, LISTEN TARGET SERVICE, found {n}")
+            LineError::Missing(what) => {
+                let verb = if what.contains(" and ") { "are" } else { "is" };
+                write!(f, "{what} {verb} missing (a line is LISTEN TARGET SERVICE")?;
+                if *what == "TARGET" {
+                    f.write_str("; write '' or @default for the target the policy chooses")?;
+                }
+                f.write_str(")")
             }
+            LineError::TooMany(extra) => write!(
+                f,
+                "too many fields: \"{extra}\" follows SERVICE (a line is LISTEN TARGET \
+                 SERVICE; a comment starts with ' #')"
+            ),
+            LineError::QvmConnectTcp(means) => write!(
+                f,
+                "qvm-connect-tcp's LOCALPORT:TARGET:REMOTEPORT is not a line; the line that \
+                 means the same is: {means}"
+            ),
             // They quote the field with Rust's escaping, which leaves some
             // invisible characters as they are.
             LineError::Address(e) => f.write_str(&printable_message(&e.to_string())),
@@ -259,21 +286,78 @@ pub enum Problem {
         listen: String,
         text: String,
     },
+    /// A binding that is written but is likely not what its author meant
+    /// (a SERVICE that is a number or has no dot, a port the user's
+    /// manager cannot bind); `what` says why, and what was likely meant.
+    Likely {
+        at: Location,
+        what: String,
+        text: String,
+    },
     /// A file or directory (path made printable).
     File { path: String, what: String },
     /// No user config directory could be worked out.
     NoUserDir,
 }
 
+/// One line: [`Problem::headline`], then `: ` and the line's text if it
+/// has one (what `status` shows in a row). `--check` and the journal show
+/// the text on a line of its own instead, see [`Problem::report`].
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.headline())?;
+        match self.text() {
+            Some(text) => write!(f, ": {text}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How far the text of the line a problem is about is indented under it.
+pub const TEXT_INDENT: &str = "    ";
+
+impl Problem {
+    /// The config line the problem is about, without its comment, made
+    /// printable; `None` for a file or directory.
+    pub fn text(&self) -> Option<&str> {
         match self {
-            Problem::Line { at, error, text } => write!(f, "{at}: {error}: {text}"),
+            Problem::Line { text, .. }
+            | Problem::Exposed { text, .. }
+            | Problem::SharedDirectory { text, .. }
+            | Problem::SameForEveryUser { text, .. }
+            | Problem::Likely { text, .. } => Some(text),
+            Problem::File { .. } | Problem::NoUserDir => None,
+        }
+    }
+
+    /// Where the problem is (`FILE:LINE`), if it is about a line.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            Problem::Line { at, .. }
+            | Problem::Exposed { at, .. }
+            | Problem::SharedDirectory { at, .. }
+            | Problem::SameForEveryUser { at, .. }
+            | Problem::Likely { at, .. } => Some(at),
+            Problem::File { .. } | Problem::NoUserDir => None,
+        }
+    }
+
+    /// The message without the line's text.
+    pub fn headline(&self) -> String {
+        let mut f = String::new();
+        let _ = self.write_headline(&mut f);
+        f
+    }
+
+    fn write_headline(&self, f: &mut String) -> fmt::Result {
+        match self {
+            Problem::Line { at, error, .. } => write!(f, "{at}: {error}"),
+            Problem::Likely { at, what, .. } => write!(f, "{at}: warning: {what}"),
             Problem::Exposed {
                 at,
                 listen,
                 exposure,
-                text,
+                ..
             } => {
                 let reach = match exposure {
                     Exposure::EveryInterface => "listens on every interface of the qube",
@@ -282,25 +366,20 @@ impl fmt::Display for Problem {
                 write!(
                     f,
                     "{at}: warning: {listen} {reach}: other VMs on the qube's network \
-                     can connect: {text}"
+                     can connect"
                 )
             }
-            Problem::SharedDirectory {
-                at,
-                path,
-                dir,
-                text,
-            } => write!(
+            Problem::SharedDirectory { at, path, dir, .. } => write!(
                 f,
                 "{at}: warning: other users can create files in {dir:?}: one of them can take \
                  {path:?} before systemd binds it (at login, or after the socket stopped) and \
-                 receive this binding's connections; a path under %t/ is yours alone: {text}"
+                 receive this binding's connections; a path under %t/ is yours alone"
             ),
-            Problem::SameForEveryUser { at, listen, text } => write!(
+            Problem::SameForEveryUser { at, listen, .. } => write!(
                 f,
                 "{at}: warning: {listen} is one address for all users: every user's manager \
                  binds the lines of {SYSTEM_DIR}, the first one gets it and the others' sockets \
-                 fail; use a per-user path such as %t/NAME in {SYSTEM_DIR}: {text}"
+                 fail; use a per-user path such as %t/NAME in {SYSTEM_DIR}"
             ),
             Problem::File { path, what } => write!(f, "{path}: {what}"),
             Problem::NoUserDir => write!(
@@ -310,9 +389,7 @@ impl fmt::Display for Problem {
             ),
         }
     }
-}
 
-impl Problem {
     /// A warning: the line still became a binding.
     pub fn is_warning(&self) -> bool {
         matches!(
@@ -320,6 +397,7 @@ impl Problem {
             Problem::Exposed { .. }
                 | Problem::SharedDirectory { .. }
                 | Problem::SameForEveryUser { .. }
+                | Problem::Likely { .. }
         )
     }
 }
@@ -376,6 +454,9 @@ pub struct Config {
     system_dir: Option<PathBuf>,
     /// Unit name to index in `bindings`, to find duplicates.
     by_unit: HashMap<String, usize>,
+    /// TCP ports below this need a privilege this user's manager lacks
+    /// (`net.ipv4.ip_unprivileged_port_start`); `None`: not checked.
+    unprivileged_port_start: Option<u16>,
 }
 
 impl Config {
@@ -385,6 +466,7 @@ impl Config {
         Config {
             specifiers,
             paths: PathChecker::new(Ids::current()),
+            unprivileged_port_start: unprivileged_port_start(),
             ..Config::default()
         }
     }
@@ -398,6 +480,20 @@ impl Config {
         }
         for path in config_files(dirs, &mut config.problems, &mut config.seen) {
             config.add_file(&path);
+        }
+        config
+    }
+
+    /// Reads just `files`, in the order given, as `--check FILE...` does:
+    /// no directory is listed and no user file replaces an `/etc` one, but
+    /// a file in [`SYSTEM_DIR`] is still read as every user's. A relative
+    /// path is taken from the working directory.
+    pub fn load_files(files: &[PathBuf], specifiers: Specifiers) -> Config {
+        let mut config = Config::new(specifiers);
+        config.system_dir = Some(PathBuf::from(SYSTEM_DIR));
+        for file in files {
+            let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            config.add_file(&file);
         }
         config
     }
@@ -487,6 +583,13 @@ impl Config {
                             text: printable(content(line)),
                         });
                     }
+                    for what in self.likely_mistakes(&binding) {
+                        self.problems.push(Problem::Likely {
+                            at: at(),
+                            what,
+                            text: printable(content(line)),
+                        });
+                    }
                     if for_every_user && is_one_address_for_all_users(&binding.listen) {
                         self.problems.push(Problem::SameForEveryUser {
                             at: at(),
@@ -504,6 +607,71 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Warnings for a binding that is valid but likely not what was meant.
+    fn likely_mistakes(&self, binding: &Binding) -> Vec<String> {
+        let mut found = Vec::new();
+        let service = binding.destination.service.as_str();
+        let (name, argument) = match service.split_once('+') {
+            Some((name, argument)) => (name, Some(argument)),
+            None => (service, None),
+        };
+        if name.bytes().all(|b| b.is_ascii_digit()) && argument.is_none() {
+            found.push(format!(
+                "SERVICE \"{service}\" is a port number, not a qrexec service: did you mean \
+                 qubes.ConnectTCP+{service}?"
+            ));
+        } else if !name.contains('.') && name.starts_with(|c: char| c.is_ascii_uppercase()) {
+            // Every Qubes service is NAMESPACE.Name; a name without a dot
+            // that looks like the part after it (CamelCase, as ConnectTCP)
+            // likely lost its `qubes.`. Lower-case names such as a local
+            // `svc` are left alone.
+            found.push(format!(
+                "SERVICE \"{service}\" has no '.': qrexec services are named like \
+                 qubes.ConnectTCP; did you mean qubes.{service}?"
+            ));
+        }
+        if let (ListenAddress::Inet(address), Some(start)) =
+            (&binding.listen, self.unprivileged_port_start)
+        {
+            if address.port() < start {
+                found.push(format!(
+                    "port {} is below {start}: your user manager cannot bind it \
+                     (net.ipv4.ip_unprivileged_port_start is {start}); choose a port from \
+                     {start} up",
+                    address.port()
+                ));
+            }
+        }
+        found
+    }
+}
+
+/// The lowest TCP port this user's manager can bind, when that is a
+/// limit: `None` with `CAP_NET_BIND_SERVICE` (root's manager may bind any
+/// port; the generator and `--check` have the capabilities of the manager
+/// or user that runs them). Read from
+/// `/proc/sys/net/ipv4/ip_unprivileged_port_start` (1024 if unreadable,
+/// the kernel's default).
+fn unprivileged_port_start() -> Option<u16> {
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    let may_bind_any = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_NET_BIND_SERVICE) != 0);
+    if may_bind_any {
+        return None;
+    }
+    let start = fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse::<u16>().ok())
+        .unwrap_or(1024);
+    (start > 0).then_some(start)
+}
+
 /// Parses one line (without its `\n`), found `at` a file's line; `Ok(None)`
 /// for a blank or comment line. The socket path and duplicates are checked
 /// by [`Config`], which knows the environment and the lines before.
@@ -516,12 +684,19 @@ pub fn parse_line(line: &[u8], at: Location) -> Result<Option<Binding>, LineErro
     if let Some(c) = content.chars().find(|&c| c.is_control() && c != '\t') {
         return Err(LineError::ControlCharacter(c));
     }
+    // No valid field holds a space: one that is not ' ' is a look-alike.
+    if let Some(c) = content
+        .chars()
+        .find(|&c| c.is_whitespace() && c != ' ' && c != '\t')
+    {
+        return Err(LineError::OddSpace(c));
+    }
     let fields: Vec<&str> = content
         .split([' ', '\t'])
         .filter(|f| !f.is_empty())
         .collect();
     let [listen, target, service] = fields[..] else {
-        return Err(LineError::FieldCount(fields.len()));
+        return Err(field_count_error(&fields));
     };
     let listen = ListenAddress::parse(listen).map_err(|mut e| {
         e.text = cut(&e.text);
@@ -543,6 +718,47 @@ pub fn parse_line(line: &[u8], at: Location) -> Result<Option<Binding>, LineErro
         fd_name,
         source: at,
     }))
+}
+
+/// Why `fields` (not three) are not a line: which field is missing, what
+/// is too much, or the line a qvm-connect-tcp argument means.
+fn field_count_error(fields: &[&str]) -> LineError {
+    match fields {
+        [only] => match qvm_connect_tcp_line(only) {
+            Some(means) => LineError::QvmConnectTcp(means),
+            None => LineError::Missing("TARGET and SERVICE"),
+        },
+        // A qube name holds no '.' or '+'; a service usually does.
+        [_, second] if Target::parse(second).is_ok() || *second == "''" || *second == "\"\"" => {
+            LineError::Missing("SERVICE")
+        }
+        [_, _] => LineError::Missing("TARGET"),
+        [_, _, _, extra @ ..] => LineError::TooMany(printable(extra.join(" ").as_bytes())),
+        [] => LineError::Missing("LISTEN, TARGET and SERVICE"),
+    }
+}
+
+/// The config line for a `qvm-connect-tcp` argument
+/// `[LOCALPORT]:[TARGET]:REMOTEPORT` (an empty LOCALPORT is REMOTEPORT, an
+/// empty TARGET is `@default`), if `field` is one and its parts are valid.
+/// qvm-connect-tcp listens on 127.0.0.1 and calls `qubes.ConnectTCP+PORT`.
+pub fn qvm_connect_tcp_line(field: &str) -> Option<String> {
+    let mut parts = field.split(':');
+    let (local, target, remote) = (parts.next()?, parts.next()?, parts.next()?);
+    let is_port = |p: &str| !p.is_empty() && p.parse::<u16>().is_ok_and(|n| n > 0);
+    if parts.next().is_some() || !is_port(remote) || !(local.is_empty() || is_port(local)) {
+        return None;
+    }
+    let local = if local.is_empty() { remote } else { local };
+    let target = if target.is_empty() {
+        "@default"
+    } else {
+        target
+    };
+    Target::parse(target).ok()?;
+    Some(format!(
+        "127.0.0.1:{local} {target} qubes.ConnectTCP+{remote}"
+    ))
 }
 
 /// Whether every user's manager would bind the same address for this
@@ -714,7 +930,16 @@ pub fn config_files(
 /// A config file's bytes; `/dev/null` (a masked file) reads as empty, and
 /// anything but a regular file is refused (a FIFO would hang the boot).
 fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
-    let meta = fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    let meta = fs::metadata(path).map_err(|e| match fs::read_link(path) {
+        // A link whose target is gone: name both, or "No such file" reads
+        // as if the link itself were missing.
+        Ok(target) if e.kind() == io::ErrorKind::NotFound => format!(
+            "a symbolic link to {}, which does not exist; skipped",
+            printable(target.as_os_str().as_bytes())
+        ),
+        _ if e.kind() == io::ErrorKind::NotFound => "no such file".to_owned(),
+        _ => format!("cannot read: {e}"),
+    })?;
     let file_type = meta.file_type();
     if file_type.is_char_device() && meta.rdev() == libc::makedev(1, 3) {
         return Ok(Vec::new());
@@ -899,8 +1124,20 @@ mod tests {
     #[test]
     fn rejections() {
         let err = |line: &[u8]| parse_line(line, at()).unwrap_err();
-        assert_eq!(err(b"a b"), LineError::FieldCount(2));
-        assert_eq!(err(b"a b c d"), LineError::FieldCount(4));
+        assert_eq!(err(b"a b"), LineError::Missing("SERVICE"));
+        assert_eq!(err(b"a ''"), LineError::Missing("SERVICE"));
+        assert_eq!(err(b"a b.c"), LineError::Missing("TARGET"));
+        assert_eq!(err(b"a"), LineError::Missing("TARGET and SERVICE"));
+        assert_eq!(err(b"a b c d"), LineError::TooMany("d".into()));
+        assert_eq!(
+            err(b"2222:ssh-server:22"),
+            LineError::QvmConnectTcp("127.0.0.1:2222 ssh-server qubes.ConnectTCP+22".into())
+        );
+        assert_eq!(
+            err(b"::22"),
+            LineError::QvmConnectTcp("127.0.0.1:22 @default qubes.ConnectTCP+22".into())
+        );
+        assert_eq!(err("a\u{a0}b c".as_bytes()), LineError::OddSpace('\u{a0}'));
         assert_eq!(err(b"@x vm svc\x1b"), LineError::ControlCharacter('\x1b'));
         assert_eq!(err(b"@x vm\x0bsvc"), LineError::ControlCharacter('\x0b'));
         assert_eq!(err(b"@x\xff vm svc"), LineError::NotUtf8);
@@ -923,12 +1160,12 @@ mod tests {
     #[test]
     fn duplicates_name_the_first_line() {
         let mut config = Config::default();
-        config.add_text("/a.conf", b"/run/a vm s\n\n/run//a vm2 s2\n");
+        config.add_text("/a.conf", b"/run/a vm my.s\n\n/run//a vm2 my.s2\n");
         assert_eq!(config.bindings.len(), 1);
         assert_eq!(
             config.problems[0].to_string(),
             "/a.conf:3: the same LISTEN is already bound at /a.conf:1 \
-             (unit qrexec-connect-path-run-a.socket): /run//a vm2 s2"
+             (unit qrexec-connect-path-run-a.socket): /run//a vm2 my.s2"
         );
     }
 
@@ -981,8 +1218,8 @@ mod tests {
         let mut config = Config::new(specifiers);
         config.add_text(
             "/a.conf",
-            b"%h/file vm s\n%h/link vm s\n%t/fifo vm s\n%t/dir vm s\n/dev/null vm s\n\
-              %t/stale vm s\n%t/missing vm s\n%h/no/such/dir vm s\n%h/file/below vm s\n",
+            b"%h/file vm my.s\n%h/link vm my.s\n%t/fifo vm my.s\n%t/dir vm my.s\n/dev/null vm my.s\n\
+              %t/stale vm my.s\n%t/missing vm my.s\n%h/no/such/dir vm my.s\n%h/file/below vm my.s\n",
         );
         let kinds: Vec<(usize, &str)> = config
             .problems

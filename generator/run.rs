@@ -7,8 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qrexec_connect_binding::address::Specifiers;
-use qrexec_connect_generator::config::{printable_message, Binding, Config, ConfigDirs, Problem};
+use qrexec_connect_generator::config::{
+    printable_message, Binding, Config, ConfigDirs, Problem, Seen, TEXT_INDENT,
+};
 use qrexec_connect_generator::unit;
+
+use crate::clash;
 
 /// Prefix for messages that do not start with a config file's path.
 const ME: &str = "qrexec-connect-generator";
@@ -22,7 +26,7 @@ use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 pub fn generate(out: &Path) -> ExitCode {
     let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
     for problem in &config.problems {
-        report(&describe(problem));
+        report_problem(problem);
     }
     let (written, errors) = unit::write_units(out, &config.bindings);
     for error in &errors {
@@ -55,19 +59,75 @@ pub fn generate(out: &Path) -> ExitCode {
     }
 }
 
-/// Dry run: the units on stdout; on stderr the directories and files read
-/// or skipped, the problems and a summary. Exit 1 if there is any problem
-/// other than a warning.
-pub fn check() -> ExitCode {
-    let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
+/// What `--check` reads and shows.
+pub struct CheckOptions {
+    /// Only these files (`--check FILE...`); empty: the config directories.
+    pub files: Vec<PathBuf>,
+    /// Also the directories and files read, and the units on stdout.
+    pub verbose: bool,
+}
+
+/// Dry run, answering like `sshd -t`: on stderr the errors and warnings,
+/// each with its line's text indented below, and a one-line summary;
+/// stdout stays empty unless `verbose` asks for the units. Exit 1 if there
+/// is an error; warnings alone exit 0.
+pub fn check(options: &CheckOptions) -> ExitCode {
+    let specifiers = Specifiers::from_env();
+    let config = if options.files.is_empty() {
+        Config::load(&ConfigDirs::from_env(), specifiers.clone())
+    } else {
+        Config::load_files(&options.files, specifiers.clone())
+    };
     for seen in &config.seen {
-        report(&format!("{ME}: {seen}"));
+        // A file left out is shown: it may be the one the user meant.
+        if options.verbose || matches!(seen, Seen::Skipped { .. }) {
+            report(&format!("{ME}: {seen}"));
+        }
     }
     for problem in &config.problems {
-        report(&describe(problem));
+        report_problem(problem);
     }
+    let mut errors = config.problems.iter().filter(|p| !p.is_warning()).count();
+    let warnings = config.problems.len() - errors;
+    match clash::clashes(&config.bindings, &specifiers) {
+        Ok(clashes) => {
+            for clash in &clashes {
+                report_with_text(&clash.to_string(), Some(&clash.text));
+            }
+            errors += clashes.len();
+        }
+        Err(why) => report(&format!(
+            "{ME}: clashes with other qrexec-connect-*.socket units not checked: {why}"
+        )),
+    }
+    if options.verbose {
+        write_units(&config.bindings);
+    }
+    let files = config
+        .seen
+        .iter()
+        .filter(|seen| matches!(seen, Seen::Read { .. }))
+        .count();
+    let bindings = config.bindings.len();
+    report(&format!(
+        "{ME}: {bindings} binding{}, {errors} error{}, {warnings} warning{} in {files} file{}",
+        plural(bindings),
+        plural(errors),
+        plural(warnings),
+        plural(files),
+    ));
+    if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The units `bindings` become, on stdout, each under a `==> NAME <==`
+/// header as `tail` prints files.
+fn write_units(bindings: &[Binding]) {
     let mut stdout = io::BufWriter::new(io::stdout().lock());
-    for (i, binding) in config.bindings.iter().enumerate() {
+    for (i, binding) in bindings.iter().enumerate() {
         let separator = if i > 0 { "\n" } else { "" };
         let name = binding.unit_name();
         let text = unit::socket_unit(binding);
@@ -77,21 +137,6 @@ pub fn check() -> ExitCode {
         }
     }
     let _ = stdout.flush();
-    drop(stdout);
-    let units = config.bindings.len();
-    let warnings = config.problems.iter().filter(|p| p.is_warning()).count();
-    let problems = config.problems.len() - warnings;
-    report(&format!(
-        "{ME}: {units} socket unit{}, {problems} problem{}, {warnings} warning{}",
-        plural(units),
-        plural(problems),
-        plural(warnings)
-    ));
-    if problems == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
 }
 
 fn plural(n: usize) -> &'static str {
@@ -103,11 +148,12 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// Messages about a config file start with its path (which names the
-/// program well enough in the journal); others get the program name.
-fn describe(problem: &Problem) -> String {
+/// program well enough in the journal); others get the program name. The
+/// line's text, if any, follows on a line of its own, indented.
+fn report_problem(problem: &Problem) {
     match problem {
-        Problem::NoUserDir => format!("{ME}: {problem}"),
-        _ => problem.to_string(),
+        Problem::NoUserDir => report(&format!("{ME}: {problem}")),
+        _ => report_with_text(&problem.headline(), problem.text()),
     }
 }
 
@@ -116,9 +162,18 @@ fn describe(problem: &Problem) -> String {
 /// the environment, system errors) is escaped here, so no message can hold
 /// a line break, an escape sequence or a bidirectional control.
 fn report(message: &str) {
-    let _ = io::stderr()
-        .lock()
-        .write_all(format!("{}\n", printable_message(message)).as_bytes());
+    report_with_text(message, None);
+}
+
+/// A message and, on a line of its own, indented, the config line it is
+/// about: both escaped like [`report`], in one write.
+fn report_with_text(message: &str, text: Option<&str>) {
+    let mut out = printable_message(message);
+    if let Some(text) = text {
+        out += &format!("\n{TEXT_INDENT}{}", printable_message(text));
+    }
+    out.push('\n');
+    let _ = io::stderr().lock().write_all(out.as_bytes());
 }
 
 /// Records what this run wrote, for the reload step

@@ -148,6 +148,21 @@ fn check_config(config: &Config) -> Result<(), TestCaseError> {
             let prefix = format!("{at}: ");
             prop_assert!(message.starts_with(&prefix));
         }
+        // `--check` and the journal show the headline, then the line's text
+        // on a line of its own: each must be one clean line.
+        let headline = problem.headline();
+        for part in std::iter::once(headline.as_str()).chain(problem.text()) {
+            prop_assert!(
+                !part
+                    .chars()
+                    .any(|c| (c.is_control() && c != '\t') || is_invisible(c)),
+                "not one clean line: {part:?}"
+            );
+        }
+        if let Some(at) = problem.location() {
+            let prefix = format!("{at}: ");
+            prop_assert!(headline.starts_with(&prefix));
+        }
     }
     Ok(())
 }
@@ -257,10 +272,13 @@ proptest! {
             !t.is_empty() && !t.starts_with('#')
         }).count();
         // Every line with content is either a binding or exactly one problem
-        // (warnings come on top of bindings, one per exposed binding).
+        // (warnings come on top of bindings: one per exposed binding, and
+        // those about likely mistakes).
         let warnings = config.problems.iter().filter(|p| p.is_warning()).count();
         let exposed = config.bindings.iter().filter(|b| b.listen().exposure().is_some()).count();
-        prop_assert_eq!(warnings, exposed);
+        let exposure_warnings =
+            config.problems.iter().filter(|p| matches!(p, Problem::Exposed { .. })).count();
+        prop_assert_eq!(exposure_warnings, exposed);
         if !file.chars().any(|c| c.is_control() || is_invisible(c)) {
             prop_assert_eq!(config.bindings.len() + config.problems.len() - warnings, meaningful);
         }

@@ -11,6 +11,8 @@
 //!   lines to remove a default (`HOME`, `XDG_RUNTIME_DIR`, `PATH`);
 //! * `args` (optional): the arguments, split at whitespace; by default the
 //!   three output dirs `/run/fixture/out/{normal,early,late}`;
+//! * `uid` (optional): run the generator as this uid (and gid), without
+//!   root's capabilities, as a user's manager runs it (`setpriv`);
 //! * `expected/units/`: the tree the generator must leave in the normal dir
 //!   (files byte for byte, symlink targets); absent means empty; the early
 //!   and late dirs must always stay empty;
@@ -74,6 +76,11 @@ if [ -d "$FIXTURE/etc/qrexec-connect" ]; then
     mount -o remount,bind,ro /etc/qrexec-connect
 fi
 unset FIXTURE FIXTURE_OUT FIXTURE_RUNTIME
+if [ -n "$FIXTURE_UID" ]; then
+    uid=$FIXTURE_UID; unset FIXTURE_UID
+    exec setpriv --reuid="$uid" --regid="$uid" --clear-groups "$@"
+fi
+unset FIXTURE_UID
 exec "$@"
 "#;
 
@@ -260,7 +267,13 @@ fn run_case(case: &Path, scratch: &Path) -> (Vec<String>, BTreeSet<(String, Vec<
             .envs(&env)
             .env("FIXTURE", case)
             .env("FIXTURE_OUT", &out)
-            .env("FIXTURE_RUNTIME", &runtime),
+            .env("FIXTURE_RUNTIME", &runtime)
+            .env(
+                "FIXTURE_UID",
+                fs::read_to_string(case.join("uid"))
+                    .unwrap_or_default()
+                    .trim(),
+            ),
     );
     let status = status.code().map_or("killed".to_owned(), |c| c.to_string());
 
@@ -485,10 +498,14 @@ fn help_version_and_usage() {
     assert!(String::from_utf8(out.stdout).unwrap().contains("--check"));
     for (bad, why) in [
         (&[][..], "no output directory given"),
-        (&["--bogus"], "unknown option '--bogus'"),
-        (&["/a", "--bogus", "/c"], "unknown option '--bogus'"),
-        (&["--check", "x"], "--check takes no other argument (got 1)"),
-        (&["--help", "x"], "--help takes no other argument (got 1)"),
+        (&["--bogus"], "unknown option \"--bogus\""),
+        (&["/a", "--bogus", "/c"], "unknown option \"--bogus\""),
+        (&["--check", "--bogus"], "unknown option \"--bogus\""),
+        (
+            &["--help", "x"],
+            "\"--help\" takes no other argument (got 1)",
+        ),
+        (&["--verbose"], "\"--verbose\" works only with --check"),
         (
             &["/a", "/b"],
             "expected 1 output directory, or 3 as systemd passes them (normal, early, late); got 2",
@@ -502,11 +519,26 @@ fn help_version_and_usage() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
         assert!(out.stdout.is_empty());
         let stderr = String::from_utf8(out.stderr).unwrap();
-        assert!(
-            stderr.starts_with(&format!("qrexec-connect-generator: {why}\n\nUsage:")),
-            "{bad:?}: {stderr}"
+        // The reason, one usage line, where the help is: not the whole help.
+        assert_eq!(
+            stderr,
+            format!(
+                "qrexec-connect-generator: {why}\n\
+                 Usage: qrexec-connect-generator NORMAL-DIR [EARLY-DIR LATE-DIR] | --check \
+                 [--verbose] [FILE...]\n\
+                 Try 'qrexec-connect-generator --help'.\n"
+            ),
+            "{bad:?}"
         );
-    } // An argument is echoed through the printable rule: escaped and cut.
+    }
+    // The help says what the exit status of --check means.
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains("Exit status 1 if there is an error; warnings alone exit 0"),
+        "{help}"
+    );
+    // An argument is echoed through the printable rule: escaped and cut.
     let hostile = format!("--x\u{202e}\u{3164}\u{1b}[2J{}", "y".repeat(100_000));
     let out = run(&[&hostile]);
     assert_eq!(out.status.code(), Some(2));
@@ -514,8 +546,8 @@ fn help_version_and_usage() {
     let first = stderr.lines().next().unwrap_or_default();
     assert!(
         first.starts_with(
-            "qrexec-connect-generator: unknown option '--x\\u{202e}\\u{3164}\\x1b[2Jyyy"
-        ) && first.ends_with("…(100013 bytes)'"),
+            "qrexec-connect-generator: unknown option \"--x\\u{202e}\\u{3164}\\x1b[2Jyyy"
+        ) && first.ends_with("…(100013 bytes)\""),
         "{}",
         &first[..first.len().min(300)]
     );

@@ -146,3 +146,59 @@ fn a_socket_path_another_user_holds_is_refused_naming_them() {
     drop(squatter);
     let _ = std::fs::remove_file(&path);
 }
+
+/// Issue 22: a config line and an old hand-written unit (as the Python
+/// qrexec-connect had users write) on the same address. Only one socket can
+/// bind it, so `--check` names both, the line and the unit with its file,
+/// and says how to move to the line; after that advice, it is clean.
+#[test]
+fn check_names_a_hand_written_unit_on_a_lines_address() {
+    let old = "qrexec-connect-old-ssh.socket";
+    let old_file = format!(".config/systemd/user/{old}");
+    let manager = UserManager::start(&[(
+        &old_file,
+        "[Socket]\nListenStream=127.0.0.1:2240\nFileDescriptorName=ssh-server\n\
+         [Install]\nWantedBy=sockets.target\n",
+    )]);
+    manager.systemctl_ok(&["enable", "--now", old]);
+    // The line is added afterwards, as a user migrating would: no reload yet.
+    let config = ".config/qrexec-connect/ssh.conf";
+    let config_path = manager.home.path().join(config);
+    std::fs::create_dir_all(config_path.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config_path,
+        "127.0.0.1:2240 ssh-server qubes.ConnectTCP+22\n",
+    )
+    .unwrap();
+    let check = || {
+        common::run(
+            manager
+                .command("/usr/lib/systemd/user-generators/qrexec-connect-generator")
+                .arg("--check"),
+        )
+    };
+
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "{line}:1: {old} ({unit}) already listens on 127.0.0.1:2240: only one socket can \
+             have it, and this line's fails while that one listens; if this line replaces it, \
+             run 'systemctl --user disable --now {old}'\n\
+             \x20   127.0.0.1:2240 ssh-server qubes.ConnectTCP+22\n\
+             qrexec-connect-generator: 1 binding, 1 error, 0 warnings in 1 file\n",
+            line = config_path.display(),
+            unit = manager.home.path().join(&old_file).display(),
+        ),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+
+    manager.systemctl_ok(&["disable", "--now", old]);
+    let out = check();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "qrexec-connect-generator: 1 binding, 0 errors, 0 warnings in 1 file\n"
+    );
+    assert_eq!(out.status.code(), Some(0));
+}

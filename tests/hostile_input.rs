@@ -30,7 +30,7 @@ use qrexec_connect_binding::address::ListenAddress;
 use qrexec_connect_binding::destination::{
     split_words, BindingError, Destination, Service, Target,
 };
-use qrexec_connect_generator::config::{is_invisible, printable, SHOWN_CHARS};
+use qrexec_connect_generator::config::{is_invisible, printable, Config, SHOWN_CHARS};
 
 use common::*;
 
@@ -349,6 +349,44 @@ fn printable_garbage() -> String {
             char::from(if c == b':' { b'!' } else { c })
         })
         .collect()
+}
+
+/// Issue 22: every Unicode space but the ASCII one (and the tab, which
+/// separates fields too) looks like a field separator and is not one: the
+/// printable rule shows each escaped, as it shows zero-width characters,
+/// and a config line holding one is refused naming it.
+#[test]
+fn every_unicode_space_but_ascii_is_escaped_and_named() {
+    let spaces: Vec<char> = (0..=0x10_ffff_u32)
+        .filter_map(char::from_u32)
+        .filter(|&c| c.is_whitespace() && !matches!(c, ' ' | '\t'))
+        .collect();
+    assert!(spaces.contains(&'\u{a0}') && spaces.contains(&'\u{3000}'));
+    for c in spaces {
+        let shown = printable(format!("a{c}b").as_bytes());
+        let escaped = if c.is_ascii_control() {
+            format!("a\\x{:02x}b", u32::from(c))
+        } else {
+            format!("a\\u{{{:x}}}b", u32::from(c))
+        };
+        assert_eq!(shown, escaped, "U+{:04X}", u32::from(c));
+        if c.is_control() {
+            continue; // refused as a control character
+        }
+        let mut config = Config::default();
+        config.add_text(
+            "/a.conf",
+            format!("127.0.0.1:2222{c}vm qubes.ConnectTCP+22").as_bytes(),
+        );
+        let message = config.problems[0].headline();
+        assert!(
+            message.starts_with(&format!(
+                "/a.conf:1: U+{:04X} looks like a space but does not separate fields",
+                u32::from(c)
+            )),
+            "{message}"
+        );
+    }
 }
 
 #[test]

@@ -49,8 +49,9 @@ qrexec-connect-client-config:
     /run/user/UID and home for the user's, not another's), on a copy in a
     directory of its own that the user can read but not change (so that
     other config files do not fail this state), with the user's home and
-    runtime dir for %h and %t. Only problems in this file fail the state;
-    warnings pass. Without the package (not installed in the template yet)
+    runtime dir for %h and %t. Only problems in this file fail the state,
+    each with the text of its line (the indented line after it); warnings
+    and their text lines pass. Without the package (not installed in the template yet)
     the pillar checks above are all there is. #}
 {%- set check_script = 'command -v qrexec-connect-generator >/dev/null || exit 0
 command -v setpriv >/dev/null || { echo "setpriv (util-linux) is needed to check salt.conf as ' ~ account.name ~ '"; exit 1; }
@@ -58,7 +59,7 @@ dir=$(mktemp -d) || exit 1
 mkdir "$dir/qrexec-connect" && cp "$1" "$dir/qrexec-connect/salt.conf" && chmod -R a+rX "$dir" || exit 1
 out=$(HOME=' ~ account.home ~ ' XDG_RUNTIME_DIR=/run/user/' ~ account.uid ~ ' XDG_CONFIG_HOME="$dir" setpriv --reuid=' ~ account.uid ~ ' --regid=' ~ account.gid ~ ' --init-groups qrexec-connect-generator --check 2>&1 >/dev/null)
 rm -rf "$dir"
-problems=$(printf "%s\\n" "$out" | sed -n "s|^$dir/qrexec-connect/salt.conf:|' ~ path ~ ':|p" | grep -v "^[^ ]*:[0-9]*: warning: ")
+problems=$(printf "%s\\n" "$out" | sed -n -e "s|^$dir/qrexec-connect/salt.conf:|' ~ path ~ ':|p" -e "/^    /p" | sed "/^[^ ]*:[0-9]*: warning: /{N;d;}")
 [ -z "$problems" ] || { printf "%s\\n" "$problems"; exit 1; }' %}
 
 qrexec-connect-config-dir:
