@@ -80,6 +80,9 @@ chmod +x "$work/bin/qubesdb-read"
 
 export XDG_CONFIG_HOME="$work/config" XDG_RUNTIME_DIR="$work/run" HOME="$work"
 export PATH="$work/bin:$PATH"
+# Never the user's own manager: systemctl --user would find it through the
+# session bus, and status would compare the demo's config with it.
+unset DBUS_SESSION_BUS_ADDRESS
 config="$XDG_CONFIG_HOME/qrexec-connect/web.conf"
 cat > "$config" <<CONFIG
 127.0.0.1:$web_port   web-server  qubes.ConnectTCP+$service_port
