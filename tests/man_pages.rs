@@ -1,6 +1,8 @@
 //! Every man page builds from its scdoc source and renders without a
 //! warning, and documents every message a user can meet.
 
+mod common;
+
 use std::process::Command;
 
 const PAGES: [&str; 4] = [
@@ -121,5 +123,91 @@ fn rendered_pages_show_no_markup_and_describe_every_option() {
                 "{page}: {option} has no description"
             );
         }
+    }
+}
+
+/// The lines of a rendered page between the heading `name` and the next
+/// heading (a line that starts in column 0).
+fn page_section<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    text.lines()
+        .skip_while(|line| *line != name)
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with(' '))
+        .collect()
+}
+
+/// Whether some line of `lines` starts with `word` (then a space or its end).
+fn starts_a_line(lines: &[&str], word: &str) -> bool {
+    lines.iter().any(|line| {
+        line.trim_start()
+            .strip_prefix(word)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+    })
+}
+
+/// Every command `qrexec-connect --help` lists (users' and systemd's) has
+/// its entry in the COMMANDS section of qrexec-connect(8), so a command
+/// added to the help cannot be missing from the page.
+#[test]
+fn the_daemon_page_describes_every_command_of_its_help() {
+    let help = common::run(Command::new(common::DAEMON.path()).arg("--help"));
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    // A command's line: two spaces, then a lowercase word (options start
+    // with '-'; descriptions are indented further).
+    let commands: Vec<&str> = help
+        .lines()
+        .filter_map(|line| line.strip_prefix("  "))
+        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_lowercase()))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(
+        commands.contains(&"status") && commands.contains(&"reconcile"),
+        "no commands found in --help:\n{help}"
+    );
+    let text = render("qrexec-connect.8");
+    let section = page_section(&text, "COMMANDS");
+    for command in commands {
+        assert!(
+            starts_a_line(&section, command),
+            "qrexec-connect(8) has no entry for the command {command:?} in COMMANDS:\n{}",
+            section.join("\n")
+        );
+    }
+}
+
+/// Every state `status` can print, as the code names them (the words of
+/// `State::word` in status.rs), is explained in qrexec-connect(8).
+#[test]
+fn the_daemon_page_explains_every_state_status_prints() {
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../src/bin/qrexec-connect/status.rs"
+    ))
+    .unwrap();
+    let words = source
+        .split_once("fn word(&self)")
+        .expect("status.rs names its states in State::word")
+        .1
+        .split_once("\n    }\n")
+        .unwrap()
+        .0;
+    let states: Vec<&str> = words
+        .lines()
+        .filter(|line| line.trim_start().starts_with("State::"))
+        .filter_map(|line| line.split('"').nth(1))
+        .collect();
+    assert!(
+        states.len() >= 8 && states.contains(&"listening"),
+        "the states were not found in status.rs: {states:?}"
+    );
+    let text = render("qrexec-connect.8");
+    let section = page_section(&text, "STATUS");
+    for state in states {
+        assert!(
+            starts_a_line(&section, state),
+            "qrexec-connect(8) does not explain the state {state:?} in STATUS:\n{}",
+            section.join("\n")
+        );
     }
 }
