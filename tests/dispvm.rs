@@ -102,6 +102,12 @@ fn a_disposable_target_is_served_and_shown_by_its_real_name() {
             "no {field} in status --json:\n{json}"
         );
     }
+    // Both healthy: the encoded fd name is what the config asks for.
+    assert_eq!(
+        json.matches("\"state\": \"listening\"").count(),
+        2,
+        "{json}"
+    );
     let plain = run(manager
         .command("qrexec-connect")
         .args(["status"])
