@@ -141,6 +141,14 @@ fn split_encoded(text: &str) -> Option<(&str, &str)> {
     matches!(keyword, "@dispvm" | "$dispvm").then_some((keyword, template))
 }
 
+/// Whether a refused target was meant as a disposable template (either
+/// spelling), so that its message says what a template must be.
+fn is_disposable_form(text: &str) -> bool {
+    ["@dispvm:", "$dispvm:", "@dispvm/", "$dispvm/"]
+        .iter()
+        .any(|prefix| text.starts_with(prefix))
+}
+
 /// A qube name as qrexec accepts it: a letter, then letters, digits, `_`
 /// or `-`, at most [`MAX_VM_NAME`] bytes. The one copy of the rule: the
 /// tests' Qubes policy checker and the qrexec-client-vm double use it too.
@@ -306,6 +314,11 @@ pub enum BindingError {
 impl fmt::Display for BindingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            BindingError::InvalidTarget(t) if is_disposable_form(t) => write!(
+                f,
+                "invalid qrexec target {t:?}: @dispvm:TEMPLATE needs a disposable template's \
+                 qube name (a letter, then letters, digits, '_' or '-', at most {MAX_VM_NAME})"
+            ),
             BindingError::InvalidTarget(t) => write!(
                 f,
                 "invalid qrexec target {t:?}: use a qube name (a letter, then letters, digits, \
@@ -463,6 +476,13 @@ mod tests {
             Destination::from_fd_name("@dispvm:tpl svc"),
             Err(BindingError::ColonInTarget(_))
         ));
+        let refused = Target::parse("@dispvm:9tpl").unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("needs a disposable template's qube name"),
+            "{refused}"
+        );
         let refused = Target::parse("@dispvm/tpl").unwrap_err();
         assert!(
             refused.to_string().contains("write @dispvm:tpl here"),
