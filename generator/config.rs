@@ -1143,9 +1143,11 @@ mod tests {
         assert_eq!(err(b"@x\xff vm svc"), LineError::NotUtf8);
         assert!(matches!(err(b"22 vm svc"), LineError::Address(_)));
         assert!(matches!(err(b"@x 1vm svc"), LineError::Binding(_)));
+        // A config line takes @dispvm:TEMPLATE; the fd name's spelling is refused.
+        assert!(parse_line(b"@x @dispvm:t svc", at()).is_ok());
         assert!(matches!(
-            err(b"@x @dispvm:t svc"),
-            LineError::Binding(BindingError::ColonInTarget(_))
+            err(b"@x @dispvm/t svc"),
+            LineError::Binding(BindingError::EncodedTarget { .. })
         ));
         // A control character in a comment is harmless; bad UTF-8 too.
         assert_eq!(

@@ -6,7 +6,9 @@
 use proptest::prelude::*;
 
 use qrexec_connect_binding::address::ListenAddress;
-use qrexec_connect_binding::destination::Destination;
+use qrexec_connect_binding::destination::{
+    is_vm_name, BindingError, Destination, Service, Target, MAX_FD_NAME,
+};
 use qrexec_connect_generator::config::{is_invisible, printable, Binding, Config, Problem};
 use qrexec_connect_generator::unit::socket_unit;
 use qrexec_connect_generator::unit_name::{socket_unit_name, MAX_UNIT_NAME};
@@ -190,6 +192,7 @@ fn target() -> impl Strategy<Value = String> {
         1 => Just("@dispvm".to_owned()),
         1 => Just("@adminvm".to_owned()),
         1 => "@dispvm:[a-z]{0,5}",
+        1 => "[@$]dispvm[:/][a-zA-Z0-9_@:/\\-]{0,33}",
         4 => "[a-zA-Z][a-zA-Z0-9_\\-]{0,33}",
         1 => "\\PC{0,8}",
     ]
@@ -312,4 +315,142 @@ fn canonical(listen: &ListenAddress) -> String {
             format!("path {base} {}", parts.join("/"))
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Issue 20: `@dispvm:TEMPLATE` in an fd name is written `@dispvm/TEMPLATE`
+// ---------------------------------------------------------------------------
+
+/// A template name: valid ones, and ones that only look close.
+fn template() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[a-zA-Z][a-zA-Z0-9_\\-]{0,30}",
+        1 => Just(String::new()),
+        1 => "[0-9_\\-][a-zA-Z0-9_\\-]{0,10}",
+        1 => "[a-zA-Z][a-zA-Z0-9_\\-]{31,40}",
+        1 => "(@dispvm[:/]|@tag:|@anyvm|@default|\\$dispvm[:/])[a-z]{0,6}",
+        1 => "[a-z]{1,4}[:/.*@ %'\"][a-z]{0,4}",
+        1 => "\\PC{1,8}",
+    ]
+}
+
+/// Any TARGET word, the encoded forms and near misses included.
+fn fd_word() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => ("[@$]dispvm[:/]", template()).prop_map(|(k, t)| format!("{k}{t}")),
+        1 => "[@$](dispvm|default|adminvm|anyvm)[:/]?[a-z]{0,4}",
+        1 => "[a-zA-Z][a-zA-Z0-9_\\-]{0,33}",
+        1 => "[a-z]{1,5}[:/][a-z]{1,5}",
+        1 => "\\PC{0,10}",
+    ]
+}
+
+proptest! {
+    /// Every `@dispvm:TEMPLATE` (or `$dispvm:`) round-trips through an fd
+    /// name systemd accepts, and the daemon gets the real target back.
+    #[test]
+    fn a_disposable_target_round_trips_through_the_fd_name(
+        keyword in "[@$]dispvm",
+        template in "[a-zA-Z][a-zA-Z0-9_\\-]{0,30}",
+        service in "[a-zA-Z0-9._\\-]{1,20}(\\+[a-zA-Z0-9._+\\-]{0,20})?",
+    ) {
+        let real = format!("{keyword}:{template}");
+        let destination = Destination {
+            target: Target::parse(&real).unwrap(),
+            service: Service::parse(&service).unwrap(),
+        };
+        let fd_name = destination.to_fd_name().unwrap();
+        prop_assert_eq!(&fd_name, &format!("{keyword}/{template} {service}"));
+        prop_assert!(fd_name.len() <= MAX_FD_NAME);
+        prop_assert!(fd_name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b':' && b != b'%'));
+        let back = Destination::from_fd_name(&fd_name).unwrap();
+        prop_assert_eq!(back.target.as_str(), real.as_str());
+        prop_assert_eq!(back.target.template(), Some(template.as_str()));
+        prop_assert_eq!(back, destination);
+    }
+
+    /// The two spellings are one bijection: what an fd name decodes to is
+    /// a target a config line accepts, and encodes back to the same word;
+    /// what a config line accepts encodes to a word that decodes back.
+    /// So no fd name that was valid before means something new.
+    #[test]
+    fn fd_words_and_targets_map_one_to_one(word in fd_word()) {
+        if let Ok(target) = Target::from_fd_word(&word) {
+            prop_assert!(!word.contains(':'), "{:?} decoded with a ':'", word);
+            prop_assert_eq!(Target::parse(target.as_str()), Ok(target.clone()));
+            prop_assert_eq!(target.fd_word(), if word.is_empty() { "''".to_owned() } else { word.clone() });
+            if !word.contains('/') {
+                // Every word valid before decodes to itself.
+                prop_assert_eq!(target.as_str(), word.as_str());
+            }
+        }
+        if let Ok(target) = Target::parse(&word) {
+            prop_assert!(!word.contains('/'), "{:?} accepted in a config line", word);
+            let encoded = target.fd_word();
+            let decoded = if encoded == "''" { Target::parse("") } else { Target::from_fd_word(&encoded) };
+            prop_assert_eq!(decoded, Ok(target));
+        }
+    }
+
+    /// Every malformed form is refused, in both spellings: an empty
+    /// template, one that is not a qube name, a double encoding, a `:` in
+    /// an fd name, the fd name's `/` in a config line.
+    #[test]
+    fn malformed_disposable_targets_are_refused(
+        keyword in "[@$]dispvm",
+        template in template(),
+    ) {
+        let real = format!("{keyword}:{template}");
+        let encoded = format!("{keyword}/{template}");
+        if is_vm_name(&template) {
+            prop_assert!(Target::parse(&real).is_ok());
+            prop_assert!(Target::from_fd_word(&encoded).is_ok());
+            // Each spelling outside its own place, with a message naming the other.
+            prop_assert!(matches!(
+                Target::from_fd_word(&real),
+                Err(BindingError::ColonInTarget(_))
+            ));
+            let refused = Target::parse(&encoded).unwrap_err();
+            let names_real = refused.to_string().contains(&format!("write {real} here"));
+            prop_assert!(
+                matches!(refused, BindingError::EncodedTarget { .. }) && names_real,
+                "{}",
+                refused
+            );
+        } else {
+            prop_assert!(Target::parse(&real).is_err(), "{:?} accepted", real);
+            prop_assert!(Target::from_fd_word(&encoded).is_err(), "{:?} accepted", encoded);
+        }
+        // Double encodings never name a qube.
+        for double in [
+            format!("@dispvm:{encoded}"),
+            format!("@dispvm:{real}"),
+            format!("@dispvm/{encoded}"),
+            format!("@dispvm/{real}"),
+        ] {
+            prop_assert!(Target::parse(&double).is_err(), "{:?} accepted", double);
+            prop_assert!(Target::from_fd_word(&double).is_err(), "{:?} accepted", double);
+        }
+    }
+
+    /// A config line with the fd name's spelling is a problem naming the
+    /// real spelling, and never a binding.
+    #[test]
+    fn the_encoded_form_in_a_config_line_is_refused(
+        template in "[a-zA-Z][a-zA-Z0-9_\\-]{0,30}",
+        port in 1u16..,
+    ) {
+        let line = format!("127.0.0.1:{port} @dispvm/{template} qubes.ConnectTCP+80\n");
+        let config = parse_one(&line);
+        prop_assert!(config.bindings.is_empty());
+        let message = config.problems.iter().map(|p| p.to_string()).collect::<String>();
+        prop_assert!(message.contains(&format!("write @dispvm:{template} here")), "{}", message);
+    }
+}
+
+/// A config of one file holding `text`.
+fn parse_one(text: &str) -> Config {
+    let mut config = Config::default();
+    config.add_text("/home/user/.config/qrexec-connect/a.conf", text.as_bytes());
+    config
 }

@@ -596,6 +596,49 @@ fn policy_allow_with_target_redirect_and_per_qube_services() {
     assert_eq!(out.stdout, b"qube-b\n");
 }
 
+/// Issue 20: a call to `@dispvm:TEMPLATE` (or `$dispvm:`) is allowed by a
+/// rule naming that template and served by what the template has (in
+/// Qubes, a new disposable of it); a rule for another template does not
+/// match, and `@dispvm/TEMPLATE`, qrexec-connect's fd-name spelling, is
+/// no target at all.
+#[test]
+fn a_disposable_target_is_matched_by_name_and_served_by_its_template() {
+    let dir = TempDir::new();
+    let policy = write_policy(
+        &dir,
+        "test.Where + client @dispvm:web-dvm allow\n\
+         test.Where +redir client @dispvm allow target=@dispvm:print-dvm\n\
+         * * @anyvm @anyvm deny\n",
+    );
+    let svc = dir.path().join("services");
+    dir.script("services/web-dvm/test.Where", "echo web-dvm");
+    dir.script("services/print-dvm/test.Where", "echo print-dvm");
+    dir.script("services/test.Where", "echo generic");
+    let call = |target: &str, service: &str| {
+        Run::new(["--", target, service])
+            .env("QREXEC_DOUBLE_POLICY", &policy)
+            .services(&svc)
+            .output(b"")
+    };
+    for target in ["@dispvm:web-dvm", "$dispvm:web-dvm"] {
+        let out = call(target, "test.Where");
+        assert_eq!(out.status.code(), Some(0), "{target}");
+        assert_eq!(out.stdout, b"web-dvm\n", "{target}");
+    }
+    let out = call("@dispvm", "test.Where+redir");
+    assert_eq!(out.stdout, b"print-dvm\n");
+    for target in [
+        "@dispvm:other-dvm",
+        "@dispvm/web-dvm",
+        "$dispvm/web-dvm",
+        "@dispvm:",
+    ] {
+        let out = call(target, "test.Where");
+        assert_eq!(out.status.code(), Some(126), "{target}");
+        assert_eq!(out.stderr, b"Request refused\n", "{target}");
+    }
+}
+
 #[test]
 fn unknown_service_exits_127_silently() {
     let dir = TempDir::new();

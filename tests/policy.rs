@@ -226,6 +226,7 @@ fn assert_ok(case: &str, result: Result<(), String>) {
 #[test]
 fn each_binding_is_allowed_exactly_its_call_and_nothing_more() {
     let long_qube = "q".repeat(MAX_VM_NAME);
+    let long_dispvm = format!("@dispvm:{long_qube}");
     let long_service = format!("org.{}+{}", "s".repeat(150), "a".repeat(60));
     let cases: Vec<(String, &str, String)> = vec![
         (
@@ -264,6 +265,22 @@ fn each_binding_is_allowed_exactly_its_call_and_nothing_more() {
             "127.0.0.1:8080 @dispvm qubes.ConnectTCP+80".into(),
             "@dispvm",
             "qubes.ConnectTCP+80".into(),
+        ),
+        // A new disposable of the template for each call (issue 20).
+        (
+            "127.0.0.1:8081 @dispvm:web-dvm qubes.ConnectTCP+80".into(),
+            "@dispvm:web-dvm",
+            "qubes.ConnectTCP+80".into(),
+        ),
+        (
+            "127.0.0.1:8082 $dispvm:web-dvm qubes.ConnectTCP+80".into(),
+            "$dispvm:web-dvm",
+            "qubes.ConnectTCP+80".into(),
+        ),
+        (
+            format!("%t/x @dispvm:{long_qube} my.Service"),
+            &long_dispvm,
+            "my.Service".into(),
         ),
         (
             "%t/admin $adminvm my.Service".into(),
@@ -360,7 +377,15 @@ fn config_lines_that_are_not_bindings_allow_nothing() {
                   127.0.0.1:2305 ssh-server * \n\
                   127.0.0.1:2306 ssh-server qubes.ConnectTCP+22 allow\n\
                   127.0.0.1:2307 ssh-server +22\n\
-                  127.0.0.1:2308 @dispvm:fedora-dvm qubes.ConnectTCP+22\n\
+                  127.0.0.1:2308 @dispvm/fedora-dvm qubes.ConnectTCP+22\n\
+                  127.0.0.1:2311 @dispvm: qubes.ConnectTCP+22\n\
+                  127.0.0.1:2312 @dispvm:@anyvm qubes.ConnectTCP+22\n\
+                  127.0.0.1:2313 @dispvm:@tag:work qubes.ConnectTCP+22\n\
+                  127.0.0.1:2314 @dispvm:* qubes.ConnectTCP+22\n\
+                  127.0.0.1:2315 @dispvm:9dvm qubes.ConnectTCP+22\n\
+                  127.0.0.1:2316 @dispvm:@dispvm:dvm qubes.ConnectTCP+22\n\
+                  127.0.0.1:2317 @dispvm:dvm:x qubes.ConnectTCP+22\n\
+                  127.0.0.1:2318 @default:dvm qubes.ConnectTCP+22\n\
                   127.0.0.1:2309 ssh-server qubes.ConnectTCP+22\r\x0bqubes.ConnectTCP\n\
                   127.0.0.1:2310 ssh-server\u{202e} qubes.ConnectTCP+22\n";
     let client = Client::new(&[("a.conf", config)]);

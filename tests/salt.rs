@@ -974,6 +974,20 @@ fn every_rule_grants_exactly_what_the_pillar_asks() {
         )
         .to("@dispvm:split-dvm"),
         Binding::new("work", "%h/.gnupg-split", "@dispvm", "qubes.Gpg"),
+        // A new disposable of web-dvm for each call (issue 20): the rule
+        // names that target, and the config line has it as is.
+        Binding::new(
+            "work",
+            "127.0.0.1:8090",
+            "@dispvm:web-dvm",
+            "qubes.ConnectTCP+80",
+        ),
+        Binding::new(
+            "work",
+            "127.0.0.1:8091",
+            "@dispvm:A23456789012345678901234567890b",
+            "qubes.ConnectTCP+80",
+        ),
         Binding::new("work", "127.0.0.1:9000", "@adminvm", "my.Service+x.y_z-1"),
         Binding::new(
             "nfs-a",
@@ -1016,6 +1030,13 @@ fn every_rule_grants_exactly_what_the_pillar_asks() {
         .map(|b| b.line() + "\n")
         .collect();
     assert_eq!(rule_lines(&read(&salt.file(SALT_CONF))), lines);
+
+    salt.apply_ok("work", "qrexec-connect.client");
+    let written = read(&salt.file(SALT_CONF));
+    assert!(
+        written.contains("127.0.0.1:8090 @dispvm:web-dvm qubes.ConnectTCP+80\n"),
+        "{written}"
+    );
 }
 
 /// The issue's pillar: `target: |` (YAML adds a newline) passed every check
@@ -1209,18 +1230,34 @@ fn hostile_values_fail_the_state_and_each_entry_is_named() {
         "@anyvm",
         "*",
         "@tag:work",
-        "@dispvm:dvm",
         "9web",
         "A23456789012345678901234567890bc",
+        // Disposable templates that are not one qube name, and the fd
+        // name's spelling (issue 20).
+        "@dispvm:",
+        "@dispvm:9dvm",
+        "@dispvm:@tag:work",
+        "@dispvm:@anyvm",
+        "@dispvm:@dispvm:dvm",
+        "@dispvm:dvm:x",
+        "@dispvm:A23456789012345678901234567890bc",
+        "@dispvm/dvm",
+        "$dispvm/dvm",
     ] {
         refuse(
             base,
             "target",
             yaml_str(name),
-            "is not a qube name, @default, @dispvm or @adminvm",
+            "is not a qube name, @default, @dispvm, @dispvm:TEMPLATE or @adminvm",
         );
     }
-    for name in ["$default", "$dispvm", "$adminvm"] {
+    refuse(
+        Binding::new("work", "127.0.0.1:83", "@dispvm:dvm", "qubes.Svc"),
+        "policy_target",
+        yaml_str("@dispvm:other-dvm"),
+        "is only for target @default or @dispvm",
+    );
+    for name in ["$default", "$dispvm", "$adminvm", "$dispvm:dvm"] {
         refuse(base, "target", yaml_str(name), "is the old spelling");
     }
     for service in [

@@ -412,6 +412,15 @@ pub fn evaluate(rules: &[PolicyLine], call: Call<'_>) -> Result<Verdict, String>
         let target_matches = match alias(&rule.target) {
             "@anyvm" => requested != "@adminvm",
             token @ ("@default" | "@adminvm" | "@dispvm") => token == requested,
+            // A template matches a call asking for it by name, and a call
+            // asking for `@dispvm` when it is the source's default_dispvm
+            // (a qube property this checker does not know).
+            t if t.starts_with("@dispvm:") && !t.starts_with("@dispvm:@") => {
+                if requested == "@dispvm" {
+                    return Err(format!("cannot tell whether {t} matches @dispvm"));
+                }
+                t == requested
+            }
             t if t.starts_with('@') => {
                 return Err(format!("cannot tell whether {t} matches {requested}"))
             }

@@ -13,6 +13,25 @@
 //!   bytes, made of the characters dom0 passes through unchanged.
 //! * fd name: the two words, split the way a shell would (so `'' svc` gives
 //!   an empty target); printable ASCII without `:`, at most 255 bytes.
+//!
+//! # `@dispvm:TEMPLATE` in an fd name
+//!
+//! systemd refuses `:` in `FileDescriptorName=` (it separates the names in
+//! `LISTEN_FDNAMES`), and drops such a value with a warning in its own
+//! journal only. So the fd name writes a disposable's template after a `/`
+//! instead: `@dispvm/web-dvm` (and `$dispvm/web-dvm` for `$dispvm:web-dvm`),
+//! which [`Target::from_fd_word`] turns back into the real target. Why `/`:
+//! it is printable ASCII and no specifier (`%` would be), no fd name that was
+//! valid before means anything else with it (a qube name holds no `/`, and
+//! no other keyword takes a suffix), a shell does not split or quote it, and
+//! qrexec and dom0 refuse `@dispvm/...` as a target, so an encoded word that
+//! reached them undecoded would fail closed instead of going elsewhere.
+//!
+//! Each spelling has one place: a config line (and everything shown to a
+//! user: `status`, `policy`, the journal, the client's command line) has the
+//! real `@dispvm:web-dvm`, and [`Target::parse`] refuses the encoded form
+//! there; an fd name (a generated unit, or a hand-written one) has
+//! `@dispvm/web-dvm`, and [`Target::from_fd_word`] refuses a `:` there.
 
 use std::fmt;
 
@@ -22,14 +41,25 @@ pub const MAX_VM_NAME: usize = 31;
 pub const MAX_SERVICE: usize = 255;
 /// Longest `FileDescriptorName=` systemd accepts.
 pub const MAX_FD_NAME: usize = 255;
+/// What stands for the `:` of `@dispvm:TEMPLATE` in an fd name (see the
+/// module documentation).
+pub const FD_TEMPLATE_SEPARATOR: char = '/';
 
 /// Where a call goes: left to policy, or a named qube or keyword.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target(String);
 
 impl Target {
-    /// Parses a target as qrexec-client-vm would accept it.
+    /// Parses a target as qrexec-client-vm would accept it (the real
+    /// spelling, `@dispvm:TEMPLATE`; the fd name's `@dispvm/TEMPLATE` is
+    /// refused, with a message naming the real one).
     pub fn parse(text: &str) -> Result<Target, BindingError> {
+        if let Some((keyword, template)) = split_encoded(text).filter(|(_, t)| is_vm_name(t)) {
+            return Err(BindingError::EncodedTarget {
+                written: text.to_owned(),
+                real: format!("{keyword}:{template}"),
+            });
+        }
         let normal: String = match text.strip_prefix('$') {
             Some(rest) => format!("@{rest}"),
             None => text.to_owned(),
@@ -46,6 +76,41 @@ impl Target {
         } else {
             Err(BindingError::InvalidTarget(text.to_owned()))
         }
+    }
+
+    /// Parses the TARGET word of an fd name: `@dispvm/TEMPLATE` (or
+    /// `$dispvm/TEMPLATE`) is decoded to `@dispvm:TEMPLATE`; a `:` is refused
+    /// (systemd never passes one, so it was not written for systemd).
+    pub fn from_fd_word(word: &str) -> Result<Target, BindingError> {
+        match split_encoded(word) {
+            Some((keyword, template)) if is_vm_name(template) => {
+                Ok(Target(format!("{keyword}:{template}")))
+            }
+            Some(_) => Err(BindingError::InvalidTarget(word.to_owned())),
+            None if word.contains(':') => Err(BindingError::ColonInTarget(word.to_owned())),
+            None => Target::parse(word),
+        }
+    }
+
+    /// The TARGET word of an fd name: the target, with a disposable's
+    /// template after [`FD_TEMPLATE_SEPARATOR`] instead of `:`, and `''`
+    /// for the empty target.
+    pub fn fd_word(&self) -> String {
+        match self.template() {
+            Some(template) => {
+                let keyword = &self.0[..self.0.len() - template.len() - 1];
+                format!("{keyword}{FD_TEMPLATE_SEPARATOR}{template}")
+            }
+            None => self.to_string(),
+        }
+    }
+
+    /// The template of `@dispvm:TEMPLATE` (or `$dispvm:TEMPLATE`): each
+    /// call to it runs in a new disposable made from that template.
+    pub fn template(&self) -> Option<&str> {
+        self.0
+            .strip_prefix("@dispvm:")
+            .or_else(|| self.0.strip_prefix("$dispvm:"))
     }
 
     /// The target as written (an empty string means "let policy decide").
@@ -67,6 +132,21 @@ impl fmt::Display for Target {
             f.write_str(&self.0)
         }
     }
+}
+
+/// `(KEYWORD, TEMPLATE)` when `text` is a target in its fd-name spelling,
+/// `@dispvm/TEMPLATE` or `$dispvm/TEMPLATE` (TEMPLATE not yet checked).
+fn split_encoded(text: &str) -> Option<(&str, &str)> {
+    let (keyword, template) = text.split_once(FD_TEMPLATE_SEPARATOR)?;
+    matches!(keyword, "@dispvm" | "$dispvm").then_some((keyword, template))
+}
+
+/// Whether a refused target was meant as a disposable template (either
+/// spelling), so that its message says what a template must be.
+fn is_disposable_form(text: &str) -> bool {
+    ["@dispvm:", "$dispvm:", "@dispvm/", "$dispvm/"]
+        .iter()
+        .any(|prefix| text.starts_with(prefix))
 }
 
 /// A qube name as qrexec accepts it: a letter, then letters, digits, `_`
@@ -130,25 +210,24 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Parses `TARGET SERVICE` as found in `LISTEN_FDNAMES`.
+    /// Parses `TARGET SERVICE` as found in `LISTEN_FDNAMES` (TARGET in its
+    /// fd-name spelling, [`Target::from_fd_word`]).
     pub fn from_fd_name(fd_name: &str) -> Result<Destination, BindingError> {
         let words = split_words(fd_name)?;
         match <[String; 2]>::try_from(words) {
             Ok([target, service]) => Ok(Destination {
-                target: Target::parse(&target)?,
+                target: Target::from_fd_word(&target)?,
                 service: Service::parse(&service)?,
             }),
             Err(words) => Err(BindingError::WordCount(words.len())),
         }
     }
 
-    /// The `FileDescriptorName=` value for this destination; refuses what
-    /// systemd would reject (a `:` from `@dispvm:VM`, or an overlong name).
+    /// The `FileDescriptorName=` value for this destination (a disposable's
+    /// template encoded, [`Target::fd_word`]); refuses an overlong name,
+    /// which systemd would drop.
     pub fn to_fd_name(&self) -> Result<String, BindingError> {
-        if self.target.as_str().contains(':') {
-            return Err(BindingError::ColonInTarget(self.target.0.clone()));
-        }
-        let name = format!("{} {}", self.target, self.service);
+        let name = format!("{} {}", self.target.fd_word(), self.service);
         if name.len() > MAX_FD_NAME {
             return Err(BindingError::FdNameTooLong(name.len()));
         }
@@ -224,12 +303,22 @@ pub enum BindingError {
     UnclosedQuote,
     TrailingBackslash,
     ColonInTarget(String),
+    /// `@dispvm/TEMPLATE` where the real spelling belongs (a config line).
+    EncodedTarget {
+        written: String,
+        real: String,
+    },
     FdNameTooLong(usize),
 }
 
 impl fmt::Display for BindingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            BindingError::InvalidTarget(t) if is_disposable_form(t) => write!(
+                f,
+                "invalid qrexec target {t:?}: @dispvm:TEMPLATE needs a disposable template's \
+                 qube name (a letter, then letters, digits, '_' or '-', at most {MAX_VM_NAME})"
+            ),
             BindingError::InvalidTarget(t) => write!(
                 f,
                 "invalid qrexec target {t:?}: use a qube name (a letter, then letters, digits, \
@@ -247,9 +336,9 @@ impl fmt::Display for BindingError {
                 f,
                 "expected two words, TARGET and SERVICE, found one; systemd passes the \
                  unit's own name when FileDescriptorName= is missing or when it dropped the \
-                 value as invalid (systemd refuses ':', so no @dispvm:TEMPLATE, characters \
-                 outside printable ASCII and more than {MAX_FD_NAME} bytes, and says so only \
-                 in the user manager's journal)"
+                 value as invalid (systemd refuses ':', so write @dispvm:TEMPLATE as \
+                 @dispvm/TEMPLATE there, characters outside printable ASCII and more than \
+                 {MAX_FD_NAME} bytes, and says so only in the user manager's journal)"
             ),
             BindingError::WordCount(n) => write!(
                 f,
@@ -261,7 +350,11 @@ impl fmt::Display for BindingError {
             BindingError::ColonInTarget(t) => write!(
                 f,
                 "target {t:?} contains ':', which systemd forbids in FileDescriptorName=: \
-                 use @dispvm and choose the template in the policy with target=@dispvm:TEMPLATE"
+                 write @dispvm:TEMPLATE as @dispvm/TEMPLATE there"
+            ),
+            BindingError::EncodedTarget { written, real } => write!(
+                f,
+                "target {written:?} is how FileDescriptorName= writes {real}: write {real} here"
             ),
             BindingError::FdNameTooLong(n) => write!(
                 f,
@@ -353,16 +446,62 @@ mod tests {
     }
 
     #[test]
-    fn fd_name_round_trips_and_refuses_colon() {
+    fn a_disposable_template_is_written_with_a_slash_in_the_fd_name() {
+        for (real, word) in [
+            ("@dispvm:web-dvm", "@dispvm/web-dvm"),
+            ("$dispvm:web-dvm", "$dispvm/web-dvm"),
+        ] {
+            let d = Destination {
+                target: Target::parse(real).unwrap(),
+                service: Service::parse("qubes.ConnectTCP+80").unwrap(),
+            };
+            let fd_name = d.to_fd_name().unwrap();
+            assert_eq!(fd_name, format!("{word} qubes.ConnectTCP+80"));
+            let back = Destination::from_fd_name(&fd_name).unwrap();
+            assert_eq!(
+                back.target.as_str(),
+                real,
+                "the daemon gets the real target"
+            );
+            assert_eq!(back, d);
+        }
         let d = Destination::from_fd_name("\"\" svc+1").unwrap();
         assert_eq!(d.to_fd_name().unwrap(), "'' svc+1");
-        let d = Destination {
-            target: Target::parse("@dispvm:tpl").unwrap(),
-            service: Service::parse("svc").unwrap(),
-        };
+    }
+
+    #[test]
+    fn each_spelling_is_refused_where_the_other_belongs() {
+        // systemd never passes a ':'; a config line takes the real spelling.
         assert!(matches!(
-            d.to_fd_name(),
+            Destination::from_fd_name("@dispvm:tpl svc"),
             Err(BindingError::ColonInTarget(_))
         ));
+        let refused = Target::parse("@dispvm:9tpl").unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("needs a disposable template's qube name"),
+            "{refused}"
+        );
+        let refused = Target::parse("@dispvm/tpl").unwrap_err();
+        assert!(
+            refused.to_string().contains("write @dispvm:tpl here"),
+            "{refused}"
+        );
+        for bad in [
+            "@dispvm/ svc",
+            "@dispvm/9tpl svc",
+            "@dispvm/@dispvm/tpl svc",
+            "@dispvm/a/b svc",
+            "@default/tpl svc",
+            "@adminvm/tpl svc",
+            "vm/tpl svc",
+            "@dispvm// svc",
+        ] {
+            assert!(
+                Destination::from_fd_name(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
     }
 }

@@ -41,7 +41,7 @@ use crate::policy::{self, PolicyBinding};
 use crate::reconcile;
 use crate::spawn::DEFAULT_CLIENT;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
-use qrexec_connect_binding::destination::{Destination, MAX_FD_NAME};
+use qrexec_connect_binding::destination::{Destination, Service, Target, MAX_FD_NAME};
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 use qrexec_connect_generator::config::{
     is_invisible, printable, printable_message, Config, ConfigDirs, Problem,
@@ -500,7 +500,7 @@ fn fd_name_problem(unit: &Unit) -> String {
         match written_fd_name(&unit.fragment) {
             Some(written) => {
                 let why = if written.contains(':') {
-                    "':'".to_owned()
+                    "':' (write @dispvm:TEMPLATE as @dispvm/TEMPLATE)".to_owned()
                 } else if let Some(c) = written.chars().find(|c| !matches!(c, ' '..='~')) {
                     format!("{c:?}")
                 } else if written.len() > MAX_FD_NAME {
@@ -626,8 +626,8 @@ fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
         }
         State::Invalid(_) => {
             return Some(format!(
-                "write FileDescriptorName=TARGET SERVICE in {} (no ':', so no \
-                @dispvm:TEMPLATE: use @dispvm and choose the template in the dom0 policy), \
+                "write FileDescriptorName=TARGET SERVICE in {} (no ':': write \
+                @dispvm:TEMPLATE as @dispvm/TEMPLATE there), \
                 or replace the unit with a config line (qrexec-connect.conf(5))",
                 printable(row.source.as_bytes())
             ))
@@ -669,7 +669,11 @@ fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
         State::Listening | State::Unknown => {}
     }
     let status = row.counters.as_ref()?.last_status?;
-    let destination = Destination::from_fd_name(&format!("{} {}", row.target, row.service)).ok()?;
+    // The row holds the real target (`@dispvm:TEMPLATE`), not the fd name's.
+    let destination = Destination {
+        target: Target::parse(&row.target).ok()?,
+        service: Service::parse(&row.service).ok()?,
+    };
     match status {
         126 => {
             let binding = PolicyBinding {

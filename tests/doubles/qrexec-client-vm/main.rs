@@ -46,7 +46,14 @@
 //! `Request refused\n` to stderr, nothing to stdout, and exits 126 at once.
 //! The effective target is the `target=` redirect, else TARGET; `@default`
 //! without a redirect becomes the qube named `default` (real dom0 would
-//! refuse it instead), `dom0` stays `dom0`, `@dispvm[:T]` stays as written.
+//! refuse it instead), `dom0` stays `dom0`, `@dispvm` stays as written, and
+//! `@dispvm:T` (asked for, or as `target=`) is served by what the qube `T`
+//! has: qrexec starts a new disposable from the template `T` for the call
+//! and destroys it when the call ends. A rule's `@dispvm:T` matches a call
+//! asking for `@dispvm:T` only (real dom0 also matches a call asking for
+//! `@dispvm` when `T` is the source's `default_dispvm`, a property the
+//! double does not know). `@dispvm/T`, the fd name's spelling in
+//! qrexec-connect's units, is no target: refused like any malformed one.
 //!
 //! # Services
 //!
@@ -377,7 +384,12 @@ fn run(opts: cli::Options, mode: Mode, prog: &str) -> ! {
     let qube = match redirect.unwrap_or(target) {
         t if t == "@default" => "default".to_string(),
         t if t == "@adminvm" => "dom0".to_string(),
-        t => t,
+        // A new disposable made from TEMPLATE for this call alone (qrexec
+        // destroys it when the call ends): it serves what TEMPLATE has.
+        t => match t.strip_prefix("@dispvm:") {
+            Some(template) => template.to_owned(),
+            None => t,
+        },
     };
 
     if !opts.local_program.is_empty() {

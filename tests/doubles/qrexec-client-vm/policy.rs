@@ -11,7 +11,9 @@
 //! Matching: a qube name matches itself (`dom0` is `@adminvm`, as dom0 reads
 //! it); `@anyvm` anything but `@adminvm`; `@default`, `@adminvm`, `@dispvm`
 //! and `@dispvm:NAME` only themselves. `@tag:`, `@type:` and `@dispvm:@tag:`
-//! never match (the double knows no tags or types).
+//! never match (the double knows no tags or types), and neither does
+//! `@dispvm:NAME` a call to `@dispvm` (dom0 matches it when NAME is the
+//! source's `default_dispvm`, which the double does not know).
 
 use qubes_policy::{check_policy_file, Action, Argument};
 
