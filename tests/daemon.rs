@@ -298,6 +298,57 @@ fn a_client_inherits_only_its_stdio_and_no_listen_variables() {
     }
 }
 
+/// The daemon blocks SIGCHLD, SIGTERM and SIGINT (it reads them from a
+/// signalfd) and ignores SIGPIPE; a client must start with none of that:
+/// an empty signal mask (or stopping its caller could not end it) and
+/// SIGPIPE at its default action. The client here is a Perl script that
+/// writes its own signal state (the double, a Rust program, ignores SIGPIPE
+/// itself, and a shell clears its mask).
+#[test]
+fn a_client_starts_with_no_blocked_signals_and_sigpipe_at_its_default() {
+    use std::os::unix::fs::PermissionsExt;
+    let echo = EchoServer::start();
+    let dir = TempDir::new("signals");
+    let report = dir.path().join("signals");
+    let client = dir.path().join("client");
+    std::fs::write(
+        &client,
+        format!(
+            "#!/usr/bin/perl\nopen(my $in, '<', '/proc/self/status') or die;\n\
+             open(my $out, '>', '{0}.tmp') or die;\n\
+             print $out grep {{ /^Sig(Blk|Ign):/ }} <$in>;\nclose($out);\n\
+             rename('{0}.tmp', '{0}') or die;\n",
+            report.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = tcp4();
+    let _daemon = Activate::builder()
+        .listen(&socket, &connect_tcp(echo.port))
+        .arg(&format!("--qrexec-client-vm={}", client.display()))
+        .arg("--client-mode=stdin-socket")
+        .start();
+    let _connection = socket.connect().unwrap();
+    let status = wait_for("the client's signal state", LIMIT, || {
+        std::fs::read_to_string(&report).ok()
+    });
+    let mask = |name: &str| {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"));
+        u64::from_str_radix(value.trim(), 16).unwrap()
+    };
+    assert_eq!(mask("SigBlk:"), 0, "the client starts with blocked signals");
+    let sigpipe = 1 << (13 - 1);
+    assert_eq!(
+        mask("SigIgn:") & sigpipe,
+        0,
+        "the client starts with SIGPIPE ignored"
+    );
+}
+
 #[test]
 fn sigterm_exits_within_a_second_and_live_connections_go_on() {
     let echo = EchoServer::start();
