@@ -27,7 +27,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitCode, ExitStatus};
 use std::rc::Rc;
@@ -93,9 +93,26 @@ enum Child {
         served: Rc<ServedSocket>,
         peer: listener::Peer,
         started: Instant,
+        /// Started in stdin-socket mode while the probe had not answered
+        /// yet: a copy of the connection, to start it again in pipe mode
+        /// should the client turn out to be an old one (see [`Tentative`]).
+        tentative: Option<OwnedFd>,
     },
     /// The client's `--help`, run to learn its mode.
     Probe,
+}
+
+/// A connection whose client, started with `--use-stdin-socket` before
+/// the probe answered, exited with status 2: what an old client does with an
+/// option it does not know, before it reads anything or calls qrexec. It
+/// waits here for the probe: pipe mode starts it again, stdin-socket mode
+/// ends it as it ended.
+struct Tentative {
+    served: Rc<ServedSocket>,
+    peer: listener::Peer,
+    started: Instant,
+    socket: OwnedFd,
+    status: ExitStatus,
 }
 
 /// The daemon's state, shared by every task.
@@ -105,6 +122,12 @@ struct Daemon {
     /// Every child not reaped yet, by pid.
     children: RefCell<HashMap<Pid, Child>>,
     mode: Cell<Option<ClientMode>>,
+    /// The probe runs in the background (the first start without a mode
+    /// remembered): meanwhile connections are served in stdin-socket mode,
+    /// tentatively.
+    probing: Cell<bool>,
+    /// Tentative connections that ended with status 2, waiting for the probe.
+    parked: RefCell<Vec<Tentative>>,
     notifier: Notifier,
     status_changed: Notify,
     serving: usize,
@@ -228,6 +251,8 @@ async fn serve_all(
 
     let daemon = Rc::new(Daemon {
         mode: Cell::new(options.client_mode),
+        probing: Cell::new(false),
+        parked: RefCell::new(Vec::new()),
         launcher,
         children: RefCell::new(HashMap::new()),
         notifier,
@@ -253,8 +278,16 @@ async fn serve_all(
     // The reaper first: the probe's child is reaped by it too.
     let stop = supervise(daemon.clone(), signals);
     let start = async {
+        // Not on the first connection's path: the probe answers while that
+        // connection is already served, tentatively, in stdin-socket mode.
         if daemon.mode.get().is_none() && daemon.serving > 0 {
-            daemon.probe_client().await;
+            match daemon.recall_mode() {
+                Some(mode) => daemon.set_mode(mode),
+                None => {
+                    daemon.probing.set(true);
+                    tokio::task::spawn_local(daemon.clone().probe_in_background());
+                }
+            }
         }
         for socket in served {
             tokio::task::spawn_local(serve(Rc::new(socket), daemon.clone()));
@@ -482,15 +515,120 @@ impl Daemon {
                 Err(_) => return,
             };
             let child = self.children.borrow_mut().remove(&pid);
-            if let Some(Child::Client {
+            let Some(Child::Client {
                 served,
                 peer,
                 started,
+                tentative,
             }) = child
-            {
+            else {
+                continue;
+            };
+            match (tentative, status.code(), self.mode.get()) {
+                (Some(socket), Some(2), None | Some(ClientMode::Pipe)) => {
+                    let tentative = Tentative {
+                        served,
+                        peer,
+                        started,
+                        socket,
+                        status,
+                    };
+                    if self.mode.get().is_some() {
+                        self.retry_in_pipe_mode(tentative);
+                    } else {
+                        self.parked.borrow_mut().push(tentative);
+                    }
+                }
+                _ => self.client_ended(&served, &peer, started, status),
+            }
+        }
+    }
+
+    /// Runs the probe while the first connections are served tentatively,
+    /// then settles them.
+    async fn probe_in_background(self: Rc<Self>) {
+        let mode = self.probe_client().await;
+        self.probing.set(false);
+        if mode == Some(ClientMode::StdinSocket) {
+            // The tentative clients were right: drop the spare copies.
+            for child in self.children.borrow_mut().values_mut() {
+                if let Child::Client { tentative, .. } = child {
+                    *tentative = None;
+                }
+            }
+        }
+        for parked in self.parked.take() {
+            if mode == Some(ClientMode::Pipe) {
+                self.retry_in_pipe_mode(parked);
+            } else {
+                self.client_ended(&parked.served, &parked.peer, parked.started, parked.status);
+            }
+        }
+    }
+
+    /// Starts an old client again for a connection that a tentative
+    /// `--use-stdin-socket` client left untouched; the connection stays
+    /// live, and is counted and logged once.
+    fn retry_in_pipe_mode(&self, parked: Tentative) {
+        let Tentative {
+            served,
+            peer,
+            started,
+            socket,
+            status,
+        } = parked;
+        debug!(listen = %served.listen, peer = %peer,
+            "{}: the client has no --use-stdin-socket; {peer} is served again through a pipe",
+            served.listen);
+        match self.launch(&served, ClientMode::Pipe, socket) {
+            Ok(pid) => {
+                self.children.borrow_mut().insert(
+                    pid,
+                    Child::Client {
+                        served,
+                        peer,
+                        started,
+                        tentative: None,
+                    },
+                );
+            }
+            Err(e) => {
+                let client = self.options.client.to_string_lossy();
+                let (what, e) = match e {
+                    Launch::Client(e) => (&*client, e),
+                    Launch::Splicer(e) => ("the splicer", e),
+                };
+                self.spawn_errors.borrow_mut().warn(|suppressed| {
+                    warn!(listen = %served.listen, peer = %peer,
+                        "{}: cannot run {what} for {peer}: {e}; connection closed{suppressed}",
+                        served.listen)
+                });
                 self.client_ended(&served, &peer, started, status);
             }
         }
+    }
+
+    /// Starts the client (and in pipe mode the splicer first) for one
+    /// connection; returns its pid. The error says what could not start.
+    fn launch(
+        &self,
+        served: &ServedSocket,
+        mode: ClientMode,
+        socket: OwnedFd,
+    ) -> Result<Pid, Launch> {
+        let mut stdio = ClientStdio::new(mode, socket).map_err(Launch::Client)?;
+        // The splicer first: if it cannot start, no client has run yet.
+        if let Some(splicer) = stdio.splicer.take() {
+            splicer.start().map_err(Launch::Splicer)?;
+        }
+        let spawned = self
+            .launcher
+            .spawn(served.argv(mode), stdio.stdin(), stdio.stdout(), None);
+        // Our copies of the socket and of the pipe's write end close here,
+        // so the splicer sees end of file when the client ends (or never
+        // started).
+        drop(stdio);
+        spawned.map_err(Launch::Client)
     }
 
     /// Runs the client's `--help` and returns what it printed (stdout and
@@ -530,18 +668,25 @@ impl Daemon {
         }
     }
 
+    /// The client's mode as an earlier start found it, if remembered.
+    fn recall_mode(&self) -> Option<ClientMode> {
+        let client = &self.options.client;
+        let mode = ClientMode::recall(&RuntimeDir::from_env().ok()?, client)?;
+        debug!(
+            "{}: mode remembered from an earlier start",
+            client.to_string_lossy()
+        );
+        Some(mode)
+    }
+
     /// Asks the client once whether it has `--use-stdin-socket`.
     async fn probe_client(&self) -> Option<ClientMode> {
         let client = &self.options.client;
-        let dir = RuntimeDir::from_env().ok();
-        if let Some(mode) = dir.as_ref().and_then(|dir| ClientMode::recall(dir, client)) {
-            debug!(
-                "{}: mode remembered from an earlier start",
-                client.to_string_lossy()
-            );
+        if let Some(mode) = self.recall_mode() {
             self.set_mode(mode);
             return Some(mode);
         }
+        let dir = RuntimeDir::from_env().ok();
         let mode = match self.run_help().await {
             Ok(Some(text)) => {
                 let mode = ClientMode::from_help_text(&text);
@@ -596,10 +741,18 @@ impl Daemon {
     /// Runs qrexec-client-vm for one accepted connection.
     async fn start_client(self: &Rc<Self>, served: &Rc<ServedSocket>, connection: Connection) {
         let Connection { socket, peer } = connection;
-        let mode = match self.mode.get() {
-            Some(mode) => mode,
+        let (mode, tentative) = match self.mode.get() {
+            Some(mode) => (mode, None),
+            // The first connections while the probe runs at start: keep a
+            // copy of the socket to start an old client again.
+            None if self.probing.get() => match socket.try_clone() {
+                Ok(copy) => (ClientMode::StdinSocket, Some(copy)),
+                Err(_) => (ClientMode::StdinSocket, None),
+            },
+            // Probed again on the connection's path: only after the client
+            // could not be found.
             None => match self.probe_client().await {
-                Some(mode) => mode,
+                Some(mode) => (mode, None),
                 None => return, // the connection closes here; the client sees EOF
             },
         };
@@ -618,13 +771,10 @@ impl Daemon {
                     served.listen, self.options.client.to_string_lossy())
             });
         };
-        let mut stdio = match ClientStdio::new(mode, socket) {
-            Ok(stdio) => stdio,
-            Err(e) => return cannot_run(e),
-        };
-        // The splicer first: if it cannot start, no client has run yet.
-        if let Some(splicer) = stdio.splicer.take() {
-            if let Err(e) = splicer.start() {
+        let pid = match self.launch(served, mode, socket) {
+            Ok(pid) => pid,
+            Err(Launch::Client(e)) => return cannot_run(e),
+            Err(Launch::Splicer(e)) => {
                 self.published
                     .not_started(&served.listen, &format!("cannot start the splicer: {e}"));
                 self.spawn_errors.borrow_mut().warn(|suppressed| {
@@ -634,17 +784,6 @@ impl Daemon {
                 });
                 return;
             }
-        }
-        let spawned = self
-            .launcher
-            .spawn(served.argv(mode), stdio.stdin(), stdio.stdout(), None);
-        // Our copies of the socket and of the pipe's write end close here,
-        // so the splicer sees end of file when the client ends (or never
-        // started).
-        drop(stdio);
-        let pid = match spawned {
-            Ok(pid) => pid,
-            Err(e) => return cannot_run(e),
         };
         served.live.set(served.live.get() + 1);
         self.live.set(self.live.get() + 1);
@@ -660,6 +799,7 @@ impl Daemon {
                 served: served.clone(),
                 peer,
                 started: Instant::now(),
+                tentative,
             },
         );
     }
@@ -697,6 +837,12 @@ impl Daemon {
             _ => log_end!(warn),
         }
     }
+}
+
+/// What [`Daemon::launch`] could not start.
+enum Launch {
+    Client(io::Error),
+    Splicer(io::Error),
 }
 
 /// Lets one warning through per [`LOG_INTERVAL`] and counts the rest.
