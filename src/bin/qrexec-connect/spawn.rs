@@ -24,10 +24,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
+use nix::errno::Errno;
 use nix::spawn::{
     posix_spawn, posix_spawnp, PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags,
 };
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 use qrexec_connect_binding::destination::Destination;
@@ -334,21 +336,19 @@ impl Splicer {
         };
         set_signal_mask(&daemon_mask);
         forked?;
-        let mut status = 0;
-        // SAFETY: waiting for our own child, which exits at once.
-        while unsafe { libc::waitpid(middle, &mut status, 0) } < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() != io::ErrorKind::Interrupted {
-                return Err(error);
+        // Our own child, which exits at once.
+        let status = loop {
+            match waitpid(Pid::from_raw(middle), None) {
+                Err(Errno::EINTR) => continue,
+                result => break result?,
             }
-        }
-        match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
-            (true, 0) => Ok(()),
+        };
+        match status {
+            WaitStatus::Exited(_, 0) => Ok(()),
             // The second fork failed with this errno: no mover exists.
-            (true, errno) => Err(io::Error::from_raw_os_error(errno)),
-            _ => Err(io::Error::other(format!(
-                "its first process ended by {}",
-                ExitStatus::from_raw(status)
+            WaitStatus::Exited(_, errno) => Err(io::Error::from_raw_os_error(errno)),
+            other => Err(io::Error::other(format!(
+                "its first process ended abnormally ({other:?})"
             ))),
         }
     }
@@ -361,22 +361,19 @@ fn errno() -> i32 {
 }
 
 /// Blocks every signal in this thread; returns the mask to restore.
-fn block_all_signals() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data, filled by sigfillset and sigprocmask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut previous: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        if libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous) != 0 {
-            return Err(io::Error::other("cannot block signals"));
-        }
-        Ok(previous)
-    }
+fn block_all_signals() -> io::Result<SigSet> {
+    let mut previous = SigSet::empty();
+    pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut previous),
+    )
+    .map_err(|_| io::Error::other("cannot block signals"))?;
+    Ok(previous)
 }
 
-fn set_signal_mask(mask: &libc::sigset_t) {
-    // SAFETY: restores a mask read by pthread_sigmask.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, std::ptr::null_mut()) };
+fn set_signal_mask(mask: &SigSet) {
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(mask), None);
 }
 
 /// In the mover: every signal back to its default action (SIGTERM, SIGINT
