@@ -280,17 +280,24 @@ async fn serve_all(
     let start = async {
         // Not on the first connection's path: the probe answers while that
         // connection is already served, tentatively, in stdin-socket mode.
+        let mut probe = false;
         if daemon.mode.get().is_none() && daemon.serving > 0 {
             match daemon.recall_mode() {
                 Some(mode) => daemon.set_mode(mode),
                 None => {
                     daemon.probing.set(true);
-                    tokio::task::spawn_local(daemon.clone().probe_in_background());
+                    probe = true;
                 }
             }
         }
         for socket in served {
             tokio::task::spawn_local(serve(Rc::new(socket), daemon.clone()));
+        }
+        // Spawned after the accept tasks, so it runs after them: the
+        // connection that socket activation started us for is waiting in
+        // the backlog, and its client starts before the probe's.
+        if probe {
+            tokio::task::spawn_local(daemon.clone().probe_in_background());
         }
         for socket in refused {
             tokio::task::spawn_local(refuse(socket));
@@ -337,27 +344,24 @@ async fn supervise(daemon: Rc<Daemon>, signals: AsyncFd<SignalFd>) {
                 return;
             }
         };
-        let (mut child, mut stop) = (false, false);
-        loop {
-            match ready.get_inner().read_signal() {
-                Ok(Some(info)) if info.ssi_signo == libc::SIGCHLD as u32 => child = true,
-                Ok(Some(_)) => stop = true,
-                Ok(None) => {
-                    ready.clear_ready();
-                    break;
-                }
-                Err(Errno::EINTR) => {}
-                Err(e) => {
-                    error!("cannot read the signals: {e}; stopping");
-                    return;
-                }
+        // One read per wake-up, not a read until EAGAIN (one syscall per
+        // connection fewer): the kernel hands pending signals out lowest
+        // number first, so after SIGCHLD (17) none of ours (SIGINT 2,
+        // SIGTERM 15) is left pending, and one that arrives later wakes the
+        // (edge-triggered) loop again. SIGCHLD does not queue: one pending
+        // stands for every child that ended, and `reap` collects them all.
+        match ready.get_inner().read_signal() {
+            Ok(Some(info)) if info.ssi_signo == libc::SIGCHLD as u32 => {
+                ready.clear_ready();
+                daemon.reap();
             }
-        }
-        if child {
-            daemon.reap();
-        }
-        if stop {
-            return;
+            Ok(Some(_)) => return,
+            Ok(None) => ready.clear_ready(),
+            Err(Errno::EINTR) => {}
+            Err(e) => {
+                error!("cannot read the signals: {e}; stopping");
+                return;
+            }
         }
     }
 }
