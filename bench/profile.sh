@@ -16,7 +16,7 @@
 #                    (/proc/PID/status) and Pss (smaps_rollup) of the acceptor
 #
 # DAEMON_BIN=PATH measures another build of the daemon (the release profile
-# variants of bench/README.md, "Release profile").
+# variants in bench/results/issue-19.md, "Where the KiB went").
 #
 # Each run: a private network namespace (loopback only), the echo server, the
 # acceptor under systemd-socket-activate as in `make bench`, then loadgen rtt.
