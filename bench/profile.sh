@@ -12,6 +12,11 @@
 #                    hardware counters) -g, report by syscall and component
 #         callgrind  user-space instructions per connection: the run with N
 #                    connections minus a run with none, so start-up cancels
+#         rss        memory after N connections: VmRSS, RssAnon, RssFile
+#                    (/proc/PID/status) and Pss (smaps_rollup) of the acceptor
+#
+# DAEMON_BIN=PATH measures another build of the daemon (the release profile
+# variants in bench/results/issue-19.md, "Where the KiB went").
 #
 # Each run: a private network namespace (loopback only), the echo server, the
 # acceptor under systemd-socket-activate as in `make bench`, then loadgen rtt.
@@ -24,6 +29,8 @@ LG=$REL/examples/loadgen
 DOUBLE=$REL/qrexec-client-vm-double
 FLOOR_BIN=$ROOT/target/bench/floor
 OUT=$ROOT/target/bench/profile
+DAEMON_BIN=${DAEMON_BIN:-$REL/qrexec-connect}
+export DAEMON_BIN
 CLIENT_ARGS=(--no-filter-escape-chars-stdout --filter-escape-chars-stderr --use-stdin-socket
     -- '' "qubes.ConnectTCP+9000")
 
@@ -39,7 +46,7 @@ if [ "${1:-}" = --inner ]; then
     [ "$tool" = callgrind ] && wrap=(valgrind --tool=callgrind --callgrind-out-file="$OUT/$tag.callgrind")
     case $who in
         daemon) systemd-socket-activate -l 127.0.0.1:9004 --fdname="'' qubes.ConnectTCP+9000" \
-            "${wrap[@]}" "$REL/qrexec-connect" --qrexec-client-vm="$DOUBLE" --max-connections=2000 \
+            "${wrap[@]}" "$DAEMON_BIN" --qrexec-client-vm="$DOUBLE" --max-connections=2000 \
             2>"$OUT/$tag.log" & ;;
         floor) systemd-socket-activate -l 127.0.0.1:9004 \
             "${wrap[@]}" "$FLOOR_BIN" "$DOUBLE" "${CLIENT_ARGS[@]}" 2>"$OUT/$tag.log" & ;;
@@ -58,13 +65,23 @@ if [ "${1:-}" = --inner ]; then
         "$LG" rtt --port=9004 --count="$n" --cpu-of="$acceptor" | grep -E '^(cpu_us_per_conn|p50_us)='
     fi
     if [ -n "$watcher" ]; then kill -INT "$watcher" 2>/dev/null || true; wait "$watcher" || true; fi
+    if [ "$tool" = rss ]; then
+        "$LG" drain --fwd="$acceptor" --exclude="$DOUBLE" --timeout=30 >/dev/null
+        sed -n 's/^\(VmRSS\|RssAnon\|RssFile\):\s*/  \1 /p' "/proc/$acceptor/status"
+        sed -n 's/^Pss:\s*/  Pss /p' "/proc/$acceptor/smaps_rollup"
+        # Rss by mapping: the program, each library, [heap], [stack], anonymous.
+        awk '/^[0-9a-f]+-[0-9a-f]+ / { name = ($6 == "" ? "[anon]" : $6); sub(".*/", "", name) }
+             /^Rss:/ { rss[name] += $2 }
+             END { for (n in rss) if (rss[n] > 0) printf "    %-28s %6d kB\n", n, rss[n] }' \
+            "/proc/$acceptor/smaps" | sort -k2 -rn
+    fi
     kill "$acceptor" "$echo_pid" 2>/dev/null || true
     wait "$acceptor" 2>/dev/null || true
     exit 0
 fi
 
 [ "$(id -u)" = 0 ] || { echo "profile: run as root (network namespace)" >&2; exit 1; }
-tool=${1:?usage: bench/profile.sh cpu|strace|perf|callgrind [N]}
+tool=${1:?usage: bench/profile.sh cpu|strace|perf|callgrind|rss [N]}
 n=${2:-500}
 mkdir -p "$OUT" "$(dirname "$FLOOR_BIN")"
 cc -O2 -Wall -Wextra -Werror -o "$FLOOR_BIN" bench/floor.c

@@ -82,6 +82,11 @@ fi
 RATE_CONC=50
 ECHO_PORT=9000
 CONTENDERS=(direct floor socket-activate socat accept-yes qrexec-connect qrexec-connect-pipe)
+# BENCH_BASELINE=PATH: another build of the daemon (say, of the previous
+# commit) as one more contender, `baseline`, run exactly like qrexec-connect
+# in the same rounds: before/after figures taken side by side.
+BASELINE=${BENCH_BASELINE:-}
+[ -n "$BASELINE" ] && CONTENDERS+=(baseline)
 FLOOR=floor
 # The client's arguments as qrexec-connect passes them in its stdin-socket
 # mode: the floor runs the same client the same way.
@@ -196,6 +201,9 @@ port_of() {
         accept-yes) echo 9003 ;;
         qrexec-connect) echo 9004 ;;
         qrexec-connect-pipe) echo 9005 ;;
+        qrexec-connect-nodir) echo 9007 ;;
+        baseline) echo 9008 ;;
+        baseline-nodir) echo 9009 ;;
         floor) echo 9006 ;;
     esac
 }
@@ -224,7 +232,16 @@ start_fwd() {
         accept-yes)
             sctl start bench-accept.socket || log "  could not start bench-accept.socket"
             FWD=$MANAGER ;;
-        qrexec-connect | qrexec-connect-pipe)
+        qrexec-connect-nodir | baseline-nodir)
+            # Cold starts only: no runtime directory, so every start probes
+            # the client's --help (run by hand, or a unit without one).
+            local daemon=$DAEMON
+            [ "$c" = baseline-nodir ] && daemon=$BASELINE
+            start_bg "$WORK/$c.log" systemd-socket-activate -l "127.0.0.1:$port" \
+                --fdname="'' qubes.ConnectTCP+$ECHO_PORT" \
+                "$daemon" --qrexec-client-vm="$DOUBLE" --max-connections=2000
+            FWD=$BG ;;
+        qrexec-connect | qrexec-connect-pipe | baseline)
             # A runtime directory of its own, as under the user manager: the
             # first start probes the client, later ones (every applied config
             # change restarts the daemon) remember its mode; counters for
@@ -234,9 +251,11 @@ start_fwd() {
             mkdir -p -m 0700 "$run_dir"
             local env=(-E "XDG_RUNTIME_DIR=$run_dir")
             [ "$c" = qrexec-connect-pipe ] && env+=(-E QREXEC_DOUBLE_VERSION=old)
+            local daemon=$DAEMON
+            [ "$c" = baseline ] && daemon=$BASELINE
             start_bg "$WORK/$c.log" systemd-socket-activate -l "127.0.0.1:$port" \
                 --fdname="'' qubes.ConnectTCP+$ECHO_PORT" "${env[@]}" \
-                "$DAEMON" --qrexec-client-vm="$DOUBLE" --max-connections=2000
+                "$daemon" --qrexec-client-vm="$DOUBLE" --max-connections=2000
             FWD=$BG ;;
     esac
     fwd_args "$c"
@@ -429,6 +448,14 @@ run_round() {
                 record "$c" cold_us "$(kv p50_us "$OUT")"
             fi
             stop_fwd "$c"
+            # Right after it: the same daemon without a runtime directory.
+            if [ "$c" = qrexec-connect ] || [ "$c" = baseline ]; then
+                c=$c-nodir
+                if start_fwd "$c" && measure "$c" cold rtt --port="$PORT" --count=1; then
+                    record "$c" cold_us "$(kv p50_us "$OUT")"
+                fi
+                stop_fwd "$c"
+            fi
         done
     done
 }
@@ -473,8 +500,8 @@ REPORT=$WORK/latest.md
     echo "Cells: median (min–max over rounds; cold: over all cold starts) ×ratio to the median of $FLOOR."
     echo "See bench/README.md for what each column counts."
     echo
-    "$LG" report --raw="$RAW" --floor="$FLOOR" --order="$(IFS=,; echo "${CONTENDERS[*]}")" \
-        --daemons=qrexec-connect,qrexec-connect-pipe:pipe --hold="$HOLD_N"
+    "$LG" report --raw="$RAW" --floor="$FLOOR" --order="$(IFS=,; echo "${CONTENDERS[*]},qrexec-connect-nodir${BASELINE:+,baseline-nodir}")" \
+        --daemons=qrexec-connect,qrexec-connect-pipe:pipe${BASELINE:+,baseline} --hold="$HOLD_N"
     failed=$(awk -F'\t' '$3 ~ /^failed_/ {print $2 " " substr($3, 8) " (round " $1 ")"}' "$RAW" | paste -sd, -)
     [ -n "$failed" ] && echo && echo "Failed measurements: $failed."
     live=$(awk -F'\t' -v n="$HOLD_N" '$3 == "hold_live_doubles" && $4 != n {print $2 " " $4 " (round " $1 ")"}' "$RAW" | paste -sd, -)

@@ -298,6 +298,140 @@ fn a_client_inherits_only_its_stdio_and_no_listen_variables() {
     }
 }
 
+/// The daemon blocks SIGCHLD, SIGTERM and SIGINT (it reads them from a
+/// signalfd) and ignores SIGPIPE; a client must start with none of that:
+/// an empty signal mask (or stopping its caller could not end it) and
+/// SIGPIPE at its default action. The client here is a Perl script that
+/// writes its own signal state (the double, a Rust program, ignores SIGPIPE
+/// itself, and a shell clears its mask).
+#[test]
+fn a_client_starts_with_no_blocked_signals_and_sigpipe_at_its_default() {
+    use std::os::unix::fs::PermissionsExt;
+    let echo = EchoServer::start();
+    let dir = TempDir::new("signals");
+    let report = dir.path().join("signals");
+    let client = dir.path().join("client");
+    std::fs::write(
+        &client,
+        format!(
+            "#!/usr/bin/perl\nopen(my $in, '<', '/proc/self/status') or die;\n\
+             open(my $out, '>', '{0}.tmp') or die;\n\
+             print $out grep {{ /^Sig(Blk|Ign):/ }} <$in>;\nclose($out);\n\
+             rename('{0}.tmp', '{0}') or die;\n",
+            report.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = tcp4();
+    let _daemon = Activate::builder()
+        .listen(&socket, &connect_tcp(echo.port))
+        .arg(&format!("--qrexec-client-vm={}", client.display()))
+        .arg("--client-mode=stdin-socket")
+        .start();
+    let _connection = socket.connect().unwrap();
+    let status = wait_for("the client's signal state", LIMIT, || {
+        std::fs::read_to_string(&report).ok()
+    });
+    let mask = |name: &str| {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"));
+        u64::from_str_radix(value.trim(), 16).unwrap()
+    };
+    assert_eq!(mask("SigBlk:"), 0, "the client starts with blocked signals");
+    let sigpipe = 1 << (13 - 1);
+    assert_eq!(
+        mask("SigIgn:") & sigpipe,
+        0,
+        "the client starts with SIGPIPE ignored"
+    );
+}
+
+/// A client wrapper whose `--help` answers only once `release` exists (the
+/// double otherwise): the probe's answer comes when the test says so.
+fn client_with_held_help(dir: &TempDir, release: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let client = dir.path().join("client");
+    std::fs::write(
+        &client,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --help ]; then\n  \
+             while [ ! -e '{}' ]; do sleep 0.02; done\nfi\nexec '{DOUBLE}' \"$@\"\n",
+            release.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+    client
+}
+
+/// Without a runtime directory every start probes the client's `--help`;
+/// the first connection must not wait for it. Here the probe cannot answer
+/// until the test lets it, and the first connection is served meanwhile.
+#[test]
+fn the_first_connection_is_served_while_the_help_probe_still_runs() {
+    let echo = EchoServer::start();
+    let dir = TempDir::new("probe-new");
+    let release = dir.path().join("release");
+    let client = client_with_held_help(&dir, &release);
+    let socket = tcp4();
+    let daemon = Activate::builder()
+        .listen(&socket, &connect_tcp(echo.port))
+        .arg(&format!("--qrexec-client-vm={}", client.display()))
+        .start();
+    let received = round_trip(socket.connect().unwrap(), b"first".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"first");
+    // Served while the probe is still waiting (it is the daemon's child
+    // running `client --help`, and answers only once released below).
+    let probing = children_of(daemon.pid()).into_iter().any(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"--help"))
+    });
+    assert!(probing, "the first connection waited for the probe to end");
+    std::fs::write(&release, "").unwrap();
+    daemon.wait_log("supports --use-stdin-socket", LIMIT);
+    let received = round_trip(socket.connect().unwrap(), b"second".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"second");
+}
+
+/// The same with an old client: the first connection's tentative
+/// `--use-stdin-socket` client refuses the option (exit 2, before it reads
+/// anything), and once the probe says "old" the connection is served again
+/// through a pipe: the caller sees the whole reply and the service's EOF,
+/// and the journal has one end-of-connection entry for it, status 0.
+#[test]
+fn an_old_client_serves_the_first_connection_through_a_pipe_after_the_probe() {
+    let echo = EchoServer::start();
+    let dir = TempDir::new("probe-old");
+    let release = dir.path().join("release");
+    let client = client_with_held_help(&dir, &release);
+    let socket = tcp4();
+    let daemon = Activate::builder()
+        .listen(&socket, &connect_tcp(echo.port))
+        .arg(&format!("--qrexec-client-vm={}", client.display()))
+        .env("QREXEC_DOUBLE_VERSION", "old")
+        .start();
+    let mut first = socket.connect().unwrap();
+    first.write_all(b"tentative").unwrap();
+    daemon.wait_log("unrecognized option '--use-stdin-socket'", LIMIT);
+    std::fs::write(&release, "").unwrap();
+    let mut reply = [0; 9];
+    first.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"tentative");
+    drop(first);
+    let log = daemon.wait_log("closed normally", LIMIT);
+    assert!(log.contains("has no --use-stdin-socket"), "{log}");
+    assert_eq!(
+        log.matches(" -> ").count(),
+        1,
+        "one entry per connection: {log}"
+    );
+    let received = round_trip(socket.connect().unwrap(), b"second".to_vec(), LIMIT).unwrap();
+    assert_eq!(received, b"second");
+}
+
 #[test]
 fn sigterm_exits_within_a_second_and_live_connections_go_on() {
     let echo = EchoServer::start();

@@ -206,9 +206,10 @@ fn stderr_is_journal() -> bool {
 /// Writes `qrexec-connect: LEVEL: message` lines to stderr.
 struct StderrLines;
 
-struct MessageOnly(String);
+/// Formats only the message, straight into the line being built.
+struct MessageOnly<'a>(&'a mut String);
 
-impl Visit for MessageOnly {
+impl Visit for MessageOnly<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
             let _ = write!(self.0, "{value:?}");
@@ -218,14 +219,18 @@ impl Visit for MessageOnly {
 
 impl<S: Subscriber> Layer<S> for StderrLines {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-        let mut message = MessageOnly(String::new());
-        event.record(&mut message);
         let level = match *event.metadata().level() {
             Level::ERROR => "error: ",
             Level::WARN => "warning: ",
             _ => "",
         };
-        let line = format!("qrexec-connect: {level}{}\n", message.0);
+        // One buffer, one write: the message's arguments are formatted here
+        // and nowhere before.
+        let mut line = String::with_capacity(160);
+        line.push_str("qrexec-connect: ");
+        line.push_str(level);
+        event.record(&mut MessageOnly(&mut line));
+        line.push('\n');
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }

@@ -17,11 +17,20 @@
 //!   exec costs about a millisecond per connection; a fork of the small,
 //!   single-threaded daemon costs a fraction of that.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
+
+use nix::errno::Errno;
+use nix::spawn::{
+    posix_spawn, posix_spawnp, PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags,
+};
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
 
 use qrexec_connect_binding::destination::Destination;
 use qrexec_connect_binding::runtime_dir::RuntimeDir;
@@ -118,41 +127,161 @@ pub fn client_arguments(mode: ClientMode, destination: &Destination) -> Vec<OsSt
     args
 }
 
-/// Builds the command for one connection; in [`ClientMode::Pipe`] also the
-/// [`Splicer`] to start *before* the client: if the splicer cannot start,
-/// no client has been run that would need killing. If the client then
-/// cannot be spawned, dropping the command closes the pipe's write end and
-/// the splicer, reading end of file, half-closes the socket and exits.
-pub fn client_command(
-    mode: ClientMode,
-    client: &OsStr,
-    destination: &Destination,
-    socket: OwnedFd,
-) -> io::Result<(Command, Option<Splicer>)> {
-    let mut command = Command::new(client);
-    command.args(client_arguments(mode, destination));
-    let splicer = match mode {
-        ClientMode::StdinSocket => {
+/// Starts the client with `posix_spawn(3)`. Everything that does not change
+/// from one connection to the next is built once, when the daemon starts:
+/// the program's path, the environment (the daemon's own, already scrubbed
+/// of `LISTEN_*` and `NOTIFY_SOCKET`), the spawn attributes, and through
+/// [`Launcher::argv`] each binding's arguments. Per connection only the two
+/// `dup2` file actions are new.
+///
+/// The child starts as std's `Command` started it: an empty signal mask,
+/// SIGPIPE back to its default action (the daemon ignores it), handled
+/// signals default as after any exec; fds 0 and 1 as given, stderr shared
+/// with the daemon (the journal), every other descriptor closed by
+/// close-on-exec (the daemon opens all of its descriptors that way).
+pub struct Launcher {
+    program: CString,
+    /// A name without a slash is looked up in `$PATH`, as `Command` did.
+    search_path: bool,
+    environment: Vec<CString>,
+    attributes: PosixSpawnAttr,
+}
+
+impl Launcher {
+    pub fn new(program: &OsStr) -> io::Result<Launcher> {
+        let program = c_string(program.as_bytes())?;
+        let environment = std::env::vars_os()
+            .filter_map(|(name, value)| {
+                let mut entry = name.into_vec();
+                entry.push(b'=');
+                entry.extend_from_slice(value.as_bytes());
+                CString::new(entry).ok()
+            })
+            .collect();
+        let mut attributes = PosixSpawnAttr::init()?;
+        attributes.set_sigmask(&SigSet::empty())?;
+        let mut defaults = SigSet::empty();
+        defaults.add(Signal::SIGPIPE);
+        attributes.set_sigdefault(&defaults)?;
+        attributes.set_flags(
+            PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        )?;
+        Ok(Launcher {
+            search_path: !program.as_bytes().contains(&b'/'),
+            program,
+            environment,
+            attributes,
+        })
+    }
+
+    /// The whole argument vector for one binding in one mode, argv\[0\]
+    /// (the program as given) included.
+    pub fn argv(&self, mode: ClientMode, destination: &Destination) -> io::Result<Vec<CString>> {
+        std::iter::once(Ok(self.program.clone()))
+            .chain(
+                client_arguments(mode, destination)
+                    .into_iter()
+                    .map(|arg| c_string(arg.as_bytes())),
+            )
+            .collect()
+    }
+
+    /// The argument vector that asks the client for its `--help`.
+    pub fn help_argv(&self) -> Vec<CString> {
+        vec![self.program.clone(), c"--help".to_owned()]
+    }
+
+    /// Runs the client with `stdin`, `stdout` (and `stderr`, when given) as
+    /// its fds 0, 1 (and 2); returns its pid. A missing program fails here
+    /// with `NotFound`, as with `Command`.
+    pub fn spawn(
+        &self,
+        argv: &[CString],
+        stdin: BorrowedFd<'_>,
+        stdout: BorrowedFd<'_>,
+        stderr: Option<BorrowedFd<'_>>,
+    ) -> io::Result<Pid> {
+        let mut actions = PosixSpawnFileActions::init()?;
+        actions.add_dup2(stdin.as_raw_fd(), 0)?;
+        actions.add_dup2(stdout.as_raw_fd(), 1)?;
+        if let Some(stderr) = stderr {
+            actions.add_dup2(stderr.as_raw_fd(), 2)?;
+        }
+        let pid = if self.search_path {
+            posix_spawnp(
+                &self.program,
+                &actions,
+                &self.attributes,
+                argv,
+                &self.environment,
+            )
+        } else {
+            posix_spawn(
+                self.program.as_c_str(),
+                &actions,
+                &self.attributes,
+                argv,
+                &self.environment,
+            )
+        };
+        Ok(pid?)
+    }
+}
+
+fn c_string(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+}
+
+/// The descriptors one connection's client gets; in [`ClientMode::Pipe`]
+/// also the [`Splicer`] to start *before* the client: if the splicer cannot
+/// start, no client has been run that would need killing. Dropping this
+/// after the spawn (or instead of it) closes the daemon's copies, among them
+/// the pipe's write end, so the splicer reads end of file when the client
+/// ends or never started.
+pub struct ClientStdio {
+    pub socket: OwnedFd,
+    /// The pipe's write end in [`ClientMode::Pipe`]; the socket otherwise.
+    pipe_write: Option<OwnedFd>,
+    pub splicer: Option<Splicer>,
+}
+
+impl ClientStdio {
+    pub fn new(mode: ClientMode, socket: OwnedFd) -> io::Result<ClientStdio> {
+        match mode {
             // stdout is the socket as well, as with systemd's
             // StandardInput=socket in Qubes' own forwarder units.
-            command.stdout(Stdio::from(socket.try_clone()?));
-            None
+            ClientMode::StdinSocket => Ok(ClientStdio {
+                socket,
+                pipe_write: None,
+                splicer: None,
+            }),
+            ClientMode::Pipe => {
+                let (pipe_read, pipe_write) = pipe()?;
+                // A bigger pipe means fewer, larger splices per GiB (1 MiB is the
+                // default limit for unprivileged processes; failure only costs
+                // speed). SAFETY: fcntl on a pipe we own.
+                unsafe { libc::fcntl(pipe_read.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+                let splicer = Splicer {
+                    pipe_read,
+                    socket: socket.try_clone()?,
+                };
+                Ok(ClientStdio {
+                    socket,
+                    pipe_write: Some(pipe_write),
+                    splicer: Some(splicer),
+                })
+            }
         }
-        ClientMode::Pipe => {
-            let (pipe_read, pipe_write) = pipe()?;
-            // A bigger pipe means fewer, larger splices per GiB (1 MiB is the
-            // default limit for unprivileged processes; failure only costs
-            // speed). SAFETY: fcntl on a pipe we own.
-            unsafe { libc::fcntl(pipe_read.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-            command.stdout(Stdio::from(pipe_write));
-            Some(Splicer {
-                pipe_read,
-                socket: socket.try_clone()?,
-            })
-        }
-    };
-    command.stdin(Stdio::from(socket)).stderr(Stdio::inherit());
-    Ok((command, splicer))
+    }
+
+    pub fn stdin(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    pub fn stdout(&self) -> BorrowedFd<'_> {
+        self.pipe_write.as_ref().unwrap_or(&self.socket).as_fd()
+    }
 }
 
 /// Moves a pipe's bytes into a socket, then half-closes the socket.
@@ -207,21 +336,19 @@ impl Splicer {
         };
         set_signal_mask(&daemon_mask);
         forked?;
-        let mut status = 0;
-        // SAFETY: waiting for our own child, which exits at once.
-        while unsafe { libc::waitpid(middle, &mut status, 0) } < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() != io::ErrorKind::Interrupted {
-                return Err(error);
+        // Our own child, which exits at once.
+        let status = loop {
+            match waitpid(Pid::from_raw(middle), None) {
+                Err(Errno::EINTR) => continue,
+                result => break result?,
             }
-        }
-        match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
-            (true, 0) => Ok(()),
+        };
+        match status {
+            WaitStatus::Exited(_, 0) => Ok(()),
             // The second fork failed with this errno: no mover exists.
-            (true, errno) => Err(io::Error::from_raw_os_error(errno)),
-            _ => Err(io::Error::other(format!(
-                "its first process ended by {}",
-                ExitStatus::from_raw(status)
+            WaitStatus::Exited(_, errno) => Err(io::Error::from_raw_os_error(errno)),
+            other => Err(io::Error::other(format!(
+                "its first process ended abnormally ({other:?})"
             ))),
         }
     }
@@ -234,22 +361,19 @@ fn errno() -> i32 {
 }
 
 /// Blocks every signal in this thread; returns the mask to restore.
-fn block_all_signals() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data, filled by sigfillset and sigprocmask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut previous: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        if libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous) != 0 {
-            return Err(io::Error::other("cannot block signals"));
-        }
-        Ok(previous)
-    }
+fn block_all_signals() -> io::Result<SigSet> {
+    let mut previous = SigSet::empty();
+    pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut previous),
+    )
+    .map_err(|_| io::Error::other("cannot block signals"))?;
+    Ok(previous)
 }
 
-fn set_signal_mask(mask: &libc::sigset_t) {
-    // SAFETY: restores a mask read by pthread_sigmask.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, std::ptr::null_mut()) };
+fn set_signal_mask(mask: &SigSet) {
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(mask), None);
 }
 
 /// In the mover: every signal back to its default action (SIGTERM, SIGINT
@@ -320,7 +444,7 @@ unsafe fn splice_to_end(pipe_read: i32, socket: i32) {
     }
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
