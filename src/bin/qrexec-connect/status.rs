@@ -41,6 +41,7 @@ use crate::policy::{self, PolicyBinding};
 use crate::reconcile;
 use crate::spawn::DEFAULT_CLIENT;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
+use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_binding::destination::{Destination, Service, Target, MAX_FD_NAME};
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 use qrexec_connect_generator::config::{
@@ -569,7 +570,7 @@ fn mark_conflicts(rows: &mut [Row]) {
             *j != i
                 && counts(b)
                 && b.unit != a.unit
-                && recover::addresses_collide(&a.address, &b.address)
+                && addresses_collide(&a.address, &b.address)
         });
         if let Some((_, b)) = other {
             let detail = format!(
