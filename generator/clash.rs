@@ -1,7 +1,10 @@
 //! `--check` asks the user manager whether another `qrexec-connect-*.socket`
 //! unit (a hand-written one, as the Python qrexec-connect had users write,
 //! or a generated one whose line is gone) listens on the address of a
-//! config line. Only one of the two sockets can bind it: whichever starts
+//! config line, by the binding crate's one rule of when two addresses are
+//! one ([`addresses_collide`]: `[::]:2222`, which systemd shows for a bare
+//! `ListenStream=2222`, takes `127.0.0.1:2222` too). Only one of the two
+//! sockets can bind it: whichever starts
 //! second fails, and `enable --now` of the generated one fails with an
 //! error that names neither. Only `--check` asks, never the generator run:
 //! a generator must not talk to the manager that runs it.
@@ -17,6 +20,7 @@ use std::fmt;
 use std::process::{Command, Stdio};
 
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
+use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_generator::config::{printable, Binding, Location};
 
 /// A config line and another unit listening on the same address.
@@ -87,13 +91,20 @@ pub fn clashes(bindings: &[Binding], specifiers: &Specifiers) -> Result<Vec<Clas
     for binding in bindings {
         let address = systemd_address(binding.listen(), specifiers);
         for unit in &units {
+            // The unit's own address, as the user should look for it:
+            // `[::]:2222` for its `ListenStream=2222`.
+            let Some(theirs) = unit.listens.iter().find(|l| addresses_collide(l, &address)) else {
+                continue;
+            };
             // The line's own unit, or another line's, is not a clash.
-            if unit.id == binding.unit_name()
-                || !unit.listens.contains(&address)
-                || !unit.holds_or_will_hold()
-            {
+            if unit.id == binding.unit_name() || !unit.holds_or_will_hold() {
                 continue;
             }
+            let address = if *theirs == address {
+                address.clone()
+            } else {
+                format!("{theirs} (which takes {address} too)")
+            };
             found.push(Clash {
                 at: binding.source().clone(),
                 address: printable(address.as_bytes()),

@@ -150,24 +150,46 @@ fn a_socket_path_another_user_holds_is_refused_naming_them() {
 /// Issue 22: a config line and an old hand-written unit (as the Python
 /// qrexec-connect had users write) on the same address. Only one socket can
 /// bind it, so `--check` names both, the line and the unit with its file,
-/// and says how to move to the line; after that advice, it is clean.
+/// and says how to move to the line; after that advice, it is clean. The
+/// address is the kernel's: a unit on a bare port (`ListenStream=2241`,
+/// which systemd binds as `[::]:2241`, both families) or on `0.0.0.0`
+/// takes a line's `127.0.0.1` on that port too.
 #[test]
 fn check_names_a_hand_written_unit_on_a_lines_address() {
-    let old = "qrexec-connect-old-ssh.socket";
-    let old_file = format!(".config/systemd/user/{old}");
-    let manager = UserManager::start(&[(
-        &old_file,
-        "[Socket]\nListenStream=127.0.0.1:2240\nFileDescriptorName=ssh-server\n\
-         [Install]\nWantedBy=sockets.target\n",
-    )]);
-    manager.systemctl_ok(&["enable", "--now", old]);
-    // The line is added afterwards, as a user migrating would: no reload yet.
+    let old = [
+        ("qrexec-connect-old-ssh.socket", "127.0.0.1:2240"),
+        ("qrexec-connect-old-bare.socket", "2241"),
+        ("qrexec-connect-old-any.socket", "0.0.0.0:2242"),
+    ];
+    let files: Vec<(String, String)> = old
+        .iter()
+        .map(|(unit, listen)| {
+            (
+                format!(".config/systemd/user/{unit}"),
+                format!(
+                    "[Socket]\nListenStream={listen}\nFileDescriptorName=ssh-server\n\
+                     [Install]\nWantedBy=sockets.target\n"
+                ),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let manager = UserManager::start(&files);
+    for (unit, _) in old {
+        manager.systemctl_ok(&["enable", "--now", unit]);
+    }
+    // The lines are added afterwards, as a user migrating would: no reload yet.
     let config = ".config/qrexec-connect/ssh.conf";
     let config_path = manager.home.path().join(config);
     std::fs::create_dir_all(config_path.parent().unwrap()).unwrap();
     std::fs::write(
         &config_path,
-        "127.0.0.1:2240 ssh-server qubes.ConnectTCP+22\n",
+        "127.0.0.1:2240 ssh-server qubes.ConnectTCP+22\n\
+         127.0.0.1:2241 ssh-server qubes.ConnectTCP+23\n\
+         127.0.0.1:2242 ssh-server qubes.ConnectTCP+24\n",
     )
     .unwrap();
     let check = || {
@@ -180,25 +202,48 @@ fn check_names_a_hand_written_unit_on_a_lines_address() {
 
     let out = check();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let clash = |line: usize, (unit, _): (&str, &str), address: &str, text: &str| {
+        format!(
+            "{config}:{line}: {unit} ({file}) already listens on {address}: only one socket can \
+             have it, and this line's fails while that one listens; if this line replaces it, \
+             run 'systemctl --user disable --now {unit}'\n\
+             \x20   {text}\n",
+            config = config_path.display(),
+            file = manager
+                .home
+                .path()
+                .join(format!(".config/systemd/user/{unit}"))
+                .display(),
+        )
+    };
     assert_eq!(
         stderr,
-        format!(
-            "{line}:1: {old} ({unit}) already listens on 127.0.0.1:2240: only one socket can \
-             have it, and this line's fails while that one listens; if this line replaces it, \
-             run 'systemctl --user disable --now {old}'\n\
-             \x20   127.0.0.1:2240 ssh-server qubes.ConnectTCP+22\n\
-             qrexec-connect-generator: 1 binding, 1 error, 0 warnings in 1 file\n",
-            line = config_path.display(),
-            unit = manager.home.path().join(&old_file).display(),
-        ),
+        clash(
+            1,
+            old[0],
+            "127.0.0.1:2240",
+            "127.0.0.1:2240 ssh-server qubes.ConnectTCP+22"
+        ) + &clash(
+            2,
+            old[1],
+            "[::]:2241 (which takes 127.0.0.1:2241 too)",
+            "127.0.0.1:2241 ssh-server qubes.ConnectTCP+23"
+        ) + &clash(
+            3,
+            old[2],
+            "0.0.0.0:2242 (which takes 127.0.0.1:2242 too)",
+            "127.0.0.1:2242 ssh-server qubes.ConnectTCP+24"
+        ) + "qrexec-connect-generator: 3 bindings, 3 errors, 0 warnings in 1 file\n",
     );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
 
-    manager.systemctl_ok(&["disable", "--now", old]);
+    for (unit, _) in old {
+        manager.systemctl_ok(&["disable", "--now", unit]);
+    }
     let out = check();
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "qrexec-connect-generator: 1 binding, 0 errors, 0 warnings in 1 file\n"
+        "qrexec-connect-generator: 3 bindings, 0 errors, 0 warnings in 1 file\n"
     );
     assert_eq!(out.status.code(), Some(0));
 }

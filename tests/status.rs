@@ -657,6 +657,81 @@ fn status_names_both_units_of_a_clash() {
     assert!(text.contains("disable --now"), "{text}");
 }
 
+/// A config line and an old hand-written unit on one socket path: both
+/// start (systemd removes a file in its way and binds again), and the hint
+/// says to retire the old one and then restart the kept one. Retiring the
+/// old unit removes the socket file both share, so the kept unit still
+/// looks active while nothing can connect: status must not call it
+/// `listening`, and its hint (a restart) must bring the path back.
+#[test]
+fn status_never_calls_a_path_binding_without_its_socket_file_listening() {
+    let old = "qrexec-connect-old-p.socket";
+    let manager = UserManager::start(&[
+        (
+            &format!(".config/systemd/user/{old}"),
+            "[Socket]\nListenStream=%t/rt.sock\n\
+             FileDescriptorName=server qubes.ConnectTCP+22\n\
+             [Install]\nWantedBy=sockets.target\n",
+        ),
+        (CONFIG, "%t/rt.sock server qubes.ConnectTCP+23\n"),
+    ]);
+    manager.systemctl_ok(&["enable", "--now", old]);
+    manager.daemon_reload();
+    manager.settle();
+    let row_of =
+        |rows: &[String], unit: &str| rows.iter().find(|r| field(r, "unit") == unit).cloned();
+    let kept = wait_for("the config line's row", SETTLE, || {
+        let (_, rows) = status(&manager);
+        let row = rows.iter().find(|r| field(r, "listen") == "%t/rt.sock")?;
+        Some(field(row, "unit"))
+    });
+    let row = wait_for("both rows to show the clash", SETTLE, || {
+        let (_, rows) = status(&manager);
+        let row = row_of(&rows, &kept)?;
+        (field(&row, "state") == "conflict"
+            && row_of(&rows, old).is_some_and(|r| field(&r, "state") == "conflict"))
+        .then_some(row)
+    });
+    let hint = field(&row, "hint");
+    assert!(
+        hint.contains(&format!("systemctl --user disable --now {old}"))
+            && hint.contains(&format!("systemctl --user restart {kept}")),
+        "{row}"
+    );
+    // The old unit binds last, so the file is its socket; retiring it, as
+    // the hint says first, removes the file.
+    manager.systemctl_ok(&["restart", old]);
+    manager.systemctl_ok(&["disable", "--now", old]);
+    manager.settle();
+    let path = manager.ns_path("/run/user/0/rt.sock");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&path).is_err(),
+        "the path still reaches a socket"
+    );
+    let (output, rows) = status(&manager);
+    let row = row_of(&rows, &kept).expect("the kept unit's row");
+    assert_eq!(field(&row, "state"), "unreachable", "{row}");
+    assert_eq!(
+        field(&row, "hint"),
+        format!(
+            "its socket file /run/user/0/rt.sock is gone, so nothing can connect: \
+             systemctl --user restart {kept}"
+        ),
+        "{row}"
+    );
+    assert_eq!(output.status.code(), Some(1), "{row}");
+    let (code, text) = plain_status(&manager, "80");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("unreachable"), "{text}");
+
+    manager.systemctl_ok(&["restart", &kept]);
+    let (output, rows) = status(&manager);
+    let row = row_of(&rows, &kept).expect("the kept unit's row");
+    assert_eq!(field(&row, "state"), "listening", "{row}");
+    assert_eq!(output.status.code(), Some(0), "{row}");
+    assert!(std::fs::symlink_metadata(&path).is_ok());
+}
+
 /// Masked, stopped by hand, and a call qrexec could not start (125): each
 /// gets its own words, none of them "run daemon-reload".
 #[test]

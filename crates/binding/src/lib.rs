@@ -6,6 +6,8 @@
 //!
 //! * [`address`]: the listen-address grammar, as written in config and as
 //!   read back from an inherited socket;
+//! * [`collision`]: when two listen addresses are one for the kernel
+//!   (a wildcard takes the port on every address);
 //! * [`destination`]: what a valid TARGET, SERVICE and
 //!   `FileDescriptorName=` is (the generator writes the fd name, the daemon
 //!   reads it back from `LISTEN_FDNAMES`);
@@ -17,5 +19,6 @@
 //! `docs/architecture.md`.
 
 pub mod address;
+pub mod collision;
 pub mod destination;
 pub mod runtime_dir;

@@ -19,6 +19,7 @@ use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Our directory's name under the runtime dir (`%t/qrexec-connect`).
 pub const SUBDIR: &str = "qrexec-connect";
@@ -36,6 +37,10 @@ pub const STATE_FILE: &str = "applied";
 /// file or drop-in of the user's may change is left out, so the manager is
 /// asked about it.
 pub const GENERATED_FILE: &str = "generated";
+/// The most [`RuntimeDir::read`] reads of a file: ours are a few hundred
+/// bytes a binding, so anything bigger is not ours and counts as garbage
+/// (a reader must not be made to hold an arbitrary file in memory).
+pub const MAX_FILE: u64 = 1 << 20;
 
 /// The one rule for a runtime dir value: an absolute path (systemd refuses
 /// a relative one for `%t`, and ours would depend on the working directory).
@@ -136,8 +141,8 @@ impl RuntimeDir {
     }
 
     /// Reads one of our files; `None` if it is missing, is not a regular
-    /// file (a symlink is not followed; a socket cannot be opened) or is not
-    /// text (UTF-8). Each reader then goes on as without the file (nothing
+    /// file (a symlink is not followed; a socket cannot be opened), is
+    /// bigger than [`MAX_FILE`] or is not text (UTF-8). Each reader then goes on as without the file (nothing
     /// applied yet, no record, mode unknown) and its next write replaces it:
     /// garbage must never stop reloads or recovery (issue 17).
     pub fn read(&self, name: &str) -> io::Result<Option<String>> {
@@ -146,7 +151,7 @@ impl RuntimeDir {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path);
-        let mut file = match file {
+        let file = match file {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
@@ -156,35 +161,38 @@ impl RuntimeDir {
         if !file.metadata()?.file_type().is_file() {
             return Ok(None);
         }
+        // One byte past the cap tells a file at the cap from a bigger one,
+        // without reading (or holding) more.
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| at(&path, e))?;
+        file.take(MAX_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| at(&path, e))?;
+        if bytes.len() as u64 > MAX_FILE {
+            return Ok(None);
+        }
         Ok(String::from_utf8(bytes).ok())
     }
 
     /// Replaces one of our files with `text`, atomically: readers see the old
     /// or the new content, never a mix, and nothing is written through a
     /// symlink.
+    ///
+    /// The temporary file's name is this writer's own (`.NAME.PID.N.tmp`):
+    /// two writers at once (an old daemon still publishing while the next
+    /// one starts, after a reload) each rename their own complete file; a
+    /// shared name would let one rename the other's half-written file.
     pub fn write_atomically(&self, name: &str, text: &str) -> io::Result<()> {
         let path = self.path.join(name);
-        let temporary = self.path.join(format!("{name}.tmp"));
-        let mut file = match private_file(&temporary) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                // A leftover of a run that died, or something planted:
-                // remove the name itself (a symlink's target is untouched).
-                if std::fs::symlink_metadata(&temporary)?.is_dir() {
-                    std::fs::remove_dir_all(&temporary)
-                } else {
-                    std::fs::remove_file(&temporary)
-                }
-                .map_err(|e| at(&temporary, e))?;
-                private_file(&temporary).map_err(|e| at(&temporary, e))?
-            }
-            other => other.map_err(|e| at(&temporary, e))?,
-        };
-        file.write_all(text.as_bytes())
-            .map_err(|e| at(&temporary, e))?;
+        let (temporary, mut file) = self.temporary_file(name)?;
+        let written = file
+            .write_all(text.as_bytes())
+            .map_err(|e| at(&temporary, e));
         drop(file);
-        match std::fs::rename(&temporary, &path) {
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(e);
+        }
+        let renamed = match std::fs::rename(&temporary, &path) {
             // A directory at the name (left by hand): like the flag, it goes,
             // or every later write would fail the same way.
             Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
@@ -192,8 +200,35 @@ impl RuntimeDir {
                 std::fs::rename(&temporary, &path)
             }
             other => other,
+        };
+        if renamed.is_err() {
+            let _ = std::fs::remove_file(&temporary);
         }
-        .map_err(|e| at(&path, e))
+        renamed.map_err(|e| at(&path, e))
+    }
+
+    /// A new private file under a name no other writer uses: the pid and a
+    /// count within the process. A name that exists (a leftover of a dead
+    /// process whose pid came back, or something planted) is skipped, never
+    /// opened or removed.
+    fn temporary_file(&self, name: &str) -> io::Result<(PathBuf, std::fs::File)> {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let pid = std::process::id();
+        let mut last = None;
+        for _ in 0..16 {
+            let n = COUNT.fetch_add(1, Ordering::Relaxed);
+            let temporary = self.path.join(format!(".{name}.{pid}.{n}.tmp"));
+            match private_file(&temporary) {
+                Ok(file) => return Ok((temporary, file)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(temporary),
+                Err(e) => return Err(at(&temporary, e)),
+            }
+        }
+        let temporary = last.unwrap_or_else(|| self.path.join(name));
+        Err(at(
+            &temporary,
+            io::Error::new(io::ErrorKind::AlreadyExists, "16 temporary names taken"),
+        ))
     }
 }
 
@@ -317,6 +352,46 @@ mod tests {
             dir.read(STATE_FILE).unwrap().as_deref(),
             Some("after a directory\n")
         );
+    }
+
+    #[test]
+    fn a_file_over_the_cap_reads_as_no_file() {
+        let scratch = Scratch::new("cap");
+        let dir = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let at_cap = "x".repeat(MAX_FILE as usize);
+        std::fs::write(&path, &at_cap).unwrap();
+        assert_eq!(
+            dir.read(STATE_FILE).unwrap().map(|t| t.len()),
+            Some(at_cap.len())
+        );
+        std::fs::write(&path, at_cap + "x").unwrap();
+        let read = dir.read(STATE_FILE).unwrap();
+        assert!(read.is_none(), "{:?} bytes read", read.map(|t| t.len()));
+    }
+
+    #[test]
+    fn writers_never_share_a_temporary_file() {
+        let scratch = Scratch::new("writers");
+        let dir = RuntimeDir::under(Some(scratch.0.clone().into())).unwrap();
+        // What the old, shared name would have been, held half-written by
+        // another writer: untouched, and not renamed over the file.
+        let others = dir.path().join(format!("{STATE_FILE}.tmp"));
+        std::fs::write(&others, "half").unwrap();
+        dir.write_atomically(STATE_FILE, "mine\n").unwrap();
+        assert_eq!(dir.read(STATE_FILE).unwrap().as_deref(), Some("mine\n"));
+        assert_eq!(std::fs::read_to_string(&others).unwrap(), "half");
+        // Nothing of this writer's is left behind.
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        left.sort();
+        assert_eq!(left, [dir.path().join(STATE_FILE), others]);
+        // Two writes in one process get two names too.
+        let (first, _file) = dir.temporary_file(STATE_FILE).unwrap();
+        let (second, _file) = dir.temporary_file(STATE_FILE).unwrap();
+        assert_ne!(first, second);
     }
 
     #[test]

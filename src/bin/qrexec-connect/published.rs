@@ -121,7 +121,8 @@ impl Published {
     pub fn connected(&self, listen: &str) {
         self.update(listen, |c| {
             c.live += 1;
-            c.total += 1;
+            // A count carried on from the file may be anything.
+            c.total = c.total.saturating_add(1);
         });
     }
 
@@ -138,7 +139,7 @@ impl Published {
     /// A connection closed because no client could be started for it.
     pub fn not_started(&self, listen: &str, words: &str) {
         self.update(listen, |c| {
-            c.total += 1;
+            c.total = c.total.saturating_add(1);
             c.last_result = Some(words.to_owned());
             c.last_status = Some(-1);
             c.last_end = Some(now());
@@ -354,6 +355,26 @@ mod tests {
         );
         assert_eq!(snapshot.client_mode.as_deref(), Some("pipe"));
         assert_eq!(snapshot.bindings, bindings);
+    }
+
+    #[test]
+    fn a_carried_count_at_its_limit_stays_there() {
+        // The file is anyone's text: `total=18446744073709551615` parses.
+        let text = "[binding]\nlisten=@a\ntarget=vm\nservice=s\ntotal=18446744073709551615\n";
+        let published = Published {
+            dir: None,
+            started: 0,
+            pid: 0,
+            bindings: RefCell::new(BTreeMap::new()),
+            previous: parse(text).bindings,
+            client: RefCell::new((String::new(), None)),
+            changed: Notify::new(),
+        };
+        published.serve("@a", "vm", "s");
+        published.connected("@a");
+        published.not_started("@a", "no client");
+        let bindings = published.bindings.borrow();
+        assert_eq!((bindings["@a"].live, bindings["@a"].total), (1, u64::MAX));
     }
 
     #[test]

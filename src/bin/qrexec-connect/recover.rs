@@ -53,6 +53,7 @@ use crate::manager::{self, systemctl};
 use crate::reconcile::SERVICE;
 use crate::spawn::signal_name;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
+use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 use qrexec_connect_generator::config::printable;
 use qrexec_connect_generator::owner::{Account, Ids};
@@ -675,24 +676,6 @@ impl Clash {
     }
 }
 
-/// Whether two sockets listening on `a` and `b` (as `Listen=` shows them)
-/// take the same address: the same path or abstract name; or the same TCP
-/// port on the same IP or on a wildcard on either side (IPv4-mapped
-/// addresses compared as IPv4), as [`tcp_socket`] finds a holder.
-pub fn addresses_collide(a: &str, b: &str) -> bool {
-    let plain = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    match (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) {
-        (Ok(a), Ok(b)) => {
-            let (ia, ib) = (plain(a.ip()), plain(b.ip()));
-            a.port() == b.port() && (ia == ib || ia.is_unspecified() || ib.is_unspecified())
-        }
-        _ => a == b,
-    }
-}
-
 /// Our socket units that listen now: name, address, and whether written by
 /// hand.
 type Listening = Vec<(String, String, bool)>;
@@ -1225,19 +1208,6 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
-
-    #[test]
-    fn addresses_collide_as_the_kernel_counts_them() {
-        assert!(addresses_collide("127.0.0.1:22", "127.0.0.1:22"));
-        assert!(addresses_collide("127.0.0.1:22", "0.0.0.0:22"));
-        assert!(addresses_collide("[::]:22", "127.0.0.1:22"));
-        assert!(addresses_collide("[::ffff:127.0.0.1]:22", "127.0.0.1:22"));
-        assert!(!addresses_collide("127.0.0.1:22", "127.0.0.2:22"));
-        assert!(!addresses_collide("127.0.0.1:22", "127.0.0.1:23"));
-        assert!(addresses_collide("/run/user/1/a", "/run/user/1/a"));
-        assert!(addresses_collide("@name", "@name"));
-        assert!(!addresses_collide("@name", "/name"));
-    }
 
     #[test]
     fn a_clash_names_both_units_and_the_unit_to_retire() {

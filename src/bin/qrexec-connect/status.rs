@@ -21,6 +21,12 @@
 //! 256 characters), and `--json` escapes every character that does not show
 //! as itself, keeping the exact value.
 //!
+//! A path socket systemd calls active is checked on disk: its file must be
+//! there, be a socket, and be the file of a listening socket (the kernel's
+//! sock_diag answer, [`listening_unix_files`]); else it is `unreachable`.
+//! Stopping another unit bound to the same path removes the file, and
+//! systemd does not notice.
+//!
 //! A socket systemd could not bind (`Result=resources`) is explained from
 //! /proc: who holds its address, with the holder's uid when /proc tells
 //! (TCP and abstract names as recover finds them, `recover::holder_of`, a
@@ -41,6 +47,7 @@ use crate::policy::{self, PolicyBinding};
 use crate::reconcile;
 use crate::spawn::DEFAULT_CLIENT;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
+use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_binding::destination::{Destination, Service, Target, MAX_FD_NAME};
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 use qrexec_connect_generator::config::{
@@ -120,6 +127,9 @@ enum State {
     /// A config line that is not a binding (the `--check` message), or a
     /// unit whose `FileDescriptorName=` is not `TARGET SERVICE` (why).
     Invalid(String),
+    /// Active for systemd, but its socket path does not reach its socket
+    /// (the file is gone, or is not the socket's); why.
+    Unreachable(String),
     /// No user manager to ask (e.g. the daemon run by hand).
     Unknown,
 }
@@ -134,6 +144,7 @@ impl State {
             State::Masked => "masked",
             State::Conflict(_) => "conflict",
             State::Invalid(_) => "invalid",
+            State::Unreachable(_) => "unreachable",
             State::Unknown => "unknown",
         }
     }
@@ -481,6 +492,14 @@ fn inventory(qube: Option<&str>) -> Inventory {
              work, each with a splicer process; update qubes-core-agent when you can"
         ));
     }
+    // Asked of the kernel once, and only when a path binding listens.
+    let files = std::cell::OnceCell::new();
+    let files = || files.get_or_init(listening_unix_files).as_deref();
+    for row in rows.iter_mut().filter(|r| r.state == State::Listening) {
+        if let Some(why) = unreachable_path(&row.address, files) {
+            row.state = State::Unreachable(why);
+        }
+    }
     mark_conflicts(&mut rows);
     for row in rows.iter_mut().filter(|row| row.hint.is_none()) {
         row.hint = hint(row, qube);
@@ -557,7 +576,11 @@ fn mark_conflicts(rows: &mut [Row]) {
             && !row.unit.is_empty()
             && matches!(
                 row.state,
-                State::Listening | State::Failed(_) | State::Stopped | State::Conflict(_)
+                State::Listening
+                    | State::Failed(_)
+                    | State::Stopped
+                    | State::Conflict(_)
+                    | State::Unreachable(_)
             )
     };
     let mut found = Vec::new();
@@ -566,10 +589,7 @@ fn mark_conflicts(rows: &mut [Row]) {
             continue;
         }
         let other = rows.iter().enumerate().find(|(j, b)| {
-            *j != i
-                && counts(b)
-                && b.unit != a.unit
-                && recover::addresses_collide(&a.address, &b.address)
+            *j != i && counts(b) && b.unit != a.unit && addresses_collide(&a.address, &b.address)
         });
         if let Some((_, b)) = other {
             let detail = format!(
@@ -580,9 +600,19 @@ fn mark_conflicts(rows: &mut [Row]) {
             );
             // `disable --now` leaves a failed unit failed: the one that
             // could not listen is reset too.
+            // Two units on one path both listen (systemd removes a file in
+            // its way and binds again), and stopping the old one removes the
+            // file they share: the kept one is then restarted by hand. On a
+            // TCP address or a name the kept one failed, and recovery
+            // starts it once the old one is gone.
             let retire = |old: &Row, other: &Row| {
                 let reset = match old.state {
                     State::Failed(_) => format!(" and systemctl --user reset-failed {}", old.unit),
+                    _ if old.address.starts_with('/') => format!(
+                        ", then systemctl --user restart {} (stopping the old unit removes \
+                         the socket file both use)",
+                        other.unit
+                    ),
                     _ => format!(
                         " (the recovery step then starts {} within 10 s)",
                         other.unit
@@ -666,6 +696,13 @@ fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
             ))
         }
         State::Conflict(_) => return None,
+        State::Unreachable(why) => {
+            return Some(format!(
+                "{}, so nothing can connect: systemctl --user restart {}",
+                printable_message(why),
+                printable(row.unit.as_bytes())
+            ))
+        }
         State::Listening | State::Unknown => {}
     }
     let status = row.counters.as_ref()?.last_status?;
@@ -800,6 +837,129 @@ fn proc_unix_socket(line: &str) -> Option<(&str, &str)> {
     Some((field, rest.strip_prefix(' ')?))
 }
 
+/// Why a path socket the manager reports listening cannot be reached, if
+/// it cannot: nothing connects to a socket whose file is gone (retiring a
+/// unit that shared the path removed it), is not a socket, or belongs to no
+/// listening socket (a leftover file, or another socket's that is closed).
+/// systemd does not notice: the unit stays `active`. `None` for an address
+/// that is not a path, or a path we may not look at.
+fn unreachable_path<'a>(
+    address: &str,
+    listening_files: impl FnOnce() -> Option<&'a [(Vec<u8>, u32)]>,
+) -> Option<String> {
+    if !address.starts_with('/') {
+        return None;
+    }
+    let shown = printable(address.as_bytes());
+    let meta = match std::fs::symlink_metadata(address) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some(format!("its socket file {shown} is gone"))
+        }
+        Err(_) => return None,
+        Ok(meta) => meta,
+    };
+    if !meta.file_type().is_socket() {
+        return Some(format!("{shown} is not a socket file any more"));
+    }
+    // The kernel names each listening socket's file (its inode); without
+    // that answer, a socket file there is taken as the unit's.
+    let bound = listening_files()?
+        .iter()
+        .any(|(path, inode)| path.as_slice() == address.as_bytes() && *inode == meta.ino() as u32);
+    (!bound).then(|| format!("the socket file {shown} belongs to no listening socket"))
+}
+
+/// Every listening Unix socket bound to a path, with the inode of the file
+/// its bind made, from the kernel's socket diagnostics (`NETLINK_SOCK_DIAG`,
+/// as `ss -xl` asks; no privilege needed). `/proc/net/unix` has the path
+/// but only the socket's own inode, not its file's, so it cannot tell a
+/// socket whose file was removed or replaced. `None` when the kernel does
+/// not answer.
+fn listening_unix_files() -> Option<Vec<(Vec<u8>, u32)>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::Read as _;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const TCP_LISTEN: u32 = 10;
+    const UDIAG_SHOW_NAME: u32 = 1;
+    const UDIAG_SHOW_VFS: u32 = 2;
+    const UNIX_DIAG_NAME: u16 = 0;
+    const UNIX_DIAG_VFS: u16 = 1;
+
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
+    )
+    .ok()?;
+    // nlmsghdr (length, type, flags, sequence, port), then unix_diag_req
+    // (family, protocol, padding, states, inode, what to show, cookie).
+    let mut request = Vec::with_capacity(40);
+    request.extend(40u32.to_ne_bytes());
+    request.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend((libc::NLM_F_REQUEST as u16 | libc::NLM_F_DUMP as u16).to_ne_bytes());
+    request.extend(1u32.to_ne_bytes());
+    request.extend(0u32.to_ne_bytes());
+    request.extend([libc::AF_UNIX as u8, 0, 0, 0]);
+    request.extend((1u32 << TCP_LISTEN).to_ne_bytes());
+    request.extend(0u32.to_ne_bytes());
+    request.extend((UDIAG_SHOW_NAME | UDIAG_SHOW_VFS).to_ne_bytes());
+    request.extend([0; 8]);
+    socket.send(&request).ok()?;
+
+    let u16_at =
+        |b: &[u8], at: usize| Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?));
+    let u32_at =
+        |b: &[u8], at: usize| Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    let mut files = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let received = (&socket).read(&mut buffer).ok()?;
+        let mut messages = &buffer[..received];
+        if messages.is_empty() {
+            return None;
+        }
+        while messages.len() >= 16 {
+            let length = u32_at(messages, 0)? as usize;
+            let kind = u16_at(messages, 4)?;
+            if length < 16 || length > messages.len() {
+                return None;
+            }
+            match kind {
+                NLMSG_DONE => return Some(files),
+                NLMSG_ERROR => return None,
+                SOCK_DIAG_BY_FAMILY => {
+                    // After the header, unix_diag_msg (16 bytes), then
+                    // attributes (length, type, value), each 4-aligned.
+                    let mut attributes = messages.get(32..length)?;
+                    let (mut name, mut inode) = (None, None);
+                    while attributes.len() >= 4 {
+                        let size = usize::from(u16_at(attributes, 0)?);
+                        let value = attributes.get(4..size)?;
+                        match u16_at(attributes, 2)? {
+                            UNIX_DIAG_NAME => name = Some(value),
+                            UNIX_DIAG_VFS => inode = u32_at(value, 0),
+                            _ => {}
+                        }
+                        attributes = attributes.get(size.next_multiple_of(4)..).unwrap_or(&[]);
+                    }
+                    if let (Some(name), Some(inode)) = (name, inode) {
+                        // A path (not an abstract name, which starts with
+                        // NUL), without the NUL a bind may count.
+                        if name.first().is_some_and(|&b| b != 0) {
+                            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                            files.push((name[..end].to_vec(), inode));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            messages = messages.get(length.next_multiple_of(4)..).unwrap_or(&[]);
+        }
+    }
+}
+
 /// This qube's name, from `qubesdb-read /name`.
 fn own_name() -> Option<String> {
     let output = Command::new("qubesdb-read").arg("/name").output().ok()?;
@@ -876,9 +1036,11 @@ fn to_json(rows: &[Row]) -> String {
     for (i, row) in rows.iter().enumerate() {
         let c = row.counters.clone().unwrap_or_default();
         let detail = match &row.state {
-            State::Failed(d) | State::NotApplied(d) | State::Invalid(d) | State::Conflict(d) => {
-                Some(d.as_str())
-            }
+            State::Failed(d)
+            | State::NotApplied(d)
+            | State::Invalid(d)
+            | State::Conflict(d)
+            | State::Unreachable(d) => Some(d.as_str()),
             _ => None,
         };
         let _ = write!(
@@ -1211,6 +1373,35 @@ mod tests {
         // as U+FFFD.
         assert_eq!(manager::unescape_value("a\\q\\9\\"), "a\\q\\9\\");
         assert_eq!(manager::unescape_value("\\377"), "\u{fffd}");
+    }
+
+    #[test]
+    fn a_socket_file_that_no_listening_socket_has_is_unreachable() {
+        let dir =
+            std::env::temp_dir().join(format!("qrexec-connect-status-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let address = path.to_str().unwrap().to_owned();
+        let check = || {
+            let files = listening_unix_files();
+            unreachable_path(&address, || files.as_deref())
+        };
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(check(), None);
+        // The listening socket's file moves away; a closed socket's file
+        // takes its name: a socket file, but nobody listens on it.
+        std::fs::rename(&path, dir.join("moved")).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let why = check().expect("a dead socket file");
+        assert!(why.contains("belongs to no listening socket"), "{why}");
+        std::fs::remove_file(&path).unwrap();
+        assert!(check().expect("no file").contains("is gone"));
+        std::fs::write(&path, "").unwrap();
+        assert!(check().expect("a plain file").contains("not a socket"));
+        assert_eq!(unreachable_path("@name", || None), None);
+        assert_eq!(unreachable_path("127.0.0.1:22", || None), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
