@@ -128,6 +128,38 @@ fn add_and_remove_keep_every_other_byte_and_return_once_applied() {
     ok(&manager, &["remove", &format!("127.0.0.1:{tcp}")]);
     assert_eq!(read(&manager), original);
     assert!(listens(other), "the other line's socket stopped");
+
+    // A LISTEN bound in another file than --file names is changed where it
+    // is, its comment kept; no new file appears.
+    let out = ok(
+        &manager,
+        &[
+            "add",
+            "--file",
+            "elsewhere",
+            &format!("127.0.0.1:{other}"),
+            "backup",
+            "qubes.ConnectTCP+1",
+        ],
+    );
+    assert!(out.contains("changed there"), "{out}");
+    assert_eq!(
+        read(&manager),
+        original.replace(
+            " server qubes.ConnectTCP+1 # keep",
+            " backup qubes.ConnectTCP+1 # keep"
+        )
+    );
+    assert!(!manager
+        .home
+        .path()
+        .join(DIR)
+        .join("elsewhere.conf")
+        .exists());
+    assert_eq!(
+        manager.property(&unit(other), "FileDescriptorName"),
+        "backup qubes.ConnectTCP+1"
+    );
 }
 
 #[test]

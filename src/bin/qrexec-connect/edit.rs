@@ -718,10 +718,14 @@ fn run_add(given: &Given) -> Result<(), Failure> {
     // The whole config as the generator will read it.
     let after = config_with(&dirs, &path, &new_text);
     let mut refused = false;
+    let file_shown = shown_path(&path);
     for problem in &after.problems {
-        if problem_at(problem) == Some(&at) {
+        // A file the generator would skip (its path is not one a unit can
+        // name) is refused like a bad line.
+        let whole_file = matches!(problem, Problem::File { path, .. } if *path == file_shown);
+        if whole_file || problem_at(problem) == Some(&at) {
             eprintln!("{}", printable_message(&problem.to_string()));
-            refused |= !problem.is_warning();
+            refused |= whole_file || !problem.is_warning();
         }
     }
     if refused {
