@@ -378,6 +378,25 @@ fn files_that_are_not_ours_to_edit_are_refused() {
     );
     assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "# theirs\n");
 
+    // Another user's config home (as with sudo keeping HOME): nothing is
+    // created in it.
+    let their_home = manager.scratch.path().join("their-config");
+    std::fs::create_dir(&their_home).unwrap();
+    std::os::unix::fs::chown(&their_home, Some(2001), Some(2001)).unwrap();
+    let output = run(manager
+        .command("env")
+        .arg(format!("XDG_CONFIG_HOME={}", their_home.display()))
+        .arg("qrexec-connect")
+        .arg("add")
+        .args(add));
+    assert_eq!(output.status.code(), Some(1), "{}", shown(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("belongs to uid 2001"),
+        "{}",
+        shown(&output)
+    );
+    assert!(!their_home.join("qrexec-connect").exists());
+
     // A directory other users can write.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     refused(

@@ -289,7 +289,8 @@ pub fn config_file_name(name: &OsStr) -> Result<String, String> {
     } else {
         format!("{text}{SUFFIX}")
     };
-    if name.len() > 255 {
+    // Room for the temporary file's name (`.NAME.PID.tmp`) in NAME_MAX.
+    if name.len() > 200 {
         return Err(format!("--file {shown} is longer than a file name can be"));
     }
     Ok(name)
@@ -394,6 +395,20 @@ fn open_user_dir(dirs: &ConfigDirs, create: bool) -> Result<Option<UserDir>, Fai
     };
     if create {
         use std::os::unix::fs::DirBuilderExt;
+        // Run with another user's HOME (sudo keeps it), we would make a
+        // directory of ours in their home: refused.
+        let uid = our_uid()?;
+        let existing = path.ancestors().find(|dir| dir.exists());
+        if let Some(owner) = existing.and_then(|dir| std::fs::metadata(dir).ok()) {
+            use std::os::unix::fs::MetadataExt;
+            if owner.uid() != uid {
+                return Err(fail(format!(
+                    "{} belongs to uid {}, not to you (uid {uid}): nothing created there",
+                    shown_path(existing.unwrap_or(&path)),
+                    owner.uid()
+                )));
+            }
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
