@@ -6,7 +6,7 @@
 _qrexec_connect() {
     local cur=${COMP_WORDS[COMP_CWORD]}
     local prev=${COMP_WORDS[COMP_CWORD-1]}
-    local user_commands='status policy help'
+    local user_commands='add remove status policy help'
     local systemd_commands='reconcile recover'
     # The command is the first word that is no option (-d may come first).
     local i at=0 command=
@@ -26,6 +26,25 @@ _qrexec_connect() {
         else
             words="$user_commands $systemd_commands"
         fi
+        ;;
+    add)
+        case $prev in
+        --file)
+            # The config files that exist, without their .conf.
+            local dir=${XDG_CONFIG_HOME:-$HOME/.config}/qrexec-connect f names=
+            for f in "$dir"/*.conf; do
+                [[ -e $f ]] && names+=" $(basename "$f" .conf)"
+            done
+            mapfile -t COMPREPLY < <(compgen -W "$names" -- "$cur")
+            return
+            ;;
+        --tcp) return ;;
+        esac
+        words='--file --tcp --help'
+        ;;
+    remove)
+        [[ $cur == -* ]] || return
+        words='--help'
         ;;
     status) words='--json --help' ;;
     policy)

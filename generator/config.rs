@@ -317,6 +317,18 @@ impl fmt::Display for Problem {
 pub const TEXT_INDENT: &str = "    ";
 
 impl Problem {
+    /// The problem as `--check` and the journal show it (and `add`, which
+    /// refuses a line with the generator's own words): the headline, then
+    /// the line's text on a line of its own, indented; both escaped, so no
+    /// report holds a control or bidirectional character.
+    pub fn report(&self) -> String {
+        let mut out = printable_message(&self.headline());
+        if let Some(text) = self.text() {
+            out += &format!("\n{TEXT_INDENT}{}", printable_message(text));
+        }
+        out
+    }
+
     /// The config line the problem is about, without its comment, made
     /// printable; `None` for a file or directory.
     pub fn text(&self) -> Option<&str> {

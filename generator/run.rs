@@ -153,7 +153,10 @@ fn plural(n: usize) -> &'static str {
 fn report_problem(problem: &Problem) {
     match problem {
         Problem::NoUserDir => report(&format!("{ME}: {problem}")),
-        _ => report_with_text(&problem.headline(), problem.text()),
+        _ => {
+            let out = problem.report() + "\n";
+            let _ = io::stderr().lock().write_all(out.as_bytes());
+        }
     }
 }
 

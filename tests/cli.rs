@@ -67,6 +67,9 @@ fn entries(section: &str) -> Vec<&str> {
         .collect()
 }
 
+const ADD_USAGE: &str =
+    "Usage: qrexec-connect add (LISTEN TARGET SERVICE | --tcp SPEC) [--file NAME]";
+const REMOVE_USAGE: &str = "Usage: qrexec-connect remove LISTEN";
 const STATUS_USAGE: &str = "Usage: qrexec-connect status [--json]";
 const POLICY_USAGE: &str = "Usage: qrexec-connect policy [--source NAME]";
 const RECONCILE_USAGE: &str = "Usage: qrexec-connect reconcile [--runtime-dir=DIR]";
@@ -79,7 +82,12 @@ const DAEMON_USAGE: &str = "Usage: qrexec-connect [--qrexec-client-vm=PATH] [--m
 #[test]
 fn every_command_shows_its_help_with_h_anywhere_and_exits_0() {
     for (args, usage) in [
-        (&["status", "--help"][..], STATUS_USAGE),
+        (&["add", "--help"][..], ADD_USAGE),
+        (&["add", "127.0.0.1:1", "a", "qubes.B", "-h"], ADD_USAGE),
+        (&["help", "add"], ADD_USAGE),
+        (&["remove", "--help"], REMOVE_USAGE),
+        (&["remove", "2222", "-h"], REMOVE_USAGE),
+        (&["status", "--help"], STATUS_USAGE),
         (&["status", "-h"], STATUS_USAGE),
         (&["status", "--json", "-h"], STATUS_USAGE),
         (&["policy", "--help"], POLICY_USAGE),
@@ -111,6 +119,13 @@ fn every_command_shows_its_help_with_h_anywhere_and_exits_0() {
     assert_eq!(entries(section(&status, "Options:")), ["--json", "-h,"]);
     let policy = cli(&["policy", "--help"]).stdout;
     assert_eq!(entries(section(&policy, "Options:")), ["--source", "-h,"]);
+    let add = cli(&["add", "--help"]).stdout;
+    assert_eq!(
+        entries(section(&add, "Options:")),
+        ["--file", "--tcp", "-h,"]
+    );
+    let remove = cli(&["remove", "--help"]).stdout;
+    assert_eq!(entries(section(&remove, "Options:")), ["-h,"]);
 }
 
 #[test]
@@ -131,7 +146,7 @@ fn help_lists_what_users_run_first_then_internal_commands_then_the_daemon() {
     );
     assert_eq!(
         entries(section(&help, "Commands:")),
-        ["status", "policy", "help"]
+        ["add", "remove", "status", "policy", "help"]
     );
     assert_eq!(entries(section(&help, "Options:")), ["-h,", "-V,"]);
     assert_eq!(

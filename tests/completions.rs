@@ -69,7 +69,15 @@ fn words_of_help(help: &str) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    for command in ["status", "policy", "help", "reconcile", "recover"] {
+    for command in [
+        "add",
+        "remove",
+        "status",
+        "policy",
+        "help",
+        "reconcile",
+        "recover",
+    ] {
         if help.contains(&format!("\n  {command}")) {
             words.push(command.to_owned());
         }
@@ -87,13 +95,21 @@ fn users_help(program: Program) -> String {
 
 /// Each command of `qrexec-connect` and the options its own help names.
 fn command_words() -> Vec<(&'static str, Vec<String>)> {
-    ["status", "policy", "help", "reconcile", "recover"]
-        .into_iter()
-        .map(|command| {
-            let help = stdout(Command::new(DAEMON).args([command, "--help"]));
-            (command, words_of_help(&help))
-        })
-        .collect()
+    [
+        "add",
+        "remove",
+        "status",
+        "policy",
+        "help",
+        "reconcile",
+        "recover",
+    ]
+    .into_iter()
+    .map(|command| {
+        let help = stdout(Command::new(DAEMON).args([command, "--help"]));
+        (command, words_of_help(&help))
+    })
+    .collect()
 }
 
 #[test]
@@ -159,11 +175,15 @@ fn the_top_level_offers_users_commands_first_and_no_daemon_option() {
     // bash: the users' commands for an empty word; systemd's once typed.
     assert_eq!(
         bash("_qrexec_connect", &["qrexec-connect", ""]),
-        ["status", "policy", "help"]
+        ["add", "remove", "status", "policy", "help"]
+    );
+    assert_eq!(
+        bash("_qrexec_connect", &["qrexec-connect", "rec"]),
+        ["reconcile", "recover"]
     );
     assert_eq!(
         bash("_qrexec_connect", &["qrexec-connect", "re"]),
-        ["reconcile", "recover"]
+        ["remove", "reconcile", "recover"]
     );
     assert_eq!(
         bash("_qrexec_connect", &["qrexec-connect", "--"]),
@@ -172,7 +192,15 @@ fn the_top_level_offers_users_commands_first_and_no_daemon_option() {
     // fish: every command, the users' first (it keeps this order).
     assert_eq!(
         fish("qrexec-connect "),
-        ["status", "policy", "help", "reconcile", "recover"]
+        [
+            "add",
+            "remove",
+            "status",
+            "policy",
+            "help",
+            "reconcile",
+            "recover"
+        ]
     );
     let top = fish("qrexec-connect --");
     assert!(top.contains(&"--help".to_owned()), "{top:?}");

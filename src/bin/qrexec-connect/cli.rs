@@ -76,12 +76,56 @@ pub struct CommandSpec {
     /// The paragraph of its own help, after the usage line.
     pub description: &'static str,
     pub options: &'static [OptionSpec],
-    /// Whether it takes one operand (`help COMMAND`).
-    pub operand: Option<&'static str>,
+    /// The operands it takes, at most one of each, in order (`help
+    /// COMMAND`, `add LISTEN TARGET SERVICE`); the command checks how many
+    /// it needs.
+    pub operands: &'static [&'static str],
 }
 
 /// Every command, users' first, each group in the order the help shows it.
-pub const COMMANDS: [CommandSpec; 5] = [
+pub const COMMANDS: [CommandSpec; 7] = [
+    CommandSpec {
+        name: "add",
+        runner: Runner::User,
+        synopsis: "(LISTEN TARGET SERVICE | --tcp SPEC) [--file NAME]",
+        summary: "bind LISTEN to TARGET's SERVICE for good: adds\n\
+                  the line, applies it, prints the dom0 rule",
+        description: "Adds the line LISTEN TARGET SERVICE to ~/.config/qrexec-connect/NAME.conf,\n\
+                      checked as the generator checks it (a line with the same LISTEN is\n\
+                      replaced, in whichever of your files holds it), applies it with\n\
+                      'systemctl --user daemon-reload', returns once the socket listens,\n\
+                      and prints the dom0 rule the binding needs. --tcp SPEC is\n\
+                      qvm-connect-tcp's LOCALPORT:TARGET:PORT: an empty LOCALPORT is PORT,\n\
+                      an empty TARGET is @default; the socket listens on 127.0.0.1 only.\n\
+                      Exit 0 when it listens, 1 otherwise, 2 for a bad argument.",
+        options: &[
+            OptionSpec {
+                name: "--file",
+                value: Some(" NAME"),
+                help: "the file in ~/.config/qrexec-connect\n(default qrexec-connect.conf)",
+            },
+            OptionSpec {
+                name: "--tcp",
+                value: Some(" LOCALPORT:TARGET:PORT"),
+                help: "127.0.0.1:LOCALPORT TARGET\nqubes.ConnectTCP+PORT",
+            },
+        ],
+        operands: &["LISTEN", "TARGET", "SERVICE"],
+    },
+    CommandSpec {
+        name: "remove",
+        runner: Runner::User,
+        synopsis: "LISTEN",
+        summary: "remove the binding of LISTEN from your files and\n\
+                  return once its socket is closed",
+        description: "Removes the line of LISTEN from the file in ~/.config/qrexec-connect\n\
+                      that holds it, runs 'systemctl --user daemon-reload' and returns once\n\
+                      the socket no longer listens. A bare PORT is 127.0.0.1:PORT. A line of\n\
+                      /etc/qrexec-connect is reported, not edited. Exit 0 when it is gone, 1\n\
+                      otherwise, 2 for a bad argument.",
+        options: &[],
+        operands: &["LISTEN"],
+    },
     CommandSpec {
         name: "status",
         runner: Runner::User,
@@ -97,7 +141,7 @@ pub const COMMANDS: [CommandSpec; 5] = [
             value: None,
             help: "print a JSON array (problems go to standard error)",
         }],
-        operand: None,
+        operands: &[],
     },
     CommandSpec {
         name: "policy",
@@ -114,7 +158,7 @@ pub const COMMANDS: [CommandSpec; 5] = [
             value: Some(" NAME"),
             help: "this qube's name (default: qubesdb-read /name)",
         }],
-        operand: None,
+        operands: &[],
     },
     CommandSpec {
         name: "help",
@@ -123,7 +167,7 @@ pub const COMMANDS: [CommandSpec; 5] = [
         summary: "this help, or a command's",
         description: "Shows the help of qrexec-connect, or of COMMAND.",
         options: &[],
-        operand: Some("COMMAND"),
+        operands: &["COMMAND"],
     },
     CommandSpec {
         name: "reconcile",
@@ -140,7 +184,7 @@ pub const COMMANDS: [CommandSpec; 5] = [
             value: Some("=DIR"),
             help: "the runtime directory (default $XDG_RUNTIME_DIR)",
         }],
-        operand: None,
+        operands: &[],
     },
     CommandSpec {
         name: "recover",
@@ -151,7 +195,7 @@ pub const COMMANDS: [CommandSpec; 5] = [
         description: "Brings failed bindings or the reload watcher back, with a backoff.\n\
                       Run by qrexec-connect-recover.service, not by hand.",
         options: &[],
-        operand: None,
+        operands: &[],
     },
 ];
 
@@ -216,7 +260,7 @@ pub enum Request {
 #[derive(Debug, Default)]
 pub struct Given {
     pub options: Vec<(&'static str, Option<OsString>)>,
-    pub operand: Option<OsString>,
+    pub operands: Vec<OsString>,
 }
 
 impl Given {
@@ -337,7 +381,7 @@ fn parse_command(
     }
     let given = command_arguments(spec, after)?;
     if spec.name == "help" {
-        return match &given.operand {
+        return match given.operands.first() {
             None => Ok(Request::Help(None)),
             Some(word) => match word.to_str().and_then(command) {
                 Some(asked) => Ok(Request::Help(Some(asked))),
@@ -360,16 +404,26 @@ fn command_arguments(spec: &'static CommandSpec, args: &[OsString]) -> Result<Gi
             continue;
         }
         if !bytes.starts_with(b"-") {
-            match spec.operand {
-                Some(_) if given.operand.is_none() => given.operand = Some(arg.clone()),
-                Some(operand) => {
+            match spec.operands {
+                operands if given.operands.len() < operands.len() => {
+                    given.operands.push(arg.clone())
+                }
+                [operand] => {
                     return Err(error(format!(
                         "{} takes one {operand}, not {} too",
                         spec.name,
                         quoted(arg)
                     )))
                 }
-                None => {
+                [_, _, ..] => {
+                    return Err(error(format!(
+                        "{} takes {}, not {} too",
+                        spec.name,
+                        spec.operands.join(" "),
+                        quoted(arg)
+                    )))
+                }
+                [] => {
                     return Err(error(format!(
                         "{} takes no argument {}",
                         spec.name,

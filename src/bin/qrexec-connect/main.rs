@@ -1,5 +1,5 @@
 //! `qrexec-connect`: the socket-activated daemon, the users' commands
-//! `status` and `policy`, and `reconcile` and `recover`, which systemd runs.
+//! `add`, `remove`, `status` and `policy`, and `reconcile` and `recover`, which systemd runs.
 //!
 //! main only dispatches what `cli.rs` read from the command line (the
 //! commands, their help and the error format are there); the event loop is
@@ -7,6 +7,7 @@
 
 mod cli;
 mod daemon;
+mod edit;
 mod listener;
 mod log;
 mod manager;
@@ -72,6 +73,8 @@ fn dispatch(spec: &CommandSpec, given: Given) -> ExitCode {
             let json: &[OsString] = &["--json".into()];
             status::status(if given.flag("--json") { json } else { &[] })
         }
+        "add" => edit::add(&given),
+        "remove" => edit::remove(&given),
         "policy" => policy::run(given.value("--source")),
         "recover" => report("recover", recover::run()),
         // `--runtime-dir=%t` from the unit; the environment otherwise.

@@ -350,7 +350,7 @@ fn install_advice(source: &QubeName) -> String {
 }
 
 /// This qube's name, from `qubesdb-read /name`, checked like `--source`.
-fn own_name() -> Result<QubeName, String> {
+pub fn own_name() -> Result<QubeName, String> {
     let unknown = "cannot tell this qube's name ('qubesdb-read /name' failed): give it with \
                    --source NAME";
     let output = Command::new("qubesdb-read")
