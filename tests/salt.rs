@@ -884,6 +884,57 @@ fn the_client_state_checks_its_lines_with_the_generator() {
     );
 }
 
+/// The client state checks only the file it writes: an error and a warning
+/// in the qube's own /etc/qrexec-connect (a TCP line there always warns
+/// that it is one address for all users) do not fail a good pillar, and a
+/// warning of the state's own line does not either. The bad line of the
+/// pillar still fails it, named, without the /etc file's lines.
+#[test]
+fn the_client_state_checks_only_its_own_file() {
+    let salt = SaltRoot::new();
+    let system = salt.file("etc/qrexec-connect/system.conf");
+    fs::create_dir_all(system.parent().unwrap()).unwrap();
+    fs::write(
+        &system,
+        "127.0.0.1:2301 sys-net qubes.ConnectTCP+80
+not-an-address sys-net qubes.ConnectTCP+81
+",
+    )
+    .unwrap();
+    let good = "qrexec-connect:\n  bindings:\n\
+         \x20   - {client: work, listen: '0.0.0.0:2222', target: ssh-server, service: qubes.ConnectTCP+22}\n";
+    salt.set_pillar(good);
+    let run = salt.apply("work", "qrexec-connect.client");
+    assert!(
+        run.success,
+        "a good pillar failed for /etc/qrexec-connect or a warning:\n{}",
+        run.output
+    );
+    assert_eq!(
+        rule_lines(&read(&salt.file(SALT_CONF))),
+        "0.0.0.0:2222 ssh-server qubes.ConnectTCP+22\n"
+    );
+
+    salt.set_pillar(
+        "qrexec-connect:\n  bindings:\n\
+         \x20   - {client: work, listen: '2223', target: ssh-server, service: qubes.ConnectTCP+22}\n",
+    );
+    let run = salt.apply("work", "qrexec-connect.client");
+    assert!(!run.success, "a bare port was accepted:\n{}", run.output);
+    assert!(
+        run.output
+            .contains("/home/user/.config/qrexec-connect/salt.conf:3:")
+            && run.output.contains("2223 ssh-server qubes.ConnectTCP+22"),
+        "the generator's message does not name the line:\n{}",
+        run.output
+    );
+    assert!(
+        !run.output.contains("sys-net") && !run.output.contains(": warning:"),
+        "the failure shows lines of another file, or a warning:\n{}",
+        run.output
+    );
+}
+
 /// The package states: what they would install, rendered by Salt. They are
 /// not applied here: installing a package changes the host's package
 /// database, which no overlay of /etc and /home keeps private
