@@ -192,6 +192,67 @@ fn example_names_are_never_a_qubes_file() {
     }
 }
 
+/// qrexec reads `policy.d` in the C-locale order of the names and takes
+/// the first rule that matches: a qube's `30-qrexec-connect-QUBE.policy`
+/// sorts before `30-user.policy`, so an administrator's deny there does not
+/// override the qube's allow. The README says so, and names a file for a
+/// deny that must win: with it, the deny wins.
+#[test]
+fn an_administrators_deny_wins_only_from_the_file_the_readme_names() {
+    let readme = read(&root().join("README.md"));
+    let deny_file = readme
+        .split("/etc/qubes/policy.d/")
+        .skip(1)
+        .map(|rest| {
+            rest.split(|c: char| c == '`' || c.is_whitespace())
+                .next()
+                .unwrap()
+        })
+        .find(|name| name.ends_with(".policy") && !name.starts_with("30-"))
+        .expect("the README names no policy file for a deny that must win");
+    check_policy_file_name(deny_file).unwrap();
+    let allow = "qubes.ConnectTCP +22 ssh-client ssh-server allow\n";
+    let deny = "qubes.ConnectTCP +22 ssh-client ssh-server deny\n";
+    let verdict = |files: &[(&str, &str)]| {
+        let mut files = files.to_vec();
+        files.sort_by_key(|(name, _)| name.as_bytes());
+        let rules: Vec<PolicyLine> = files
+            .iter()
+            .flat_map(|(name, text)| {
+                check_policy_file(text)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"))
+                    .into_iter()
+                    .map(|(_, rule)| rule)
+            })
+            .collect();
+        evaluate(
+            &rules,
+            Call {
+                source: "ssh-client",
+                target: "ssh-server",
+                service: "qubes.ConnectTCP+22",
+            },
+        )
+    };
+    let qubes_file = ("30-qrexec-connect-ssh-client.policy", allow);
+    assert_eq!(
+        verdict(&[qubes_file, ("30-user.policy", deny)]),
+        Ok(Verdict::Allow {
+            qube: "ssh-server".into()
+        }),
+        "a deny in 30-user.policy is not overridden by the qube's file, as the README says"
+    );
+    assert_eq!(
+        verdict(&[qubes_file, (deny_file, deny)]),
+        Ok(Verdict::Deny),
+        "the deny in the README's {deny_file} does not win"
+    );
+    assert!(
+        readme.contains("30-user.policy"),
+        "the README does not say that a deny in 30-user.policy does not win"
+    );
+}
+
 #[test]
 fn each_policy_allows_its_client_config_to_the_right_qube() {
     for example in &EXAMPLES {

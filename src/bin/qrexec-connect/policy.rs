@@ -235,8 +235,11 @@ mod fixed_files;
 
 /// The name of `source`'s file in [`POLICY_DIR`]:
 /// `30-qrexec-connect-SOURCE.policy`, one per client qube, so installing one
-/// qube's policy never replaces another's (and, sorting after the
-/// `30-user` files, never before the administrator's own rules).
+/// qube's policy never replaces another's. qrexec reads the files in C
+/// order and takes the first matching rule, and this name sorts before
+/// `30-user.policy`: an administrator's deny there does not override the
+/// allows here; one that must win goes in a file that sorts earlier
+/// (`20-...`), as the README says.
 ///
 /// qrexec reads only names made of `[0-9a-z_.-]`, and refuses every call
 /// while `policy.d` holds a `*.policy` file named otherwise; a qube name may
@@ -661,6 +664,8 @@ mod tests {
                 !FIXED_POLICY_FILES.contains(&file.as_str()),
                 "qube {} gets {}, a file the project names itself", qube, file
             );
+            // What file_name's doc says: before the administrator's file.
+            proptest::prop_assert!(file.as_str() < "30-user.policy", "{}", file);
         });
     }
 
