@@ -5,6 +5,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+#[path = "../src/bin/qrexec-connect/policy/fixed_files.rs"]
+mod fixed_files;
+
 use qrexec_connect_binding::address::Specifiers;
 use qrexec_connect_generator::config::{Binding, Config};
 use qubes_policy::{
@@ -24,19 +27,19 @@ struct Example {
 const EXAMPLES: [Example; 3] = [
     Example {
         config: "ssh.conf",
-        policy: "30-qrexec-connect-tcp.policy",
+        policy: "30-qrexec-connect.tcp.policy",
         client: "ssh-client",
         service_qube: "ssh-server",
     },
     Example {
         config: "ssh-agent.conf",
-        policy: "30-qrexec-connect-ssh-agent.policy",
+        policy: "30-qrexec-connect.ssh-agent.policy",
         client: "ssh-client",
         service_qube: "vault",
     },
     Example {
         config: "nfs.conf",
-        policy: "30-qrexec-connect-nfs.policy",
+        policy: "30-qrexec-connect.nfs.policy",
         client: "nfs-client",
         service_qube: "nfs-server",
     },
@@ -164,6 +167,92 @@ fn every_example_is_paired() {
     );
 }
 
+/// Each example is one of the project's fixed names, which no client
+/// qube's `30-qrexec-connect-SOURCE.policy` can be: copying a qube's
+/// suggested file never replaces an example installed as it says (for a
+/// qube named `nfs`, the shared NFS file of every client).
+#[test]
+fn example_names_are_never_a_qubes_file() {
+    for name in files_in("policy-examples", "") {
+        assert!(
+            fixed_files::FIXED_POLICY_FILES.contains(&name.as_str()),
+            "policy-examples/{name} is not in FIXED_POLICY_FILES"
+        );
+        let installed_as = format!("# Install in dom0 as /etc/qubes/policy.d/{name}\n");
+        assert!(
+            read(&root().join("policy-examples").join(&name)).contains(&installed_as),
+            "policy-examples/{name} does not say to install it under its own name"
+        );
+    }
+    for fixed in fixed_files::FIXED_POLICY_FILES {
+        assert!(
+            fixed.starts_with("30-qrexec-connect") && !fixed.starts_with("30-qrexec-connect-"),
+            "{fixed} is in the name space of the qubes' files"
+        );
+    }
+}
+
+/// qrexec reads `policy.d` in the C-locale order of the names and takes
+/// the first rule that matches: a qube's `30-qrexec-connect-QUBE.policy`
+/// sorts before `30-user.policy`, so an administrator's deny there does not
+/// override the qube's allow. The README says so, and names a file for a
+/// deny that must win: with it, the deny wins.
+#[test]
+fn an_administrators_deny_wins_only_from_the_file_the_readme_names() {
+    let readme = read(&root().join("README.md"));
+    let deny_file = readme
+        .split("/etc/qubes/policy.d/")
+        .skip(1)
+        .map(|rest| {
+            rest.split(|c: char| c == '`' || c.is_whitespace())
+                .next()
+                .unwrap()
+        })
+        .find(|name| name.ends_with(".policy") && !name.starts_with("30-"))
+        .expect("the README names no policy file for a deny that must win");
+    check_policy_file_name(deny_file).unwrap();
+    let allow = "qubes.ConnectTCP +22 ssh-client ssh-server allow\n";
+    let deny = "qubes.ConnectTCP +22 ssh-client ssh-server deny\n";
+    let verdict = |files: &[(&str, &str)]| {
+        let mut files = files.to_vec();
+        files.sort_by_key(|(name, _)| name.as_bytes());
+        let rules: Vec<PolicyLine> = files
+            .iter()
+            .flat_map(|(name, text)| {
+                check_policy_file(text)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"))
+                    .into_iter()
+                    .map(|(_, rule)| rule)
+            })
+            .collect();
+        evaluate(
+            &rules,
+            Call {
+                source: "ssh-client",
+                target: "ssh-server",
+                service: "qubes.ConnectTCP+22",
+            },
+        )
+    };
+    let qubes_file = ("30-qrexec-connect-ssh-client.policy", allow);
+    assert_eq!(
+        verdict(&[qubes_file, ("30-user.policy", deny)]),
+        Ok(Verdict::Allow {
+            qube: "ssh-server".into()
+        }),
+        "a deny in 30-user.policy is not overridden by the qube's file, as the README says"
+    );
+    assert_eq!(
+        verdict(&[qubes_file, (deny_file, deny)]),
+        Ok(Verdict::Deny),
+        "the deny in the README's {deny_file} does not win"
+    );
+    assert!(
+        readme.contains("30-user.policy"),
+        "the README does not say that a deny in 30-user.policy does not win"
+    );
+}
+
 #[test]
 fn each_policy_allows_its_client_config_to_the_right_qube() {
     for example in &EXAMPLES {
@@ -247,7 +336,7 @@ fn each_file_names_its_partner() {
 
 #[test]
 fn the_nfs_policy_pins_each_client_to_its_address() {
-    let rules = policy_rules("30-qrexec-connect-nfs.policy");
+    let rules = policy_rules("30-qrexec-connect.nfs.policy");
     let call = |source, service| Call {
         source,
         target: "nfs-server",
@@ -282,7 +371,7 @@ fn the_nfs_policy_pins_each_client_to_its_address() {
 
 #[test]
 fn the_tcp_policy_allows_only_port_22() {
-    let rules = policy_rules("30-qrexec-connect-tcp.policy");
+    let rules = policy_rules("30-qrexec-connect.tcp.policy");
     let call = Call {
         source: "ssh-client",
         target: "ssh-server",
@@ -436,7 +525,7 @@ fn the_checker_reports_line_numbers_and_file_names() {
     let error = check_policy_file(text).unwrap_err();
     assert!(error.starts_with("line 4: "), "{error}");
     assert_eq!(check_policy_file("# only comments\n\n"), Ok(vec![]));
-    check_policy_file_name("30-qrexec-connect-nfs.policy").unwrap();
+    check_policy_file_name("30-qrexec-connect.nfs.policy").unwrap();
     for bad in [
         "30-NFS.policy",
         "30-nfs.conf",

@@ -5,6 +5,8 @@
 //! host never changes. Needs root (mounts), as the other system tests do.
 
 mod common;
+#[path = "../src/bin/qrexec-connect/policy/fixed_files.rs"]
+mod fixed_files;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -18,7 +20,7 @@ use qrexec_connect_binding::destination::is_vm_name;
 use qrexec_connect_generator::config::is_invisible;
 use qubes_policy::{check_policy_file, evaluate, Action, Argument, Call, PolicyLine, Verdict};
 
-const POLICY: &str = "etc/qubes/policy.d/30-qrexec-connect-salt.policy";
+const POLICY: &str = "etc/qubes/policy.d/30-qrexec-connect.salt.policy";
 const SALT_CONF: &str = "home/user/.config/qrexec-connect/salt.conf";
 
 fn repo() -> PathBuf {
@@ -642,14 +644,14 @@ fn the_example_pillar_writes_the_readme_examples() {
     let written = read(&salt.file(POLICY));
     assert_eq!(
         written,
-        expected("30-qrexec-connect-salt.policy"),
+        expected("30-qrexec-connect.salt.policy"),
         "dom0 policy"
     );
     assert_grants_exactly(&written, &example_bindings());
     let readme_rules: String = [
-        "30-qrexec-connect-tcp.policy",
-        "30-qrexec-connect-ssh-agent.policy",
-        "30-qrexec-connect-nfs.policy",
+        "30-qrexec-connect.tcp.policy",
+        "30-qrexec-connect.ssh-agent.policy",
+        "30-qrexec-connect.nfs.policy",
     ]
     .iter()
     .map(|name| rule_lines(&read(&repo().join("policy-examples").join(name))))
@@ -674,6 +676,58 @@ fn the_example_pillar_writes_the_readme_examples() {
     );
 }
 
+/// The formula's dom0 file is one of the project's fixed names, never a
+/// qube's `30-qrexec-connect-SOURCE.policy` (a highstate would erase the
+/// file of a qube named `salt`). The file of earlier versions,
+/// `30-qrexec-connect-salt.policy`, is removed when Salt wrote it (it may
+/// allow bindings the pillar no longer has), and kept when it is the file
+/// `qrexec-connect policy` suggested for a qube named `salt`.
+#[test]
+fn the_policy_state_writes_a_fixed_name_and_removes_its_old_file() {
+    let sls = read(&repo().join("salt/qrexec-connect/policy.sls"));
+    let written = sls
+        .split_once("{%- set path = '/etc/qubes/policy.d/")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(name, _)| name)
+        .expect("policy.sls sets its path");
+    assert!(
+        fixed_files::FIXED_POLICY_FILES.contains(&written),
+        "policy.sls writes {written}, not in FIXED_POLICY_FILES"
+    );
+    assert_eq!(POLICY, format!("etc/qubes/policy.d/{written}"));
+
+    const OLD: &str = "etc/qubes/policy.d/30-qrexec-connect-salt.policy";
+    let salt = SaltRoot::new();
+    fs::write(
+        salt.file(OLD),
+        "# Written by Salt (qrexec-connect formula) from the pillar qrexec-connect:bindings;\n\
+         # edits here are overwritten. Each client qube has the matching lines in\n\
+         # ~/.config/qrexec-connect/salt.conf.\n\
+         qubes.ConnectTCP +3306 ssh-client db allow\n",
+    )
+    .unwrap();
+    salt.apply_ok("dom0", "qrexec-connect.policy");
+    assert!(
+        !salt.exists(OLD),
+        "the old Salt file stays, with its removed binding"
+    );
+    assert_eq!(
+        read(&salt.file(POLICY)),
+        expected("30-qrexec-connect.salt.policy")
+    );
+
+    let qubes_own = "# qrexec-connect: what salt may call, one rule per binding.\n\
+                     qubes.ConnectTCP +22 salt ssh-server allow\n";
+    fs::write(salt.file(OLD), qubes_own).unwrap();
+    let again = salt.apply_ok("dom0", "qrexec-connect.policy");
+    assert_eq!(again.changed, 0, "{}", again.output);
+    assert_eq!(
+        read(&salt.file(OLD)),
+        qubes_own,
+        "the file of a qube named salt was removed"
+    );
+}
+
 /// The policy is valid R4.1+ policy and allows exactly the pillar's
 /// bindings: each call to its qube, and neither another client, another
 /// argument nor another target.
@@ -686,7 +740,7 @@ fn the_policy_allows_exactly_the_configured_bindings() {
     let text = read(&salt.file(POLICY));
     assert_eq!(
         text,
-        expected("30-qrexec-connect-salt.policy"),
+        expected("30-qrexec-connect.salt.policy"),
         "README's pillar"
     );
     assert_grants_exactly(&text, &example_bindings());
@@ -881,6 +935,57 @@ fn the_client_state_checks_its_lines_with_the_generator() {
     assert!(
         !salt.exists(SALT_CONF),
         "salt.conf written with a refused line"
+    );
+}
+
+/// The client state checks only the file it writes: an error and a warning
+/// in the qube's own /etc/qrexec-connect (a TCP line there always warns
+/// that it is one address for all users) do not fail a good pillar, and a
+/// warning of the state's own line does not either. The bad line of the
+/// pillar still fails it, named, without the /etc file's lines.
+#[test]
+fn the_client_state_checks_only_its_own_file() {
+    let salt = SaltRoot::new();
+    let system = salt.file("etc/qrexec-connect/system.conf");
+    fs::create_dir_all(system.parent().unwrap()).unwrap();
+    fs::write(
+        &system,
+        "127.0.0.1:2301 sys-net qubes.ConnectTCP+80
+not-an-address sys-net qubes.ConnectTCP+81
+",
+    )
+    .unwrap();
+    let good = "qrexec-connect:\n  bindings:\n\
+         \x20   - {client: work, listen: '0.0.0.0:2222', target: ssh-server, service: qubes.ConnectTCP+22}\n";
+    salt.set_pillar(good);
+    let run = salt.apply("work", "qrexec-connect.client");
+    assert!(
+        run.success,
+        "a good pillar failed for /etc/qrexec-connect or a warning:\n{}",
+        run.output
+    );
+    assert_eq!(
+        rule_lines(&read(&salt.file(SALT_CONF))),
+        "0.0.0.0:2222 ssh-server qubes.ConnectTCP+22\n"
+    );
+
+    salt.set_pillar(
+        "qrexec-connect:\n  bindings:\n\
+         \x20   - {client: work, listen: '2223', target: ssh-server, service: qubes.ConnectTCP+22}\n",
+    );
+    let run = salt.apply("work", "qrexec-connect.client");
+    assert!(!run.success, "a bare port was accepted:\n{}", run.output);
+    assert!(
+        run.output
+            .contains("/home/user/.config/qrexec-connect/salt.conf:3:")
+            && run.output.contains("2223 ssh-server qubes.ConnectTCP+22"),
+        "the generator's message does not name the line:\n{}",
+        run.output
+    );
+    assert!(
+        !run.output.contains("sys-net") && !run.output.contains(": warning:"),
+        "the failure shows lines of another file, or a warning:\n{}",
+        run.output
     );
 }
 

@@ -539,7 +539,7 @@ fn policy_prints_the_rules_of_the_policy_examples() {
     let expected: Vec<String> = ["tcp", "ssh-agent"]
         .iter()
         .flat_map(|name| {
-            read(&format!("policy-examples/30-qrexec-connect-{name}.policy"))
+            read(&format!("policy-examples/30-qrexec-connect.{name}.policy"))
                 .lines()
                 .filter(|l| !l.starts_with('#') && !l.is_empty())
                 .map(str::to_owned)

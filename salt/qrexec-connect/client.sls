@@ -46,21 +46,27 @@ qrexec-connect-client-config:
 {%- elif lines %}
 {#- Checked as the daemon will read it: by the generator of the installed
     package, as the user (its ownership checks take the user's own
-    /run/user/UID and home for the user's, not another's), on a copy in a
-    directory of its own that the user can read but not change (so that
-    other config files do not fail this state), with the user's home and
-    runtime dir for %h and %t. Only problems in this file fail the state,
-    each with the text of its line (the indented line after it); warnings
-    and their text lines pass. Without the package (not installed in the template yet)
-    the pillar checks above are all there is. #}
+    /run/user/UID and home for the user's, not another's), with the user's
+    home and runtime dir for %h and %t. Only this file is checked
+    (--check FILE), so that the other config files, the qube's
+    /etc/qrexec-connect among them, neither fail this state nor show up in
+    its message. The generator reads a copy, in a directory of its own that
+    the user can read but not change (Salt's temporary file is root's
+    alone). Its exit status decides, as for a user's --check: an error (a
+    bad line, named with its text on the indented line after it) fails the
+    state; warnings alone pass, and are left out of the message. Without
+    the package (not installed in the template yet) the pillar checks above
+    are all there is. #}
 {%- set check_script = 'command -v qrexec-connect-generator >/dev/null || exit 0
 command -v setpriv >/dev/null || { echo "setpriv (util-linux) is needed to check salt.conf as ' ~ account.name ~ '"; exit 1; }
 dir=$(mktemp -d) || exit 1
-mkdir "$dir/qrexec-connect" && cp "$1" "$dir/qrexec-connect/salt.conf" && chmod -R a+rX "$dir" || exit 1
-out=$(HOME=' ~ account.home ~ ' XDG_RUNTIME_DIR=/run/user/' ~ account.uid ~ ' XDG_CONFIG_HOME="$dir" setpriv --reuid=' ~ account.uid ~ ' --regid=' ~ account.gid ~ ' --init-groups qrexec-connect-generator --check 2>&1 >/dev/null)
+cp "$1" "$dir/salt.conf" && chmod -R a+rX "$dir" || exit 1
+out=$(HOME=' ~ account.home ~ ' XDG_RUNTIME_DIR=/run/user/' ~ account.uid ~ ' setpriv --reuid=' ~ account.uid ~ ' --regid=' ~ account.gid ~ ' --init-groups qrexec-connect-generator --check "$dir/salt.conf" 2>&1 >/dev/null)
+status=$?
 rm -rf "$dir"
-problems=$(printf "%s\\n" "$out" | sed -n -e "s|^$dir/qrexec-connect/salt.conf:|' ~ path ~ ':|p" -e "/^    /p" | sed "/^[^ ]*:[0-9]*: warning: /{N;d;}")
-[ -z "$problems" ] || { printf "%s\\n" "$problems"; exit 1; }' %}
+[ "$status" = 0 ] && exit 0
+printf "%s\\n" "$out" | sed -e "s|^$dir/salt.conf:|' ~ path ~ ':|" -e "/^[^ ]*:[0-9]*: warning: /{N;d;}"
+exit 1' %}
 
 qrexec-connect-config-dir:
   file.directory:

@@ -226,16 +226,30 @@ fn header(source: &QubeName) -> String {
     text
 }
 
+/// The dom0 policy files the project names itself (the shared NFS file, the
+/// examples, the Salt formula's file): none is ever a qube's [`file_name`].
+/// Only the tests read the list here; `tests/salt.rs` and
+/// `tests/policy_examples.rs` include the same file.
+#[cfg(test)]
+mod fixed_files;
+
 /// The name of `source`'s file in [`POLICY_DIR`]:
 /// `30-qrexec-connect-SOURCE.policy`, one per client qube, so installing one
-/// qube's policy never replaces another's (and, sorting after the
-/// `30-user` files, never before the administrator's own rules).
+/// qube's policy never replaces another's. qrexec reads the files in C
+/// order and takes the first matching rule, and this name sorts before
+/// `30-user.policy`: an administrator's deny there does not override the
+/// allows here; one that must win goes in a file that sorts earlier
+/// (`20-...`), as the README says.
 ///
 /// qrexec reads only names made of `[0-9a-z_.-]`, and refuses every call
 /// while `policy.d` holds a `*.policy` file named otherwise; a qube name may
 /// hold capitals (`Work`), so each capital is written as `.` and its lower
 /// case (`30-qrexec-connect-.work.policy`): a qube name holds no `.`, so two
-/// qubes never get the same name.
+/// qubes never get the same name. The project's own files
+/// (`fixed_files.rs`) have a `.` where this name has the `-` after
+/// `30-qrexec-connect`, so no qube's file is ever one of them: a qube
+/// named `nfs` or `salt` gets a file of its own, not the shared NFS file or
+/// the Salt formula's.
 pub fn file_name(source: &QubeName) -> String {
     let mut name = String::from("30-qrexec-connect-");
     for c in source.as_str().chars() {
@@ -613,6 +627,46 @@ mod tests {
                 "{file}"
             );
         }
+    }
+
+    /// The qubes whose names are in the project's own file names, and any
+    /// other qube name, get a file that is none of the project's.
+    #[test]
+    fn no_qube_gets_a_file_the_project_names_itself() {
+        use super::fixed_files::FIXED_POLICY_FILES;
+        let name = |qube: &str| file_name(&QubeName::parse(qube).unwrap());
+        for fixed in FIXED_POLICY_FILES {
+            assert!(
+                !fixed.starts_with("30-qrexec-connect-"),
+                "{fixed} is in the name space of the qubes' files"
+            );
+        }
+        for qube in [
+            "nfs",
+            "Nfs",
+            "NFS",
+            "salt",
+            "Salt",
+            "tcp",
+            "ssh-agent",
+            "policy",
+        ] {
+            let file = name(qube);
+            assert!(
+                !FIXED_POLICY_FILES.contains(&file.as_str()),
+                "qube {qube} gets {file}, a file the project names itself"
+            );
+        }
+        proptest::proptest!(|(qube in "[a-zA-Z][a-zA-Z0-9_-]{0,30}")| {
+            proptest::prop_assume!(qube != "dom0");
+            let file = name(&qube);
+            proptest::prop_assert!(
+                !FIXED_POLICY_FILES.contains(&file.as_str()),
+                "qube {} gets {}, a file the project names itself", qube, file
+            );
+            // What file_name's doc says: before the administrator's file.
+            proptest::prop_assert!(file.as_str() < "30-user.policy", "{}", file);
+        });
     }
 
     #[test]
