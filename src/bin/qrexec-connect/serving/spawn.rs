@@ -35,8 +35,7 @@ use nix::unistd::Pid;
 use qrexec_connect_binding::destination::Destination;
 use qrexec_connect_binding::runtime_dir::RuntimeDir;
 
-/// Where qrexec-client-vm lives on a Qubes qube.
-pub const DEFAULT_CLIENT: &str = "/usr/bin/qrexec-client-vm";
+use crate::shared::signal_name;
 
 /// How the client is connected to the accepted socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,28 +479,6 @@ pub fn describe_exit(status: ExitStatus) -> String {
         Some(code) => format!("service exited with status {code}"),
         None => "ended for an unknown reason".to_owned(),
     }
-}
-
-/// The conventional name of a signal number (`SIGTERM`), or `signal N`.
-pub fn signal_name(signal: i32) -> String {
-    let name = match signal {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGUSR2 => "SIGUSR2",
-        _ => return format!("signal {signal}"),
-    };
-    name.to_owned()
 }
 
 #[cfg(test)]

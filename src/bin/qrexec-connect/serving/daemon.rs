@@ -25,7 +25,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -33,9 +33,9 @@ use std::process::{ExitCode, ExitStatus};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::listener::{self, Connection, InheritedSocket};
-use crate::notify::Notifier;
-use crate::spawn::{self, ClientMode, ClientStdio, Launcher};
+use super::listener::{self, Connection, InheritedSocket};
+use super::notify::Notifier;
+use super::spawn::{self, ClientMode, ClientStdio, Launcher};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -48,8 +48,16 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use crate::published::Published;
-use crate::Options;
+use super::published::Published;
+
+/// The daemon's settings, as `cli` read them from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub client: OsString,
+    pub max_connections: usize,
+    pub client_mode: Option<ClientMode>,
+    pub debug: bool,
+}
 
 /// How long the client may take to print its `--help` at start.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -56,9 +56,9 @@ use qrexec_connect_generator::owner::Ids;
 use qrexec_connect_generator::unit_name::socket_unit_name;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
+use super::manager;
+use super::policy::{self, PolicyBinding};
 use crate::cli::{self, Given, Usage, UsageError};
-use crate::manager;
-use crate::policy::{self, PolicyBinding};
 
 /// The file `add` writes to without `--file`.
 pub const DEFAULT_FILE: &str = "qrexec-connect.conf";

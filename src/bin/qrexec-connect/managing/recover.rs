@@ -49,9 +49,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::manager::{self, systemctl};
-use crate::reconcile::SERVICE;
-use crate::spawn::signal_name;
+use super::manager::{self, systemctl};
+use super::reconcile::SERVICE;
+use crate::shared::signal_name;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
 use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
@@ -690,7 +690,7 @@ fn our_listening_units(
     let record = RuntimeDir::from_env()
         .ok()
         .and_then(|dir| dir.read(GENERATED_FILE).ok().flatten())
-        .map(|text| crate::reconcile::parse_state(&text))
+        .map(|text| super::reconcile::parse_state(&text))
         .unwrap_or_default();
     let specifiers = Specifiers::from_env();
     let mut ours = Vec::new();

@@ -39,13 +39,13 @@ use std::fmt::Write as _;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::process::{Command, ExitCode};
 
-use crate::manager;
-use crate::recover;
+use super::manager;
+use super::recover;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::policy::{self, PolicyBinding};
-use crate::reconcile;
-use crate::spawn::DEFAULT_CLIENT;
+use super::policy::{self, PolicyBinding};
+use super::reconcile;
+use crate::shared::DEFAULT_CLIENT;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
 use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_binding::destination::{Destination, Service, Target, MAX_FD_NAME};
@@ -54,7 +54,7 @@ use qrexec_connect_generator::config::{
     is_invisible, printable, printable_message, Config, ConfigDirs, Problem,
 };
 
-use crate::published::{self, Counters};
+use crate::shared::counters::{self, Counters};
 
 /// The daemon, the reload watcher and its step.
 const DAEMON: &str = "qrexec-connect.service";
@@ -336,8 +336,8 @@ fn inventory(qube: Option<&str>) -> Inventory {
     } = view.unwrap_or_default();
     let published = RuntimeDir::from_env()
         .ok()
-        .and_then(|dir| dir.read(published::FILE).ok().flatten())
-        .map(|text| published::parse(&text))
+        .and_then(|dir| dir.read(counters::FILE).ok().flatten())
+        .map(|text| counters::parse(&text))
         .unwrap_or_default();
     // Without a manager to ask, a daemon run by hand counts while it lives.
     let daemon_running = if manager {
