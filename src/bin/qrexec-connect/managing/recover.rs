@@ -1227,15 +1227,11 @@ fn report_daemon_failure(failed: &[&SocketState]) -> io::Result<()> {
 
 /// Time since boot, suspend included.
 fn boot_time() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0 {
-        return Duration::ZERO;
+    use rustix::time::{clock_gettime_dynamic, ClockId, DynamicClockId};
+    match clock_gettime_dynamic(DynamicClockId::Known(ClockId::Boottime)) {
+        Ok(now) => Duration::new(now.tv_sec as u64, now.tv_nsec as u32),
+        Err(_) => Duration::ZERO,
     }
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 #[cfg(test)]

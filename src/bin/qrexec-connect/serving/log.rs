@@ -195,11 +195,9 @@ fn stderr_is_journal() -> bool {
     let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
         return false;
     };
-    // SAFETY: fstat fills a plain struct for fd 2.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(std::io::stderr().as_raw_fd(), &mut stat) } != 0 {
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
         return false;
-    }
+    };
     dev.parse() == Ok(stat.st_dev) && ino.parse() == Ok(stat.st_ino)
 }
 

@@ -2,7 +2,7 @@
 //! around it. Sockets from systemd in, `accept`, `qrexec-client-vm` spawned
 //! for each connection, its end reaped and logged, the counters published.
 //!
-//! May use: tokio (one current-thread runtime: only here), nix, socket2,
+//! May use: tokio (one current-thread runtime: only here), nix, rustix, socket2,
 //! listenfd, libc, tracing, the binding crate, and `crate::shared`. Never
 //! `main`/`cli` or `crate::managing`: nothing here waits on `systemctl` or
 //! reads the config, so a reader of the hot path reads only this folder.
