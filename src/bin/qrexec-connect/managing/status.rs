@@ -12,8 +12,9 @@
 //!   ones (systemd's result), generated ones whose line is gone, and the
 //!   daemon and the reload watcher, all in one call. So status with
 //!   thousands of bindings takes one list-units and one short show;
-//! * the daemon's published counters (`published.rs`): live connections,
-//!   connections since it started, and how the last one ended.
+//! * the daemon's published counters (`shared::counters`, written by
+//!   `serving::published`): live connections, connections since it
+//!   started, and how the last one ended.
 //!
 //! Every field comes from someone else's text (config lines and file names,
 //! unit files, the manager), so the plain view shows each one through the
