@@ -70,7 +70,7 @@ NFS_BINARY := $(OUT)/qrexec-connect-nfs
 # it links): an install refuses a binary that is missing or older than
 # these, rather than building it as root.
 BINDING_SOURCES := $(wildcard crates/binding/src/*.rs) crates/binding/Cargo.toml
-$(OUT)/qrexec-connect: $(BINDING_SOURCES) $(wildcard src/bin/qrexec-connect/*.rs) Cargo.toml \
+$(OUT)/qrexec-connect: $(BINDING_SOURCES) $(wildcard src/bin/qrexec-connect/*.rs src/bin/qrexec-connect/*/*.rs) Cargo.toml \
 	generator/lib.rs generator/config.rs generator/unit.rs
 $(OUT)/qrexec-connect-generator: $(BINDING_SOURCES) $(wildcard generator/*.rs) generator/Cargo.toml
 $(OUT)/qrexec-connect-nfs: $(wildcard connect-nfs/*.rs) connect-nfs/Cargo.toml

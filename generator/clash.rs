@@ -10,8 +10,9 @@
 //! a generator must not talk to the manager that runs it.
 //!
 //! The manager's answer is parsed here with the little this needs
-//! (`Id=`, `Listen=`, `FragmentPath=` blocks); `src/bin/qrexec-connect/
-//! manager.rs` has the full parsing for the daemon's side. It is duplicated
+//! (`Id=`, `Listen=`, `FragmentPath=` blocks);
+//! `src/bin/qrexec-connect/managing/manager.rs` has the full parsing for the
+//! daemon's side. It is duplicated
 //! rather than shared so that the generator keeps its small dependency
 //! set; a value is C-escaped by systemctl (`\\`, `\ooo`, `\xNN`), undone
 //! by [`unescape`].

@@ -7,7 +7,7 @@
 //!   and valid values round-trip. The daemon's own readers of untrusted text
 //!   (`systemctl show` output, the state file, the client's `--help`, kernel
 //!   socket addresses) have the same properties tested next to them, in
-//!   `src/bin/qrexec-connect/`.
+//!   `src/bin/qrexec-connect/` (`managing/`, `serving/`).
 //! * The one printable rule (`printable`, issue 17), which every message,
 //!   `status` and `policy` show a user's text through: whatever the bytes,
 //!   what it returns holds only characters that show as themselves and is

@@ -182,7 +182,7 @@ fn the_daemon_page_describes_every_command_of_its_help() {
 fn the_daemon_page_explains_every_state_status_prints() {
     let source = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../src/bin/qrexec-connect/status.rs"
+        "/../src/bin/qrexec-connect/managing/status.rs"
     ))
     .unwrap();
     let words = source

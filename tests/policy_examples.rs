@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-#[path = "../src/bin/qrexec-connect/policy/fixed_files.rs"]
+#[path = "../src/bin/qrexec-connect/managing/policy/fixed_files.rs"]
 mod fixed_files;
 
 use qrexec_connect_binding::address::Specifiers;

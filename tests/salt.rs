@@ -5,7 +5,7 @@
 //! host never changes. Needs root (mounts), as the other system tests do.
 
 mod common;
-#[path = "../src/bin/qrexec-connect/policy/fixed_files.rs"]
+#[path = "../src/bin/qrexec-connect/managing/policy/fixed_files.rs"]
 mod fixed_files;
 
 use std::collections::BTreeSet;

@@ -35,7 +35,9 @@ use std::process::ExitCode;
 
 use qrexec_connect_generator::config::printable;
 
-use crate::spawn::{ClientMode, DEFAULT_CLIENT};
+use crate::serving::spawn::ClientMode;
+use crate::serving::Options;
+use crate::shared::DEFAULT_CLIENT;
 
 /// LSB exit status for "invalid or excess argument(s)".
 pub const EXIT_USAGE: u8 = 2;
@@ -234,15 +236,6 @@ argument.
 
 /// The column where descriptions start in every help.
 const COLUMN: usize = 27;
-
-/// The daemon's settings from the command line.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub client: OsString,
-    pub max_connections: usize,
-    pub client_mode: Option<ClientMode>,
-    pub debug: bool,
-}
 
 /// What the command line asks for.
 #[derive(Debug)]

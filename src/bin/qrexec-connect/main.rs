@@ -1,29 +1,28 @@
-//! `qrexec-connect`: the socket-activated daemon, the users' commands
-//! `add`, `remove`, `status` and `policy`, and `reconcile` and `recover`, which systemd runs.
+//! `qrexec-connect`: reads the command line (`cli`) and hands it to the room
+//! that does the work, nothing more.
 //!
-//! main only dispatches what `cli.rs` read from the command line (the
-//! commands, their help and the error format are there); the event loop is
-//! in `daemon.rs`, logging in `log.rs`.
+//! - `serving/`: the socket-activated daemon (no command, or only its
+//!   options), tokio; what runs per connection.
+//! - `managing/`: `add`, `remove`, `status`, `policy` for users and
+//!   `reconcile`, `recover` for systemd; `systemctl` and the config grammar,
+//!   no tokio.
+//! - `shared/`: the little both rooms read (the counters file's format,
+//!   signal names, the default client).
+//!
+//! The order of start-up is here because it must come first: the fds and
+//! the notify socket are claimed before anything else runs.
 
 mod cli;
-mod daemon;
-mod edit;
-mod listener;
-mod log;
-mod manager;
-mod notify;
-mod policy;
-mod published;
-mod reconcile;
-mod recover;
-mod spawn;
-mod status;
+mod managing;
+mod serving;
+mod shared;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-pub use cli::Options;
 use cli::{CommandSpec, Given, Request};
+use managing::{edit, policy, reconcile, recover, status};
+use serving::{daemon, listener, log, notify};
 
 /// LSB exit status for "program is not configured".
 const EXIT_NOT_CONFIGURED: u8 = 6;

@@ -19,7 +19,8 @@ use std::io::Write as _;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use socket2::{Domain, SockRef, Type};
+use rustix::event::{self, PollFd, PollFlags, Timespec};
+use socket2::{Domain, SockAddr, SockRef, Type};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Subscriber};
@@ -50,13 +51,14 @@ pub fn init(debug: bool) {
 
 /// Where journald receives native-protocol entries (as tracing-journald
 /// sends them).
-const JOURNAL_SOCKET: &[u8] = b"/run/systemd/journal/socket";
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 /// tracing-journald's layer, never waiting for the journal.
 struct Journal {
     layer: tracing_journald::Layer,
-    /// The layer's socket (it owns it; we only poll and reconnect it).
-    socket: RawFd,
+    /// The layer's socket (it owns it and keeps it open for as long as
+    /// the layer lives; we only poll and reconnect it).
+    socket: BorrowedFd<'static>,
     /// Entries dropped since the journal last took one.
     dropped: AtomicU64,
 }
@@ -74,7 +76,8 @@ impl Journal {
         // SAFETY: `expected` is open from here on: it is either the layer's
         // socket, which lives as long as the layer (for the whole process,
         // once installed), or whatever else holds that number, which the
-        // checks below only query.
+        // checks below only query. Kept, it lives in the `Journal` beside
+        // the layer that owns it, and is used only through `&self`.
         let fd = unsafe { BorrowedFd::borrow_raw(expected) };
         let socket = SockRef::from(&fd);
         // Only an AF_UNIX datagram socket, which is what the layer creates.
@@ -87,7 +90,7 @@ impl Journal {
         let _ = socket.set_send_buffer_size(8 << 20);
         Some(Journal {
             layer,
-            socket: expected,
+            socket: fd,
             dropped: AtomicU64::new(0),
         })
     }
@@ -98,30 +101,15 @@ impl Journal {
     /// *and* journald's receive queue is not full: exactly when a send will
     /// not wait. Connecting again each time follows a restarted journald.
     fn takes_entries(&self) -> bool {
-        // SAFETY: sockaddr_un is plain data; connect and poll only read it
-        // and the descriptor, which the layer keeps open.
-        unsafe {
-            let mut address: libc::sockaddr_un = std::mem::zeroed();
-            address.sun_family = libc::AF_UNIX as libc::sa_family_t;
-            for (to, &from) in address.sun_path.iter_mut().zip(JOURNAL_SOCKET) {
-                *to = from as libc::c_char;
-            }
-            let length = std::mem::offset_of!(libc::sockaddr_un, sun_path) + JOURNAL_SOCKET.len();
-            if libc::connect(
-                self.socket,
-                (&address as *const libc::sockaddr_un).cast(),
-                length as libc::socklen_t,
-            ) != 0
-            {
-                return false;
-            }
-            let mut poll = libc::pollfd {
-                fd: self.socket,
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            libc::poll(&mut poll, 1, 0) == 1 && poll.revents & libc::POLLOUT != 0
+        let Ok(address) = SockAddr::unix(JOURNAL_SOCKET) else {
+            return false;
+        };
+        if SockRef::from(&self.socket).connect(&address).is_err() {
+            return false;
         }
+        let mut poll = [PollFd::new(&self.socket, PollFlags::OUT)];
+        matches!(event::poll(&mut poll, Some(&Timespec::default())), Ok(1))
+            && poll[0].revents().contains(PollFlags::OUT)
     }
 
     /// Logs how many entries were dropped, if any. Written here in the
@@ -138,16 +126,9 @@ impl Journal {
              MESSAGE={dropped} log messages were dropped while the journal was not accepting \
              them\n"
         );
-        // SAFETY: send on the connected socket, from a live buffer.
-        let sent = unsafe {
-            libc::send(
-                self.socket,
-                entry.as_ptr().cast(),
-                entry.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if sent < 0 {
+        let sent = SockRef::from(&self.socket)
+            .send_with_flags(entry.as_bytes(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        if sent.is_err() {
             self.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
     }
@@ -195,11 +176,9 @@ fn stderr_is_journal() -> bool {
     let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
         return false;
     };
-    // SAFETY: fstat fills a plain struct for fd 2.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(std::io::stderr().as_raw_fd(), &mut stat) } != 0 {
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
         return false;
-    }
+    };
     dev.parse() == Ok(stat.st_dev) && ino.parse() == Ok(stat.st_ino)
 }
 

@@ -56,9 +56,9 @@ use qrexec_connect_generator::owner::Ids;
 use qrexec_connect_generator::unit_name::socket_unit_name;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
+use super::manager;
+use super::policy::{self, PolicyBinding};
 use crate::cli::{self, Given, Usage, UsageError};
-use crate::manager;
-use crate::policy::{self, PolicyBinding};
 
 /// The file `add` writes to without `--file`.
 pub const DEFAULT_FILE: &str = "qrexec-connect.conf";
@@ -594,31 +594,8 @@ pub fn remove(given: &Given) -> ExitCode {
 }
 
 fn run_add(given: &Given) -> Result<(), Failure> {
-    let tcp;
-    let fields: [&[u8]; 3] = match (given.value("--tcp"), &given.operands[..]) {
-        (Some(spec), []) => {
-            let spec = spec
-                .to_str()
-                .ok_or_else(|| usage("add", format!("--tcp {} is not UTF-8", cli::quoted(spec))))?;
-            tcp = tcp_fields(spec).map_err(|m| usage("add", m))?;
-            [tcp[0].as_bytes(), tcp[1].as_bytes(), tcp[2].as_bytes()]
-        }
-        (None, [listen, target, service]) => {
-            [listen.as_bytes(), target.as_bytes(), service.as_bytes()]
-        }
-        (Some(_), _) => {
-            return Err(usage(
-                "add",
-                "--tcp replaces LISTEN TARGET SERVICE: give one or the other".into(),
-            ))
-        }
-        (None, _) => {
-            return Err(usage(
-                "add",
-                "add takes LISTEN TARGET SERVICE (or --tcp LOCALPORT:TARGET:PORT)".into(),
-            ))
-        }
-    };
+    let fields = add_fields(given)?;
+    let fields: [&[u8]; 3] = [&fields[0], &fields[1], &fields[2]];
     let name = match given.value("--file") {
         Some(name) => config_file_name(name).map_err(|m| usage("add", m))?,
         None => DEFAULT_FILE.to_owned(),
@@ -628,65 +605,26 @@ fn run_add(given: &Given) -> Result<(), Failure> {
     // the new line would have at the end of the file.
     let dir = open_user_dir(&dirs, false)?;
     let mut name = name;
-    let end_of = |dir: &Option<UserDir>, name: &str| -> Location {
-        let path = match (dir, &dirs.user) {
-            (Some(dir), _) => dir.path.join(name),
-            (None, Some(user)) => user.join(name),
-            (None, None) => PathBuf::from(name),
-        };
-        let text = match dir {
-            // A file that cannot be edited is refused below, once it is
-            // known to be the one to edit.
-            Some(dir) => read_file(dir, name)
-                .ok()
-                .flatten()
-                .map(|(text, _)| text)
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        Location {
-            file: Arc::from(path.to_string_lossy().as_ref()),
-            line: lines(&text).len() + 1,
-        }
-    };
-    let (line, wanted) = check_line(&fields, &end_of(&dir, &name)).map_err(fail)?;
+    let (line, wanted) = check_line(&fields, &end_of(&dirs, &dir, &name)).map_err(fail)?;
     let dir = match dir {
         Some(dir) => dir,
         None => open_user_dir(&dirs, true)?.ok_or_else(|| fail("no user config directory"))?,
     };
     // Where the LISTEN is bound now, if anywhere: that line is the one to
     // replace.
-    let current = Config::load(&dirs, Specifiers::from_env());
     let mut moved = None;
-    if let Some(bound) = current.binding_of_unit(wanted.unit_name()) {
-        let file = bound.source().file.to_string();
-        if is_system_file(&dirs, &file) {
-            if bound.destination() == wanted.destination() {
-                drop(dir);
-                println!(
-                    "{} is already bound so at {} (not one of your files): nothing changed",
-                    printable(wanted.listen().to_string().as_bytes()),
-                    bound.source()
-                );
-                return wait_and_print_rule(&wanted, None);
-            }
-            return Err(fail(format!(
-                "{} is bound at {}, a file of {} that is not edited here; to change it for \
-                 you, copy that file to {} (a file of the same name there replaces it) and \
-                 edit the copy",
-                printable(wanted.listen().to_string().as_bytes()),
-                bound.source(),
-                dirs.system.display(),
-                shown_path(&dir.path)
-            )));
+    match bound_now(&dirs, &dir, &wanted)? {
+        BoundNow::Nowhere => {}
+        BoundNow::AsWantedInSystemFile(message) => {
+            drop(dir);
+            println!("{message}");
+            return wait_and_print_rule(&wanted, None);
         }
-        let holder = Path::new(&file)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if holder != name {
-            moved = Some(holder.clone());
-            name = holder;
+        BoundNow::InUserFile(holder) => {
+            if holder != name {
+                moved = Some(holder.clone());
+                name = holder;
+            }
         }
     }
     let path = dir.path.join(&name);
@@ -721,30 +659,26 @@ fn run_add(given: &Given) -> Result<(), Failure> {
     }
     // The whole config as the generator will read it.
     let after = config_with(&dirs, &path, &new_text);
-    let mut refused = false;
-    let file_shown = shown_path(&path);
-    for problem in &after.problems {
-        // A file the generator would skip (its path is not one a unit can
-        // name) is refused like a bad line.
-        let whole_file = matches!(problem, Problem::File { path, .. } if *path == file_shown);
-        if whole_file || problem.location() == Some(&at) {
-            eprintln!("{}", problem.report());
-            refused |= whole_file || !problem.is_warning();
-        }
-    }
-    if refused {
+    if report_problems(&after, &path, &at) {
         return Err(fail(format!("nothing written to {}", shown_path(&path))));
     }
     write_file(&dir, &name, &new_text, mode)
         .map_err(|e| fail(format!("cannot write {}: {e}", shown_path(&path))))?;
     drop(dir);
+    print_added(moved.as_deref(), &wanted, &change, &at, &line);
+    wait_and_print_rule(&wanted, Some(&at))
+}
+
+/// What `add` wrote, and where when the LISTEN was bound in another file
+/// (`moved`) than the one asked for.
+fn print_added(moved: Option<&str>, wanted: &Binding, change: &Change, at: &Location, line: &str) {
     if let Some(holder) = moved {
         println!(
             "{} is bound in {holder}, not in the file asked for: changed there",
             printable(wanted.listen().to_string().as_bytes())
         );
     }
-    match &change {
+    match change {
         Change::Replaced { old, .. } => println!(
             "{at}: replaced \"{}\" with \"{}\"",
             printable(old),
@@ -752,7 +686,118 @@ fn run_add(given: &Given) -> Result<(), Failure> {
         ),
         _ => println!("{at}: added \"{}\"", printable(line.as_bytes())),
     }
-    wait_and_print_rule(&wanted, Some(&at))
+}
+
+/// LISTEN, TARGET and SERVICE as `add` was given them: three operands, or
+/// `--tcp LOCALPORT:TARGET:PORT`.
+fn add_fields(given: &Given) -> Result<[Vec<u8>; 3], Failure> {
+    match (given.value("--tcp"), &given.operands[..]) {
+        (Some(spec), []) => {
+            let spec = spec
+                .to_str()
+                .ok_or_else(|| usage("add", format!("--tcp {} is not UTF-8", cli::quoted(spec))))?;
+            let tcp = tcp_fields(spec).map_err(|m| usage("add", m))?;
+            Ok(tcp.map(String::into_bytes))
+        }
+        (None, [listen, target, service]) => Ok([
+            listen.as_bytes().to_vec(),
+            target.as_bytes().to_vec(),
+            service.as_bytes().to_vec(),
+        ]),
+        (Some(_), _) => Err(usage(
+            "add",
+            "--tcp replaces LISTEN TARGET SERVICE: give one or the other".into(),
+        )),
+        (None, _) => Err(usage(
+            "add",
+            "add takes LISTEN TARGET SERVICE (or --tcp LOCALPORT:TARGET:PORT)".into(),
+        )),
+    }
+}
+
+/// The place a new line would have at the end of file `name`, for the
+/// grammar's messages.
+fn end_of(dirs: &ConfigDirs, dir: &Option<UserDir>, name: &str) -> Location {
+    let path = match (dir, &dirs.user) {
+        (Some(dir), _) => dir.path.join(name),
+        (None, Some(user)) => user.join(name),
+        (None, None) => PathBuf::from(name),
+    };
+    let text = match dir {
+        // A file that cannot be edited is refused below, once it is
+        // known to be the one to edit.
+        Some(dir) => read_file(dir, name)
+            .ok()
+            .flatten()
+            .map(|(text, _)| text)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    Location {
+        file: Arc::from(path.to_string_lossy().as_ref()),
+        line: lines(&text).len() + 1,
+    }
+}
+
+/// Where the config binds the wanted LISTEN now.
+enum BoundNow {
+    Nowhere,
+    /// In a system file, to the same destination: what to print.
+    AsWantedInSystemFile(String),
+    /// In this user file (its name), the one to edit.
+    InUserFile(String),
+}
+
+/// Where the LISTEN is bound now, if anywhere: that line is the one to
+/// replace. A system file's line is never edited: an error unless it
+/// already says what is wanted.
+fn bound_now(dirs: &ConfigDirs, dir: &UserDir, wanted: &Binding) -> Result<BoundNow, Failure> {
+    let current = Config::load(dirs, Specifiers::from_env());
+    let Some(bound) = current.binding_of_unit(wanted.unit_name()) else {
+        return Ok(BoundNow::Nowhere);
+    };
+    let file = bound.source().file.to_string();
+    if is_system_file(dirs, &file) {
+        if bound.destination() == wanted.destination() {
+            return Ok(BoundNow::AsWantedInSystemFile(format!(
+                "{} is already bound so at {} (not one of your files): nothing changed",
+                printable(wanted.listen().to_string().as_bytes()),
+                bound.source()
+            )));
+        }
+        return Err(fail(format!(
+            "{} is bound at {}, a file of {} that is not edited here; to change it for \
+             you, copy that file to {} (a file of the same name there replaces it) and \
+             edit the copy",
+            printable(wanted.listen().to_string().as_bytes()),
+            bound.source(),
+            dirs.system.display(),
+            shown_path(&dir.path)
+        )));
+    }
+    Ok(BoundNow::InUserFile(
+        Path::new(&file)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+/// Prints the problems the config `after` the edit has in the edited file
+/// (`path`) or at the new line (`at`); true when one refuses the edit.
+fn report_problems(after: &Config, path: &Path, at: &Location) -> bool {
+    let mut refused = false;
+    let file_shown = shown_path(path);
+    for problem in &after.problems {
+        // A file the generator would skip (its path is not one a unit can
+        // name) is refused like a bad line.
+        let whole_file = matches!(problem, Problem::File { path, .. } if *path == file_shown);
+        if whole_file || problem.location() == Some(at) {
+            eprintln!("{}", problem.report());
+            refused |= whole_file || !problem.is_warning();
+        }
+    }
+    refused
 }
 
 /// Reloads (when the line was `written` there), waits for the socket, and prints the dom0
@@ -893,22 +938,7 @@ fn print_rule(binding: &Binding) {
 }
 
 fn run_remove(given: &Given) -> Result<(), Failure> {
-    let [operand] = &given.operands[..] else {
-        return Err(usage("remove", "remove takes one LISTEN".into()));
-    };
-    let text = operand.as_bytes();
-    // A bare port is the address `add --tcp` writes.
-    let asked = if !text.is_empty() && text.iter().all(u8::is_ascii_digit) {
-        let mut with_ip = b"127.0.0.1:".to_vec();
-        with_ip.extend_from_slice(text);
-        with_ip
-    } else {
-        text.to_vec()
-    };
-    let listen = std::str::from_utf8(&asked)
-        .map_err(|_| LineError::NotUtf8.to_string())
-        .and_then(|t| ListenAddress::parse(t).map_err(|e| LineError::Address(e).to_string()))
-        .map_err(|m| usage("remove", m))?;
+    let listen = remove_operand(given)?;
     let unit = socket_unit_name(&listen);
     let shown = printable(listen.to_string().as_bytes());
     let dirs = ConfigDirs::from_env();
@@ -967,7 +997,34 @@ fn run_remove(given: &Given) -> Result<(), Failure> {
         );
     }
     daemon_reload()?;
-    let closed = wait_for_socket(&unit, |state| (state.active != "active").then_some(true));
+    wait_until_closed(&unit, &listen)
+}
+
+/// The LISTEN `remove` was given; a bare port is the address `add --tcp`
+/// writes.
+fn remove_operand(given: &Given) -> Result<ListenAddress, Failure> {
+    let [operand] = &given.operands[..] else {
+        return Err(usage("remove", "remove takes one LISTEN".into()));
+    };
+    let text = operand.as_bytes();
+    let asked = if !text.is_empty() && text.iter().all(u8::is_ascii_digit) {
+        let mut with_ip = b"127.0.0.1:".to_vec();
+        with_ip.extend_from_slice(text);
+        with_ip
+    } else {
+        text.to_vec()
+    };
+    std::str::from_utf8(&asked)
+        .map_err(|_| LineError::NotUtf8.to_string())
+        .and_then(|t| ListenAddress::parse(t).map_err(|e| LineError::Address(e).to_string()))
+        .map_err(|m| usage("remove", m))
+}
+
+/// After the reload: waits until the removed binding's socket no longer
+/// listens.
+fn wait_until_closed(unit: &str, listen: &ListenAddress) -> Result<(), Failure> {
+    let shown = printable(listen.to_string().as_bytes());
+    let closed = wait_for_socket(unit, |state| (state.active != "active").then_some(true));
     if closed {
         println!(
             "{shown} no longer listens; its dom0 rule is no longer needed ('qrexec-connect \

@@ -12,8 +12,9 @@
 //!   ones (systemd's result), generated ones whose line is gone, and the
 //!   daemon and the reload watcher, all in one call. So status with
 //!   thousands of bindings takes one list-units and one short show;
-//! * the daemon's published counters (`published.rs`): live connections,
-//!   connections since it started, and how the last one ended.
+//! * the daemon's published counters (`shared::counters`, written by
+//!   `serving::published`): live connections, connections since it
+//!   started, and how the last one ended.
 //!
 //! Every field comes from someone else's text (config lines and file names,
 //! unit files, the manager), so the plain view shows each one through the
@@ -39,22 +40,22 @@ use std::fmt::Write as _;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::process::{Command, ExitCode};
 
-use crate::manager;
-use crate::recover;
+use super::manager;
+use super::recover;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::policy::{self, PolicyBinding};
-use crate::reconcile;
-use crate::spawn::DEFAULT_CLIENT;
+use super::policy::{self, PolicyBinding};
+use super::reconcile;
+use crate::shared::DEFAULT_CLIENT;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
 use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_binding::destination::{Destination, Service, Target, MAX_FD_NAME};
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
 use qrexec_connect_generator::config::{
-    is_invisible, printable, printable_message, Config, ConfigDirs, Problem,
+    is_invisible, printable, printable_message, Binding, Config, ConfigDirs, Problem,
 };
 
-use crate::published::{self, Counters};
+use crate::shared::counters::{self, Counters, Snapshot};
 
 /// The daemon, the reload watcher and its step.
 const DAEMON: &str = "qrexec-connect.service";
@@ -318,10 +319,211 @@ fn problem_source(problem: &Problem) -> String {
     }
 }
 
+/// Everything status reports, in named steps: the config, what the user
+/// manager and the daemon say of it, one row per binding, per invalid line
+/// and per socket unit the config no longer names, then what the rows
+/// learn from each other (clashes) and the hints.
 fn inventory(qube: Option<&str>) -> Inventory {
     let config = Config::load(&ConfigDirs::from_env(), Specifiers::from_env());
     let view = ask_manager(&config);
     let manager = view.is_some();
+    let ManagerView {
+        units,
+        daemon,
+        watcher_active,
+    } = view.unwrap_or_default();
+    let published = LastPublished::read(manager, &daemon);
+    let specifiers = Specifiers::from_env();
+
+    let mut rows: Vec<Row> = config
+        .bindings
+        .iter()
+        .map(|binding| {
+            let unit = units.get(binding.unit_name());
+            binding_row(binding, unit, manager, &specifiers, &published)
+        })
+        .collect();
+    rows.extend(
+        config
+            .problems
+            .iter()
+            .filter(|p| !p.is_warning())
+            .map(problem_row),
+    );
+    rows.extend(
+        units
+            .values()
+            .filter(|u| config.binding_of_unit(&u.name).is_none())
+            .filter_map(|unit| unit_row(unit, &published)),
+    );
+    let problems = problems_of_all(manager, watcher_active, &daemon, &published);
+    mark_unreachable(&mut rows);
+    mark_conflicts(&mut rows);
+    for row in rows.iter_mut().filter(|row| row.hint.is_none()) {
+        row.hint = hint(row, qube);
+    }
+    Inventory { rows, problems }
+}
+
+/// What the daemon published last, and whether it still runs.
+struct LastPublished {
+    snapshot: Snapshot,
+    daemon_running: bool,
+}
+
+impl LastPublished {
+    fn read(manager: bool, daemon: &Unit) -> LastPublished {
+        let snapshot = RuntimeDir::from_env()
+            .ok()
+            .and_then(|dir| dir.read(counters::FILE).ok().flatten())
+            .map(|text| counters::parse(&text))
+            .unwrap_or_default();
+        // Without a manager to ask, a daemon run by hand counts while it lives.
+        let daemon_running = if manager {
+            matches!(
+                daemon.active_state.as_str(),
+                "active" | "activating" | "reloading"
+            )
+        } else {
+            snapshot
+                .pid
+                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        };
+        LastPublished {
+            snapshot,
+            daemon_running,
+        }
+    }
+
+    /// An address's counters. While the daemon is stopped (after the
+    /// handover of a reload, until the next connection) the counts stand,
+    /// and the next daemon carries them on (`serving::published`); nothing
+    /// is live.
+    fn counters_at(&self, address: &str) -> Option<Counters> {
+        let mut counters = self.snapshot.bindings.get(address).cloned()?;
+        if !self.daemon_running {
+            counters.live = 0;
+        }
+        Some(counters)
+    }
+}
+
+/// The row of a binding of the config, with its unit as the manager has it.
+fn binding_row(
+    binding: &Binding,
+    unit: Option<&Unit>,
+    manager: bool,
+    specifiers: &Specifiers,
+    published: &LastPublished,
+) -> Row {
+    let destination = binding.destination();
+    let state = match unit {
+        None if !manager => State::Unknown,
+        None => State::NotApplied("new line".into()),
+        Some(u) if u.load_state == "masked" => State::Masked,
+        Some(u) if u.load_state != "loaded" => State::NotApplied("new line".into()),
+        Some(u) if u.fd_name != binding.fd_name() => {
+            State::NotApplied(format!("runs as {:?}", u.fd_name))
+        }
+        Some(u) => unit_state(u),
+    };
+    // The address as the daemon reads it from its socket; a
+    // hand-written unit of the same name says its own.
+    let address = match unit.filter(|u| !u.listen.is_empty()) {
+        Some(unit) => unit.address().to_owned(),
+        None => binding
+            .listen()
+            .expanded_path(specifiers)
+            .map(|path| String::from_utf8_lossy(&path).into_owned())
+            .unwrap_or_else(|| binding.listen().to_string()),
+    };
+    Row {
+        listen: binding.listen().to_string(),
+        unit: binding.unit_name().to_owned(),
+        hand_written: unit.is_some_and(|u| !u.is_generated() && u.load_state == "loaded"),
+        address: address.clone(),
+        target: destination.target.as_str().to_owned(),
+        service: destination.service.as_str().to_owned(),
+        source: binding.source().to_string(),
+        counters: published.counters_at(&address),
+        holder: holder_if_taken(&state, &address),
+        state,
+        hint: None,
+    }
+}
+
+/// The row of a config line that is not a binding.
+fn problem_row(problem: &Problem) -> Row {
+    // The line's own words in the LISTEN, TARGET and SERVICE columns
+    // (each shown once), and the message without the line and the
+    // FILE:LINE the source column already shows.
+    let ((listen, target, service), message) = match problem {
+        Problem::Line { error, text, .. } => (line_words(text), error.to_string()),
+        other => (Default::default(), other.to_string()),
+    };
+    Row {
+        listen,
+        unit: String::new(),
+        address: String::new(),
+        hand_written: false,
+        target,
+        service,
+        source: problem_source(problem),
+        state: State::Invalid(message),
+        counters: None,
+        holder: None,
+        hint: None,
+    }
+}
+
+/// The row of a socket unit no line of the config names: hand-written, or
+/// generated from a line since removed. `None` for one that is gone.
+fn unit_row(unit: &Unit, published: &LastPublished) -> Option<Row> {
+    let destination = Destination::from_fd_name(&unit.fd_name).ok();
+    let (target, service) = destination
+        .as_ref()
+        .map(|d| (d.target.as_str().to_owned(), d.service.as_str().to_owned()))
+        .unwrap_or_default();
+    let state = if unit.is_generated() || unit.load_state != "loaded" {
+        // Its line is gone from the config, or its file from disk.
+        match unit.active_state.as_str() {
+            "inactive" | "failed" if unit.load_state != "loaded" => return None,
+            "inactive" => return None,
+            _ => State::NotApplied("removed from the config".into()),
+        }
+    } else if destination.is_none() {
+        State::Invalid(fd_name_problem(unit))
+    } else {
+        unit_state(unit)
+    };
+    let source = if unit.is_generated() {
+        unit.source_path.clone()
+    } else {
+        unit.fragment.clone()
+    };
+    Some(Row {
+        listen: unit.address().to_owned(),
+        unit: unit.name.clone(),
+        address: unit.address().to_owned(),
+        hand_written: !unit.is_generated(),
+        target,
+        service,
+        source,
+        counters: published.counters_at(unit.address()),
+        holder: holder_if_taken(&state, unit.address()),
+        state,
+        hint: None,
+    })
+}
+
+/// Problems that affect every binding: the manager, the reload watcher, the
+/// daemon, the client.
+fn problems_of_all(
+    manager: bool,
+    watcher_active: bool,
+    daemon: &Unit,
+    published: &LastPublished,
+) -> Vec<String> {
     let mut problems = Vec::new();
     if !manager {
         problems.push(
@@ -329,140 +531,6 @@ fn inventory(qube: Option<&str>) -> Inventory {
                 .to_owned(),
         );
     }
-    let ManagerView {
-        units,
-        daemon,
-        watcher_active,
-    } = view.unwrap_or_default();
-    let published = RuntimeDir::from_env()
-        .ok()
-        .and_then(|dir| dir.read(published::FILE).ok().flatten())
-        .map(|text| published::parse(&text))
-        .unwrap_or_default();
-    // Without a manager to ask, a daemon run by hand counts while it lives.
-    let daemon_running = if manager {
-        matches!(
-            daemon.active_state.as_str(),
-            "active" | "activating" | "reloading"
-        )
-    } else {
-        published
-            .pid
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-    };
-    // What the daemon published last. While it is stopped (after the
-    // handover of a reload, until the next connection) the counts stand,
-    // and the next daemon carries them on (published.rs); nothing is live.
-    let counters_at = |address: &str| -> Option<Counters> {
-        let mut counters = published.bindings.get(address).cloned()?;
-        if !daemon_running {
-            counters.live = 0;
-        }
-        Some(counters)
-    };
-    let specifiers = Specifiers::from_env();
-
-    let mut rows = Vec::new();
-    for binding in &config.bindings {
-        let destination = binding.destination();
-        let unit = units.get(binding.unit_name());
-        let state = match unit {
-            None if !manager => State::Unknown,
-            None => State::NotApplied("new line".into()),
-            Some(u) if u.load_state == "masked" => State::Masked,
-            Some(u) if u.load_state != "loaded" => State::NotApplied("new line".into()),
-            Some(u) if u.fd_name != binding.fd_name() => {
-                State::NotApplied(format!("runs as {:?}", u.fd_name))
-            }
-            Some(u) => unit_state(u),
-        };
-        // The address as the daemon reads it from its socket; a
-        // hand-written unit of the same name says its own.
-        let address = match unit.filter(|u| !u.listen.is_empty()) {
-            Some(unit) => unit.address().to_owned(),
-            None => binding
-                .listen()
-                .expanded_path(&specifiers)
-                .map(|path| String::from_utf8_lossy(&path).into_owned())
-                .unwrap_or_else(|| binding.listen().to_string()),
-        };
-        rows.push(Row {
-            listen: binding.listen().to_string(),
-            unit: binding.unit_name().to_owned(),
-            hand_written: unit.is_some_and(|u| !u.is_generated() && u.load_state == "loaded"),
-            address: address.clone(),
-            target: destination.target.as_str().to_owned(),
-            service: destination.service.as_str().to_owned(),
-            source: binding.source().to_string(),
-            counters: counters_at(&address),
-            holder: holder_if_taken(&state, &address),
-            state,
-            hint: None,
-        });
-    }
-    for problem in config.problems.iter().filter(|p| !p.is_warning()) {
-        // The line's own words in the LISTEN, TARGET and SERVICE columns
-        // (each shown once), and the message without the line and the
-        // FILE:LINE the source column already shows.
-        let ((listen, target, service), message) = match problem {
-            Problem::Line { error, text, .. } => (line_words(text), error.to_string()),
-            other => (Default::default(), other.to_string()),
-        };
-        rows.push(Row {
-            listen,
-            unit: String::new(),
-            address: String::new(),
-            hand_written: false,
-            target,
-            service,
-            source: problem_source(problem),
-            state: State::Invalid(message),
-            counters: None,
-            holder: None,
-            hint: None,
-        });
-    }
-    for unit in units
-        .values()
-        .filter(|u| config.binding_of_unit(&u.name).is_none())
-    {
-        let destination = Destination::from_fd_name(&unit.fd_name).ok();
-        let (target, service) = destination
-            .as_ref()
-            .map(|d| (d.target.as_str().to_owned(), d.service.as_str().to_owned()))
-            .unwrap_or_default();
-        let state = if unit.is_generated() || unit.load_state != "loaded" {
-            // Its line is gone from the config, or its file from disk.
-            match unit.active_state.as_str() {
-                "inactive" | "failed" if unit.load_state != "loaded" => continue,
-                "inactive" => continue,
-                _ => State::NotApplied("removed from the config".into()),
-            }
-        } else if destination.is_none() {
-            State::Invalid(fd_name_problem(unit))
-        } else {
-            unit_state(unit)
-        };
-        let source = if unit.is_generated() {
-            unit.source_path.clone()
-        } else {
-            unit.fragment.clone()
-        };
-        rows.push(Row {
-            listen: unit.address().to_owned(),
-            unit: unit.name.clone(),
-            address: unit.address().to_owned(),
-            hand_written: !unit.is_generated(),
-            target,
-            service,
-            source,
-            counters: counters_at(unit.address()),
-            holder: holder_if_taken(&state, unit.address()),
-            state,
-            hint: None,
-        });
-    }
-
     if manager && !watcher_active {
         problems.push(format!(
             "the reload watcher {WATCHER} is not running: daemon-reload does not apply \
@@ -476,23 +544,31 @@ fn inventory(qube: Option<&str>) -> Inventory {
         ));
     }
     // The client the running daemon uses, else the default one.
+    let running = published.daemon_running;
     let client = published
+        .snapshot
         .client
         .clone()
-        .filter(|c| daemon_running && !c.is_empty())
+        .filter(|c| running && !c.is_empty())
         .unwrap_or_else(|| DEFAULT_CLIENT.to_owned());
     let shown_client = printable(client.as_bytes());
     if !std::path::Path::new(&client).exists() {
         problems.push(format!(
             "{shown_client} is missing: install qubes-core-agent-qrexec (the qrexec client)"
         ));
-    } else if daemon_running && published.client_mode.as_deref() == Some("pipe") {
+    } else if running && published.snapshot.client_mode.as_deref() == Some("pipe") {
         problems.push(format!(
             "{shown_client} has no --use-stdin-socket (qrexec before 4.2.19): connections \
              work, each with a splicer process; update qubes-core-agent when you can"
         ));
     }
-    // Asked of the kernel once, and only when a path binding listens.
+    problems
+}
+
+/// A path binding the manager reports listening whose socket file cannot
+/// be reached is `Unreachable`. The kernel is asked once, and only when a
+/// path binding listens.
+fn mark_unreachable(rows: &mut [Row]) {
     let files = std::cell::OnceCell::new();
     let files = || files.get_or_init(listening_unix_files).as_deref();
     for row in rows.iter_mut().filter(|r| r.state == State::Listening) {
@@ -500,11 +576,6 @@ fn inventory(qube: Option<&str>) -> Inventory {
             row.state = State::Unreachable(why);
         }
     }
-    mark_conflicts(&mut rows);
-    for row in rows.iter_mut().filter(|row| row.hint.is_none()) {
-        row.hint = hint(row, qube);
-    }
-    Inventory { rows, problems }
 }
 
 /// Why a hand-written unit's `FileDescriptorName=` is not `TARGET SERVICE`.
@@ -650,61 +721,68 @@ fn mark_conflicts(rows: &mut [Row]) {
 /// made printable here (the hint is prose with values inside).
 fn hint(row: &Row, qube: Option<&str>) -> Option<String> {
     match &row.state {
-        State::NotApplied(why) => return Some(format!("{}: {RELOAD}", printable(why.as_bytes()))),
-        State::Invalid(_) if row.unit.is_empty() => {
-            return Some("fix the line ('qrexec-connect-generator --check' checks)".into())
-        }
-        State::Invalid(_) => {
-            return Some(format!(
-                "write FileDescriptorName=TARGET SERVICE in {} (no ':': write \
-                @dispvm:TEMPLATE as @dispvm/TEMPLATE there), \
-                or replace the unit with a config line (qrexec-connect.conf(5))",
-                printable(row.source.as_bytes())
-            ))
-        }
-        State::Failed(result) => {
-            let why = match (result.as_str(), &row.holder) {
-                ("resources", Some(holder)) => format!(
-                    " (it could not listen: {} is in use by another process{})",
-                    printable(row.listen.as_bytes()),
-                    match holder.uid {
-                        Some(uid) => format!(" (uid {uid})"),
-                        None => " (its uid is not visible to you)".to_owned(),
-                    }
-                ),
-                ("resources", None) => " (it could not listen: is the address in use?)".into(),
-                ("service-start-limit-hit", _) => " (the daemon failed too often)".into(),
-                _ => String::new(),
-            };
-            return Some(format!(
-                "systemd stopped it: {}{why}; the recovery step retries with a backoff, \
-                 see journalctl SYSLOG_IDENTIFIER=qrexec-connect",
-                printable(result.as_bytes())
-            ));
-        }
-        State::Stopped => {
-            return Some(format!(
-                "not listening (stopped by hand?): systemctl --user start {}",
-                printable(row.unit.as_bytes())
-            ))
-        }
-        State::Masked => {
-            return Some(format!(
-                "masked, so it never starts: systemctl --user unmask {unit}, then \
-                systemctl --user start {unit}",
-                unit = printable(row.unit.as_bytes())
-            ))
-        }
-        State::Conflict(_) => return None,
-        State::Unreachable(why) => {
-            return Some(format!(
-                "{}, so nothing can connect: systemctl --user restart {}",
-                printable_message(why),
-                printable(row.unit.as_bytes())
-            ))
-        }
-        State::Listening | State::Unknown => {}
+        State::Listening | State::Unknown => last_result_hint(row, qube),
+        State::Conflict(_) => None,
+        _ => state_hint(row),
     }
+}
+
+/// What to do about a row whose state is not listening.
+fn state_hint(row: &Row) -> Option<String> {
+    match &row.state {
+        State::NotApplied(why) => Some(format!("{}: {RELOAD}", printable(why.as_bytes()))),
+        State::Invalid(_) if row.unit.is_empty() => {
+            Some("fix the line ('qrexec-connect-generator --check' checks)".into())
+        }
+        State::Invalid(_) => Some(format!(
+            "write FileDescriptorName=TARGET SERVICE in {} (no ':': write \
+            @dispvm:TEMPLATE as @dispvm/TEMPLATE there), \
+            or replace the unit with a config line (qrexec-connect.conf(5))",
+            printable(row.source.as_bytes())
+        )),
+        State::Failed(result) => Some(failed_hint(row, result)),
+        State::Stopped => Some(format!(
+            "not listening (stopped by hand?): systemctl --user start {}",
+            printable(row.unit.as_bytes())
+        )),
+        State::Masked => Some(format!(
+            "masked, so it never starts: systemctl --user unmask {unit}, then \
+            systemctl --user start {unit}",
+            unit = printable(row.unit.as_bytes())
+        )),
+        State::Unreachable(why) => Some(format!(
+            "{}, so nothing can connect: systemctl --user restart {}",
+            printable_message(why),
+            printable(row.unit.as_bytes())
+        )),
+        State::Conflict(_) | State::Listening | State::Unknown => None,
+    }
+}
+
+/// What to do about a socket systemd stopped (`result`, its `Result=`).
+fn failed_hint(row: &Row, result: &str) -> String {
+    let why = match (result, &row.holder) {
+        ("resources", Some(holder)) => format!(
+            " (it could not listen: {} is in use by another process{})",
+            printable(row.listen.as_bytes()),
+            match holder.uid {
+                Some(uid) => format!(" (uid {uid})"),
+                None => " (its uid is not visible to you)".to_owned(),
+            }
+        ),
+        ("resources", None) => " (it could not listen: is the address in use?)".into(),
+        ("service-start-limit-hit", _) => " (the daemon failed too often)".into(),
+        _ => String::new(),
+    };
+    format!(
+        "systemd stopped it: {}{why}; the recovery step retries with a backoff, \
+         see journalctl SYSLOG_IDENTIFIER=qrexec-connect",
+        printable(result.as_bytes())
+    )
+}
+
+/// What to do about a listening row whose last connection did not end well.
+fn last_result_hint(row: &Row, qube: Option<&str>) -> Option<String> {
     let status = row.counters.as_ref()?.last_status?;
     // The row holds the real target (`@dispvm:TEMPLATE`), not the fd name's.
     let destination = Destination {
@@ -878,14 +956,6 @@ fn unreachable_path<'a>(
 fn listening_unix_files() -> Option<Vec<(Vec<u8>, u32)>> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::io::Read as _;
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const TCP_LISTEN: u32 = 10;
-    const UDIAG_SHOW_NAME: u32 = 1;
-    const UDIAG_SHOW_VFS: u32 = 2;
-    const UNIX_DIAG_NAME: u16 = 0;
-    const UNIX_DIAG_VFS: u16 = 1;
 
     let socket = Socket::new(
         Domain::from(libc::AF_NETLINK),
@@ -893,25 +963,7 @@ fn listening_unix_files() -> Option<Vec<(Vec<u8>, u32)>> {
         Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
     )
     .ok()?;
-    // nlmsghdr (length, type, flags, sequence, port), then unix_diag_req
-    // (family, protocol, padding, states, inode, what to show, cookie).
-    let mut request = Vec::with_capacity(40);
-    request.extend(40u32.to_ne_bytes());
-    request.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    request.extend((libc::NLM_F_REQUEST as u16 | libc::NLM_F_DUMP as u16).to_ne_bytes());
-    request.extend(1u32.to_ne_bytes());
-    request.extend(0u32.to_ne_bytes());
-    request.extend([libc::AF_UNIX as u8, 0, 0, 0]);
-    request.extend((1u32 << TCP_LISTEN).to_ne_bytes());
-    request.extend(0u32.to_ne_bytes());
-    request.extend((UDIAG_SHOW_NAME | UDIAG_SHOW_VFS).to_ne_bytes());
-    request.extend([0; 8]);
-    socket.send(&request).ok()?;
-
-    let u16_at =
-        |b: &[u8], at: usize| Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?));
-    let u32_at =
-        |b: &[u8], at: usize| Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    socket.send(&unix_diag_request()).ok()?;
     let mut files = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
@@ -929,35 +981,79 @@ fn listening_unix_files() -> Option<Vec<(Vec<u8>, u32)>> {
             match kind {
                 NLMSG_DONE => return Some(files),
                 NLMSG_ERROR => return None,
-                SOCK_DIAG_BY_FAMILY => {
-                    // After the header, unix_diag_msg (16 bytes), then
-                    // attributes (length, type, value), each 4-aligned.
-                    let mut attributes = messages.get(32..length)?;
-                    let (mut name, mut inode) = (None, None);
-                    while attributes.len() >= 4 {
-                        let size = usize::from(u16_at(attributes, 0)?);
-                        let value = attributes.get(4..size)?;
-                        match u16_at(attributes, 2)? {
-                            UNIX_DIAG_NAME => name = Some(value),
-                            UNIX_DIAG_VFS => inode = u32_at(value, 0),
-                            _ => {}
-                        }
-                        attributes = attributes.get(size.next_multiple_of(4)..).unwrap_or(&[]);
-                    }
-                    if let (Some(name), Some(inode)) = (name, inode) {
-                        // A path (not an abstract name, which starts with
-                        // NUL), without the NUL a bind may count.
-                        if name.first().is_some_and(|&b| b != 0) {
-                            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-                            files.push((name[..end].to_vec(), inode));
-                        }
-                    }
-                }
+                SOCK_DIAG_BY_FAMILY => files.extend(unix_diag_file(&messages[..length])?),
                 _ => {}
             }
             messages = messages.get(length.next_multiple_of(4)..).unwrap_or(&[]);
         }
     }
+}
+
+// The socket diagnostics' numbers (linux/sock_diag.h, unix_diag.h, netlink.h).
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_LISTEN: u32 = 10;
+const UDIAG_SHOW_NAME: u32 = 1;
+const UDIAG_SHOW_VFS: u32 = 2;
+const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_VFS: u16 = 1;
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The dump request for every listening Unix socket, with its name and
+/// its file's inode.
+fn unix_diag_request() -> Vec<u8> {
+    // nlmsghdr (length, type, flags, sequence, port), then unix_diag_req
+    // (family, protocol, padding, states, inode, what to show, cookie).
+    let mut request = Vec::with_capacity(40);
+    request.extend(40u32.to_ne_bytes());
+    request.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend((libc::NLM_F_REQUEST as u16 | libc::NLM_F_DUMP as u16).to_ne_bytes());
+    request.extend(1u32.to_ne_bytes());
+    request.extend(0u32.to_ne_bytes());
+    request.extend([libc::AF_UNIX as u8, 0, 0, 0]);
+    request.extend((1u32 << TCP_LISTEN).to_ne_bytes());
+    request.extend(0u32.to_ne_bytes());
+    request.extend((UDIAG_SHOW_NAME | UDIAG_SHOW_VFS).to_ne_bytes());
+    request.extend([0; 8]);
+    request
+}
+
+/// One answer (`message`, its header included): the socket's path and its
+/// file's inode, `Some(None)` for an abstract or unnamed socket; `None` for
+/// a broken answer.
+fn unix_diag_file(message: &[u8]) -> Option<Option<(Vec<u8>, u32)>> {
+    // After the header, unix_diag_msg (16 bytes), then
+    // attributes (length, type, value), each 4-aligned.
+    let mut attributes = message.get(32..)?;
+    let (mut name, mut inode) = (None, None);
+    while attributes.len() >= 4 {
+        let size = usize::from(u16_at(attributes, 0)?);
+        let value = attributes.get(4..size)?;
+        match u16_at(attributes, 2)? {
+            UNIX_DIAG_NAME => name = Some(value),
+            UNIX_DIAG_VFS => inode = u32_at(value, 0),
+            _ => {}
+        }
+        attributes = attributes.get(size.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    let (Some(name), Some(inode)) = (name, inode) else {
+        return Some(None);
+    };
+    // A path (not an abstract name, which starts with
+    // NUL), without the NUL a bind may count.
+    if name.first().is_none_or(|&b| b == 0) {
+        return Some(None);
+    }
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(Some((name[..end].to_vec(), inode)))
 }
 
 /// This qube's name, from `qubesdb-read /name`.
@@ -1158,124 +1254,166 @@ fn to_text(inventory: &Inventory, now: u64, width: usize) -> String {
     let shown: Vec<ShownRow> = inventory
         .rows
         .iter()
-        .map(|row| {
-            let c = row.counters.as_ref();
-            let last = match c.map(|c| (&c.last_result, c.last_end)) {
-                Some((Some(result), Some(end))) => Some(format!(
-                    "{}, {}",
-                    printable(result.as_bytes()),
-                    age(end, now)
-                )),
-                _ => None,
-            };
-            // A config line's words come printable and cut already.
-            let is_line = row.unit.is_empty() && matches!(row.state, State::Invalid(_));
-            let show = |text: &str| {
-                if is_line {
-                    text.to_owned()
-                } else {
-                    printable(text.as_bytes())
-                }
-            };
-            ShownRow {
-                listen: show(&row.listen),
-                target: show(&row.target),
-                service: show(&row.service),
-                last,
-            }
-        })
+        .map(|row| shown_row(row, now))
         .collect();
-    let widest = |f: fn(&ShownRow) -> usize| shown.iter().map(f).max().unwrap_or(0);
-    let (wl, wt, ws) = (
-        widest(|r| r.listen.chars().count()).max(6),
-        widest(|r| r.target.chars().count()).max(6),
-        widest(|r| r.service.chars().count()).max(7),
-    );
-    let wlast = widest(|r| r.last.as_ref().map_or(1, |l| l.chars().count())).max(4);
-    // LISTEN  TARGET  SERVICE  STATE(11)  LIVE  TOTAL
-    let table = wl + wt + ws + 2 * 5 + 11 + 4 + 5;
-    let is_table = table <= width;
-    let last_inline = is_table && table + 2 + wlast <= width;
-    if is_table {
-        let _ = writeln!(
-            out,
-            "{}",
-            format!(
-                "{:wl$}  {:wt$}  {:ws$}  {:11}  LIVE  TOTAL{}",
-                "LISTEN",
-                "TARGET",
-                "SERVICE",
-                "STATE",
-                if last_inline { "  LAST" } else { "" }
-            )
-            .trim_end()
-        );
+    let columns = Columns::fit(&shown, width);
+    if columns.is_table {
+        let _ = writeln!(out, "{}", columns.header());
     }
     for (row, shown) in inventory.rows.iter().zip(&shown) {
         let c = row.counters.clone().unwrap_or_default();
         let last = shown.last.as_deref().unwrap_or("-");
-        if is_table {
-            let line = format!(
-                "{:wl$}  {:wt$}  {:ws$}  {:11}  {:>4}  {:>5}  {}",
-                shown.listen,
-                shown.target,
-                shown.service,
-                row.state.word(),
-                c.live,
-                c.total,
-                if last_inline { last } else { "" },
-            );
-            let _ = writeln!(out, "{}", line.trim_end());
+        if columns.is_table {
+            let _ = writeln!(out, "{}", columns.line(row, shown, &c, last));
         } else {
-            let mut lines = wrap(&shown.listen, width, "", "  ");
-            lines.push(format!(
-                "    {}  live {}  total {}",
-                row.state.word(),
-                c.live,
-                c.total
-            ));
-            let destination = format!(
-                "{} {}",
-                if shown.target.is_empty() {
-                    "-"
-                } else {
-                    &shown.target
-                },
-                if shown.service.is_empty() {
-                    "-"
-                } else {
-                    &shown.service
-                },
-            );
-            lines.extend(wrap(&destination, width, "    to ", "      "));
-            for line in lines {
+            for line in narrow_lines(row, shown, &c, width) {
                 let _ = writeln!(out, "{line}");
             }
         }
-        let mut notes = Vec::new();
-        if !last_inline && shown.last.is_some() {
-            notes.push(format!("last: {last}"));
-        }
-        notes.push(format!(
-            "from {}",
-            printable(home_as_tilde(&row.source).as_bytes())
-        ));
-        if !row.unit.is_empty() {
-            notes.push(format!("unit {}", printable(row.unit.as_bytes())));
-        }
-        if let State::Invalid(message) | State::Conflict(message) = &row.state {
-            notes.push(printable_message(message));
-        }
-        if let Some(hint) = &row.hint {
-            notes.push(format!("hint: {}", printable_message(hint)));
-        }
-        for note in notes {
+        for note in notes(row, shown, columns.last_inline, last) {
             for line in wrap(&note, width, "    ", "      ") {
                 let _ = writeln!(out, "{line}");
             }
         }
     }
     out
+}
+
+/// A row's text fields made printable, and its LAST in words.
+fn shown_row(row: &Row, now: u64) -> ShownRow {
+    let c = row.counters.as_ref();
+    let last = match c.map(|c| (&c.last_result, c.last_end)) {
+        Some((Some(result), Some(end))) => Some(format!(
+            "{}, {}",
+            printable(result.as_bytes()),
+            age(end, now)
+        )),
+        _ => None,
+    };
+    // A config line's words come printable and cut already.
+    let is_line = row.unit.is_empty() && matches!(row.state, State::Invalid(_));
+    let show = |text: &str| {
+        if is_line {
+            text.to_owned()
+        } else {
+            printable(text.as_bytes())
+        }
+    };
+    ShownRow {
+        listen: show(&row.listen),
+        target: show(&row.target),
+        service: show(&row.service),
+        last,
+    }
+}
+
+/// The table's column widths, and whether a table (and LAST in it) fits.
+struct Columns {
+    listen: usize,
+    target: usize,
+    service: usize,
+    is_table: bool,
+    last_inline: bool,
+}
+
+impl Columns {
+    fn fit(shown: &[ShownRow], width: usize) -> Columns {
+        let widest = |f: fn(&ShownRow) -> usize| shown.iter().map(f).max().unwrap_or(0);
+        let (wl, wt, ws) = (
+            widest(|r| r.listen.chars().count()).max(6),
+            widest(|r| r.target.chars().count()).max(6),
+            widest(|r| r.service.chars().count()).max(7),
+        );
+        let wlast = widest(|r| r.last.as_ref().map_or(1, |l| l.chars().count())).max(4);
+        // LISTEN  TARGET  SERVICE  STATE(11)  LIVE  TOTAL
+        let table = wl + wt + ws + 2 * 5 + 11 + 4 + 5;
+        let is_table = table <= width;
+        Columns {
+            listen: wl,
+            target: wt,
+            service: ws,
+            is_table,
+            last_inline: is_table && table + 2 + wlast <= width,
+        }
+    }
+
+    fn header(&self) -> String {
+        let (wl, wt, ws) = (self.listen, self.target, self.service);
+        format!(
+            "{:wl$}  {:wt$}  {:ws$}  {:11}  LIVE  TOTAL{}",
+            "LISTEN",
+            "TARGET",
+            "SERVICE",
+            "STATE",
+            if self.last_inline { "  LAST" } else { "" }
+        )
+        .trim_end()
+        .to_owned()
+    }
+
+    fn line(&self, row: &Row, shown: &ShownRow, c: &Counters, last: &str) -> String {
+        let (wl, wt, ws) = (self.listen, self.target, self.service);
+        let line = format!(
+            "{:wl$}  {:wt$}  {:ws$}  {:11}  {:>4}  {:>5}  {}",
+            shown.listen,
+            shown.target,
+            shown.service,
+            row.state.word(),
+            c.live,
+            c.total,
+            if self.last_inline { last } else { "" },
+        );
+        line.trim_end().to_owned()
+    }
+}
+
+/// A row where no table fits: LISTEN, state and counts, destination.
+fn narrow_lines(row: &Row, shown: &ShownRow, c: &Counters, width: usize) -> Vec<String> {
+    let mut lines = wrap(&shown.listen, width, "", "  ");
+    lines.push(format!(
+        "    {}  live {}  total {}",
+        row.state.word(),
+        c.live,
+        c.total
+    ));
+    let destination = format!(
+        "{} {}",
+        if shown.target.is_empty() {
+            "-"
+        } else {
+            &shown.target
+        },
+        if shown.service.is_empty() {
+            "-"
+        } else {
+            &shown.service
+        },
+    );
+    lines.extend(wrap(&destination, width, "    to ", "      "));
+    lines
+}
+
+/// The notes under a row: LAST when not in the table, source, unit, the
+/// message of an invalid or conflicting row, the hint.
+fn notes(row: &Row, shown: &ShownRow, last_inline: bool, last: &str) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !last_inline && shown.last.is_some() {
+        notes.push(format!("last: {last}"));
+    }
+    notes.push(format!(
+        "from {}",
+        printable(home_as_tilde(&row.source).as_bytes())
+    ));
+    if !row.unit.is_empty() {
+        notes.push(format!("unit {}", printable(row.unit.as_bytes())));
+    }
+    if let State::Invalid(message) | State::Conflict(message) = &row.state {
+        notes.push(printable_message(message));
+    }
+    if let Some(hint) = &row.hint {
+        notes.push(format!("hint: {}", printable_message(hint)));
+    }
+    notes
 }
 
 /// `qrexec-connect status [--json]`: 0 when every binding is listening and

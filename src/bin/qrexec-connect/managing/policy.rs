@@ -61,8 +61,8 @@ use qrexec_connect_binding::address::Specifiers;
 use qrexec_connect_binding::destination::{is_vm_name, Destination, MAX_VM_NAME};
 use qrexec_connect_generator::config::{printable, Config, ConfigDirs};
 
+use super::manager;
 use crate::cli::{self, Usage, UsageError};
-use crate::manager;
 
 /// What the policy needs of one binding.
 #[derive(Debug, Clone)]

@@ -49,9 +49,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::manager::{self, systemctl};
-use crate::reconcile::SERVICE;
-use crate::spawn::signal_name;
+use super::manager::{self, systemctl};
+use super::reconcile::SERVICE;
+use crate::shared::signal_name;
 use qrexec_connect_binding::address::{ListenAddress, Specifiers};
 use qrexec_connect_binding::collision::addresses_collide;
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE};
@@ -690,7 +690,7 @@ fn our_listening_units(
     let record = RuntimeDir::from_env()
         .ok()
         .and_then(|dir| dir.read(GENERATED_FILE).ok().flatten())
-        .map(|text| crate::reconcile::parse_state(&text))
+        .map(|text| super::reconcile::parse_state(&text))
         .unwrap_or_default();
     let specifiers = Specifiers::from_env();
     let mut ours = Vec::new();
@@ -944,48 +944,62 @@ pub fn run() -> io::Result<()> {
     }
     let dir = RuntimeDir::from_env()?;
     let mut told = Told::default();
-    let mut recovery_at: Option<Instant> = None;
-    let mut check_at: Option<Instant> = None;
+    let mut schedule = Schedule::default();
     loop {
         told.report(&mut failures);
-        // A clash that ended (the other unit stopped): its address looks
-        // free, so it starts again now, without the checks' schedule.
-        let ended: Vec<&str> = failures
-            .unset
-            .iter()
-            .filter(|u| !u.is_held() && told.clashes.contains(&u.socket.name))
-            .map(|u| u.socket.name.as_str())
-            .collect();
-        if !ended.is_empty() {
-            let cleared = reset_failed(&ended);
-            if !cleared.is_empty() {
-                // <5> notice: the one daemon stop this costs.
-                println!(
-                    "<5>qrexec-connect recover: no other unit of ours listens on the address of \
-                     {} now; sockets.target starts it again ({SERVICE} stops once for that, its \
-                     live connections continue)",
-                    name_some(&cleared)
-                );
-                return Ok(());
-            }
+        if restart_ended_clashes(&failures, &told) {
+            return Ok(());
         }
         if failures.unset.is_empty() {
-            check_at = None;
+            schedule.check_at = None;
         }
         if failures.is_empty() {
             // Back meanwhile (a daemon-reload starts wanted sockets).
             return Ok(());
         }
         let now = Instant::now();
-        if failures.need_recovery() && recovery_at.is_none() {
-            let in_a_row = Record::count(&dir, |record| {
+        schedule.plan(&failures, &dir, now);
+        if schedule.recovery_at.is_some_and(|at| now >= at) {
+            // These failures were read after the wait: whatever failed
+            // during it is handled too.
+            schedule.recovery_at = None;
+            if recover(&failures) {
+                return Ok(());
+            }
+            failures = read_again(failures);
+            continue;
+        }
+        if schedule.check_at.is_some_and(|at| now >= at) {
+            match check_addresses(&failures, &dir) {
+                Some(wait) => schedule.check_at = Some(now + wait),
+                None => return Ok(()),
+            }
+        }
+        std::thread::sleep(schedule.next_wait());
+        failures = read_again(failures);
+    }
+}
+
+/// When `run` next recovers (after announcing it) and next checks the
+/// addresses of sockets systemd could not set up.
+#[derive(Default)]
+struct Schedule {
+    recovery_at: Option<Instant>,
+    check_at: Option<Instant>,
+}
+
+impl Schedule {
+    /// Sets the times not set yet that `failures` need, and says so.
+    fn plan(&mut self, failures: &Failures, dir: &RuntimeDir, now: Instant) {
+        if failures.need_recovery() && self.recovery_at.is_none() {
+            let in_a_row = Record::count(dir, |record| {
                 record.recoveries = record.recoveries.next(boot_time());
                 record.recoveries.in_a_row
             });
-            recovery_at = Some(now + announce_recovery(&failures, in_a_row));
+            self.recovery_at = Some(now + announce_recovery(failures, in_a_row));
         }
-        if !failures.unset.is_empty() && check_at.is_none() {
-            let wait = next_check(&dir);
+        if !failures.unset.is_empty() && self.check_at.is_none() {
+            let wait = next_check(dir);
             let names: Vec<&str> = failures
                 .unset
                 .iter()
@@ -998,60 +1012,81 @@ pub fn run() -> io::Result<()> {
                 name_some(&names),
                 wait.as_secs()
             );
-            check_at = Some(now + wait);
+            self.check_at = Some(now + wait);
         }
+    }
 
-        if recovery_at.is_some_and(|at| now >= at) {
-            // These failures were read after the wait: whatever failed
-            // during it is handled too.
-            recovery_at = None;
-            if recover(&failures) {
-                return Ok(());
-            }
-            failures = read_again(failures);
-            continue;
-        }
-        if check_at.is_some_and(|at| now >= at) {
-            let (mut held, free): (Vec<Unset>, Vec<Unset>) =
-                failures.unset.iter().cloned().partition(|u| u.is_held());
-            if !free.is_empty() {
-                let names: Vec<&str> = free.iter().map(|u| u.socket.name.as_str()).collect();
-                let cleared = reset_failed(&names);
-                if !cleared.is_empty() {
-                    // <5> notice: the one daemon stop this costs.
-                    println!(
-                        "<5>qrexec-connect recover: nothing we can see holds the address of {} \
-                         now; sockets.target starts it again ({SERVICE} stops once for that, \
-                         its live connections continue)",
-                        name_some(&cleared)
-                    );
-                    return Ok(());
-                }
-            }
-            let wait = next_check(&dir);
-            for unset in &mut held {
-                unset.identify();
-                println!(
-                    "<5>qrexec-connect recover: {}: {}; checking again in {} s",
-                    unset.socket.name,
-                    unset
-                        .holders_in_words()
-                        .replace(" is in use ", " is still in use "),
-                    wait.as_secs()
-                );
-            }
-            check_at = Some(now + wait);
-        }
-        let next = [recovery_at, check_at]
+    /// How long to sleep: until the next time due, at most [`POLL`].
+    fn next_wait(&self) -> Duration {
+        [self.recovery_at, self.check_at]
             .into_iter()
             .flatten()
             .min()
             .map_or(POLL, |at| {
                 at.saturating_duration_since(Instant::now()).min(POLL)
-            });
-        std::thread::sleep(next);
-        failures = read_again(failures);
+            })
     }
+}
+
+/// A clash that ended (the other unit stopped): its address looks free, so
+/// it starts again now, without the checks' schedule. True when one did.
+fn restart_ended_clashes(failures: &Failures, told: &Told) -> bool {
+    let ended: Vec<&str> = failures
+        .unset
+        .iter()
+        .filter(|u| !u.is_held() && told.clashes.contains(&u.socket.name))
+        .map(|u| u.socket.name.as_str())
+        .collect();
+    if ended.is_empty() {
+        return false;
+    }
+    let cleared = reset_failed(&ended);
+    if cleared.is_empty() {
+        return false;
+    }
+    // <5> notice: the one daemon stop this costs.
+    println!(
+        "<5>qrexec-connect recover: no other unit of ours listens on the address of \
+         {} now; sockets.target starts it again ({SERVICE} stops once for that, its \
+         live connections continue)",
+        name_some(&cleared)
+    );
+    true
+}
+
+/// The scheduled check of the sockets systemd could not set up: those whose
+/// address is free now start again (`None`: done); for the others, who
+/// still holds it, and the wait before the next check.
+fn check_addresses(failures: &Failures, dir: &RuntimeDir) -> Option<Duration> {
+    let (mut held, free): (Vec<Unset>, Vec<Unset>) =
+        failures.unset.iter().cloned().partition(|u| u.is_held());
+    if !free.is_empty() {
+        let names: Vec<&str> = free.iter().map(|u| u.socket.name.as_str()).collect();
+        let cleared = reset_failed(&names);
+        if !cleared.is_empty() {
+            // <5> notice: the one daemon stop this costs.
+            println!(
+                "<5>qrexec-connect recover: nothing we can see holds the address of {} \
+                 now; sockets.target starts it again ({SERVICE} stops once for that, \
+                 its live connections continue)",
+                name_some(&cleared)
+            );
+            return None;
+        }
+    }
+    let wait = next_check(dir);
+    for unset in &mut held {
+        unset.identify();
+        println!(
+            "<5>qrexec-connect recover: {}: {}; checking again in {} s",
+            unset.socket.name,
+            unset
+                .holders_in_words()
+                .replace(" is in use ", " is still in use "),
+            wait.as_secs()
+        );
+    }
+    Some(wait)
 }
 
 /// Counts one more check in the record; the wait before it.
@@ -1192,15 +1227,11 @@ fn report_daemon_failure(failed: &[&SocketState]) -> io::Result<()> {
 
 /// Time since boot, suspend included.
 fn boot_time() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0 {
-        return Duration::ZERO;
+    use rustix::time::{clock_gettime_dynamic, ClockId, DynamicClockId};
+    match clock_gettime_dynamic(DynamicClockId::Known(ClockId::Boottime)) {
+        Ok(now) => Duration::new(now.tv_sec as u64, now.tv_nsec as u32),
+        Err(_) => Duration::ZERO,
     }
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -33,9 +33,9 @@ use std::process::{ExitCode, ExitStatus};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::listener::{self, Connection, InheritedSocket};
-use crate::notify::Notifier;
-use crate::spawn::{self, ClientMode, ClientStdio, Launcher};
+use super::listener::{self, Connection, InheritedSocket};
+use super::notify::Notifier;
+use super::spawn::{self, ClientMode, ClientStdio, Launcher};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -48,8 +48,16 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use crate::published::Published;
-use crate::Options;
+use super::published::Published;
+
+/// The daemon's settings, as `cli` read them from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub client: OsString,
+    pub max_connections: usize,
+    pub client_mode: Option<ClientMode>,
+    pub debug: bool,
+}
 
 /// How long the client may take to print its `--help` at start.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -165,6 +173,8 @@ pub fn run(options: Options, sockets: Vec<InheritedSocket>, notifier: Notifier) 
     local.block_on(&runtime, serve_all(options, sockets, notifier, signals))
 }
 
+/// The daemon's life on the event loop: watch the signals, prepare each
+/// inherited socket, start serving them, and stop on SIGTERM or SIGINT.
 async fn serve_all(
     options: Options,
     sockets: Vec<InheritedSocket>,
@@ -194,120 +204,19 @@ async fn serve_all(
     };
     let mut served = Vec::new();
     let mut refused = Vec::new();
-    for InheritedSocket {
-        socket,
-        fd_name: name,
-    } in sockets
-    {
-        let listen = listener::local_address(&socket)
-            .map(|a| a.to_string())
-            .unwrap_or_else(|e| format!("(unknown address: {e})"));
-        if let Err(why) = listener::check_listening_stream(&socket) {
-            error!(listen = %listen, fd_name = %name,
-                "{listen} (socket named {name:?}) cannot be served: {why}; other bindings are not affected");
-            continue;
-        }
-        let socket = match socket.set_nonblocking(true).and_then(|()| watch(socket)) {
-            Ok(socket) => socket,
-            Err(e) => {
-                error!(listen = %listen, "{listen}: cannot watch this socket: {e}");
-                continue;
-            }
-        };
-        let parsed = Destination::from_fd_name(&name)
-            .map_err(|e| e.to_string())
-            .and_then(|destination| {
-                let argv = |mode| launcher.argv(mode, &destination).map_err(|e| e.to_string());
-                Ok((
-                    argv(ClientMode::StdinSocket)?,
-                    argv(ClientMode::Pipe)?,
-                    destination,
-                ))
-            });
-        match parsed {
-            Ok((argv_stdin_socket, argv_pipe, destination)) => {
-                info!(listen = %listen, qrexec_target = %destination.target,
-                    qrexec_service = %destination.service,
-                    "{listen} (target {}, service {})", destination.target, destination.service);
-                served.push(ServedSocket {
-                    listen,
-                    destination,
-                    listener: socket,
-                    argv_stdin_socket,
-                    argv_pipe,
-                    live: Cell::new(0),
-                    slot_freed: Notify::new(),
-                    accept_errors: RefCell::new(RateLimit::default()),
-                });
-            }
-            Err(why) => {
-                error!(listen = %listen, fd_name = %name,
-                    "{listen}: invalid FileDescriptorName={name:?}: {why}; its connections will be \
-                     closed at once, other bindings are not affected");
-                refused.push(socket);
-            }
+    for inherited in sockets {
+        match prepare(inherited, &launcher) {
+            Some(Ok(socket)) => served.push(socket),
+            Some(Err(socket)) => refused.push(socket),
+            None => {}
         }
     }
-
-    let daemon = Rc::new(Daemon {
-        mode: Cell::new(options.client_mode),
-        probing: Cell::new(false),
-        parked: RefCell::new(Vec::new()),
-        launcher,
-        children: RefCell::new(HashMap::new()),
-        notifier,
-        status_changed: Notify::new(),
-        serving: served.len(),
-        refused: refused.len(),
-        live: Cell::new(0),
-        spawn_errors: RefCell::new(RateLimit::default()),
-        published: Published::new(),
-        options,
-    });
-    for socket in &served {
-        daemon.published.serve(
-            &socket.listen,
-            socket.destination.target.as_str(),
-            socket.destination.service.as_str(),
-        );
-    }
-    daemon
-        .published
-        .client(&daemon.options.client.to_string_lossy(), None);
-    tokio::task::spawn_local(daemon.published.clone().publish());
+    let daemon = Daemon::new(options, launcher, notifier, &served, refused.len());
     // The reaper first: the probe's child is reaped by it too.
     let stop = supervise(daemon.clone(), signals);
-    let start = async {
-        // Not on the first connection's path: the probe answers while that
-        // connection is already served, tentatively, in stdin-socket mode.
-        let mut probe = false;
-        if daemon.mode.get().is_none() && daemon.serving > 0 {
-            match daemon.recall_mode() {
-                Some(mode) => daemon.set_mode(mode),
-                None => {
-                    daemon.probing.set(true);
-                    probe = true;
-                }
-            }
-        }
-        for socket in served {
-            tokio::task::spawn_local(serve(Rc::new(socket), daemon.clone()));
-        }
-        // Spawned after the accept tasks, so it runs after them: the
-        // connection that socket activation started us for is waiting in
-        // the backlog, and its client starts before the probe's.
-        if probe {
-            tokio::task::spawn_local(daemon.clone().probe_in_background());
-        }
-        for socket in refused {
-            tokio::task::spawn_local(refuse(socket));
-        }
-        tokio::task::spawn_local(report_status(daemon.clone()));
-        std::future::pending::<()>().await
-    };
     tokio::select! {
         _ = stop => {}
-        _ = start => {}
+        _ = start(daemon.clone(), served, refused) => {}
     }
     let _ = daemon.notifier.notify("STOPPING=1");
     info!(
@@ -317,6 +226,98 @@ async fn serve_all(
     // Leave at once: the children are independent processes, and with
     // KillMode=process systemd leaves them running too.
     ExitCode::SUCCESS
+}
+
+/// One socket from systemd made ready: `Ok` to serve, `Err` (still
+/// watched) when its `FileDescriptorName=` is not a destination, so that its
+/// clients are refused at once; `None`, logged, when it cannot be used.
+fn prepare(
+    inherited: InheritedSocket,
+    launcher: &Launcher,
+) -> Option<Result<ServedSocket, AsyncFd<Socket>>> {
+    let InheritedSocket {
+        socket,
+        fd_name: name,
+    } = inherited;
+    let listen = listener::local_address(&socket)
+        .map(|a| a.to_string())
+        .unwrap_or_else(|e| format!("(unknown address: {e})"));
+    if let Err(why) = listener::check_listening_stream(&socket) {
+        error!(listen = %listen, fd_name = %name,
+            "{listen} (socket named {name:?}) cannot be served: {why}; other bindings are not affected");
+        return None;
+    }
+    let socket = match socket.set_nonblocking(true).and_then(|()| watch(socket)) {
+        Ok(socket) => socket,
+        Err(e) => {
+            error!(listen = %listen, "{listen}: cannot watch this socket: {e}");
+            return None;
+        }
+    };
+    let parsed = Destination::from_fd_name(&name)
+        .map_err(|e| e.to_string())
+        .and_then(|destination| {
+            let argv = |mode| launcher.argv(mode, &destination).map_err(|e| e.to_string());
+            Ok((
+                argv(ClientMode::StdinSocket)?,
+                argv(ClientMode::Pipe)?,
+                destination,
+            ))
+        });
+    match parsed {
+        Ok((argv_stdin_socket, argv_pipe, destination)) => {
+            info!(listen = %listen, qrexec_target = %destination.target,
+                qrexec_service = %destination.service,
+                "{listen} (target {}, service {})", destination.target, destination.service);
+            Some(Ok(ServedSocket {
+                listen,
+                destination,
+                listener: socket,
+                argv_stdin_socket,
+                argv_pipe,
+                live: Cell::new(0),
+                slot_freed: Notify::new(),
+                accept_errors: RefCell::new(RateLimit::default()),
+            }))
+        }
+        Err(why) => {
+            error!(listen = %listen, fd_name = %name,
+                "{listen}: invalid FileDescriptorName={name:?}: {why}; its connections will be \
+                 closed at once, other bindings are not affected");
+            Some(Err(socket))
+        }
+    }
+}
+
+/// Starts a task per socket (served or refused), the probe of the client
+/// when its mode is unknown, and the status reports; never returns.
+async fn start(daemon: Rc<Daemon>, served: Vec<ServedSocket>, refused: Vec<AsyncFd<Socket>>) {
+    // Not on the first connection's path: the probe answers while that
+    // connection is already served, tentatively, in stdin-socket mode.
+    let mut probe = false;
+    if daemon.mode.get().is_none() && daemon.serving > 0 {
+        match daemon.recall_mode() {
+            Some(mode) => daemon.set_mode(mode),
+            None => {
+                daemon.probing.set(true);
+                probe = true;
+            }
+        }
+    }
+    for socket in served {
+        tokio::task::spawn_local(serve(Rc::new(socket), daemon.clone()));
+    }
+    // Spawned after the accept tasks, so it runs after them: the
+    // connection that socket activation started us for is waiting in
+    // the backlog, and its client starts before the probe's.
+    if probe {
+        tokio::task::spawn_local(daemon.clone().probe_in_background());
+    }
+    for socket in refused {
+        tokio::task::spawn_local(refuse(socket));
+    }
+    tokio::task::spawn_local(report_status(daemon.clone()));
+    std::future::pending::<()>().await
 }
 
 /// A type that owns its descriptor: it stays open and the same for as long
@@ -485,6 +486,44 @@ async fn report_status(daemon: Rc<Daemon>) {
 }
 
 impl Daemon {
+    /// The shared state, with the counters' publisher started for the
+    /// sockets it serves.
+    fn new(
+        options: Options,
+        launcher: Launcher,
+        notifier: Notifier,
+        served: &[ServedSocket],
+        refused: usize,
+    ) -> Rc<Daemon> {
+        let daemon = Rc::new(Daemon {
+            mode: Cell::new(options.client_mode),
+            probing: Cell::new(false),
+            parked: RefCell::new(Vec::new()),
+            launcher,
+            children: RefCell::new(HashMap::new()),
+            notifier,
+            status_changed: Notify::new(),
+            serving: served.len(),
+            refused,
+            live: Cell::new(0),
+            spawn_errors: RefCell::new(RateLimit::default()),
+            published: Published::new(),
+            options,
+        });
+        for socket in served {
+            daemon.published.serve(
+                &socket.listen,
+                socket.destination.target.as_str(),
+                socket.destination.service.as_str(),
+            );
+        }
+        daemon
+            .published
+            .client(&daemon.options.client.to_string_lossy(), None);
+        tokio::task::spawn_local(daemon.published.clone().publish());
+        daemon
+    }
+
     fn status(&self) -> String {
         let mut status = format!(
             "{} binding(s), {} live connection(s)",

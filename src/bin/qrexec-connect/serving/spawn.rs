@@ -19,7 +19,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -35,8 +35,7 @@ use nix::unistd::Pid;
 use qrexec_connect_binding::destination::Destination;
 use qrexec_connect_binding::runtime_dir::RuntimeDir;
 
-/// Where qrexec-client-vm lives on a Qubes qube.
-pub const DEFAULT_CLIENT: &str = "/usr/bin/qrexec-client-vm";
+use crate::shared::signal_name;
 
 /// How the client is connected to the accepted socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,8 +259,8 @@ impl ClientStdio {
                 let (pipe_read, pipe_write) = pipe()?;
                 // A bigger pipe means fewer, larger splices per GiB (1 MiB is the
                 // default limit for unprivileged processes; failure only costs
-                // speed). SAFETY: fcntl on a pipe we own.
-                unsafe { libc::fcntl(pipe_read.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+                // speed).
+                let _ = rustix::pipe::fcntl_setpipe_size(&pipe_read, 1 << 20);
                 let splicer = Splicer {
                     pipe_read,
                     socket: socket.try_clone()?,
@@ -445,13 +444,7 @@ unsafe fn splice_to_end(pipe_read: i32, socket: i32) {
 }
 
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just created both fds.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
 /// An exit status as a shell would report it: the code, or 128 + signal.
@@ -480,28 +473,6 @@ pub fn describe_exit(status: ExitStatus) -> String {
         Some(code) => format!("service exited with status {code}"),
         None => "ended for an unknown reason".to_owned(),
     }
-}
-
-/// The conventional name of a signal number (`SIGTERM`), or `signal N`.
-pub fn signal_name(signal: i32) -> String {
-    let name = match signal {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGUSR2 => "SIGUSR2",
-        _ => return format!("signal {signal}"),
-    };
-    name.to_owned()
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use std::io;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manager::{self, systemctl};
+use super::manager::{self, systemctl};
 
 use qrexec_connect_binding::runtime_dir::{RuntimeDir, GENERATED_FILE, STATE_FILE};
 
