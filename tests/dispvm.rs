@@ -82,11 +82,16 @@ fn a_disposable_target_is_served_and_shown_by_its_real_name() {
     }
 
     // The client was called with the real target, never the fd name's.
-    let log = std::fs::read_to_string(manager.ns_path(DOUBLE_LOG)).unwrap();
-    for template in ["web-dvm", "print-dvm"] {
-        let call = format!("\"@dispvm:{template}\",\"{service}\"] exit=0");
-        assert!(log.contains(&call), "no {call} in the double's log:\n{log}");
-    }
+    // The double writes its line when it exits, which may come just after
+    // the test has read the last byte: wait for both lines.
+    let calls: Vec<String> = ["web-dvm", "print-dvm"]
+        .iter()
+        .map(|template| format!("\"@dispvm:{template}\",\"{service}\"] exit=0"))
+        .collect();
+    let log = wait_for("the double's log of both calls", SETTLE, || {
+        let log = std::fs::read_to_string(manager.ns_path(DOUBLE_LOG)).ok()?;
+        calls.iter().all(|call| log.contains(call)).then_some(log)
+    });
     assert!(
         !log.contains("@dispvm/"),
         "an encoded target reached the client:\n{log}"

@@ -368,6 +368,9 @@ impl Drop for UserManager {
                 .command("journalctl")
                 .args(["--no-pager", "-o", "short-monotonic", "--no-hostname"])
                 .args(["-n", "400"])
+                // Not the kernel's ring buffer, which journald also reads.
+                .args(["_TRANSPORT=journal", "+", "_TRANSPORT=stdout", "+"])
+                .arg("_TRANSPORT=syslog")
                 .output();
             if let Ok(out) = out {
                 eprintln!(
