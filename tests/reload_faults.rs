@@ -88,31 +88,22 @@ fn a_reload_while_the_daemon_starts_leaves_no_ghost_binding() {
     let (kept, removed) = (free_port(), free_port());
     let both = line(kept, echo.port) + &line(removed, echo.port);
     let manager = UserManager::start(&[(CONFIG, &both)]);
-    // A client whose --help (the daemon's start-up probe) waits for the
-    // test, so the daemon stays `activating` for as long as needed.
-    let release = manager.scratch.path().join("release-help");
-    let client = manager.write_executable(
-        "slow-help-client",
-        &format!(
-            "#!/bin/sh\n\
-             if [ \"$1\" = --help ]; then\n\
-                 n=0; while [ ! -e {release} ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done\n\
-             fi\n\
-             exec /usr/bin/qrexec-client-vm \"$@\"\n",
-            release = release.display()
-        ),
-    );
+    // The daemon serves from the moment it runs (its client probe no
+    // longer holds up readiness, issue 19), so the start is held open by
+    // an ExecStartPost= that waits for the test: the unit stays
+    // `activating` while the daemon already holds every socket.
+    let release = manager.scratch.path().join("release-start");
     manager.write_file(
-        "/run/systemd/user/qrexec-connect.service.d/slow-probe.conf",
+        "/run/systemd/user/qrexec-connect.service.d/slow-start.conf",
         &format!(
-            "[Service]\nExecStart=\nExecStart=/usr/bin/qrexec-connect --qrexec-client-vm={}\n",
-            client.display()
+            "[Service]\nExecStartPost=timeout 30 sh -c 'until [ -e {release} ]; do sleep 0.1; done'\n",
+            release = release.display()
         ),
     );
     manager.daemon_reload();
     manager.settle();
 
-    // The first connection starts the daemon, which then waits in its probe.
+    // The first connection starts the daemon, whose start then waits.
     let first = std::thread::spawn(move || exchange(kept, b"first"));
     wait_for("the daemon to be starting", SETTLE, || {
         (manager.property("qrexec-connect.service", "ActiveState") == "activating").then_some(())
