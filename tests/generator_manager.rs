@@ -247,3 +247,39 @@ fn check_names_a_hand_written_unit_on_a_lines_address() {
     );
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Issue 17: a binding that listens, whose unit name has an escape (the
+/// README's `%t/qrexec-connect/...` form, `\x2d` for each `-`), is the
+/// line's own unit, not a clash: `--check` of the config that made it is
+/// clean, also in the `--check FILE` form the Salt client state uses.
+/// (`systemctl show` prints `Id=` as it is; `--check` used to unescape it
+/// and then took the unit for another one on the line's address.)
+#[test]
+fn check_is_clean_for_a_live_binding_whose_unit_name_has_an_escape() {
+    let config = ".config/qrexec-connect/agent.conf";
+    let manager = UserManager::start(&[(
+        config,
+        "%t/qrexec-connect/ssh-agent @default qubes.ConnectSSHAgent\n",
+    )]);
+    let socket = manager.ns_path("/run/user/0/qrexec-connect/ssh-agent");
+    common::wait_for("the agent's socket to listen", LIMIT, || {
+        std::os::unix::net::UnixStream::connect(&socket).ok()
+    });
+    let config_path = manager.home.path().join(config);
+    for args in [
+        vec!["--check".to_owned()],
+        vec!["--check".to_owned(), config_path.display().to_string()],
+    ] {
+        let out = common::run(
+            manager
+                .command("/usr/lib/systemd/user-generators/qrexec-connect-generator")
+                .args(&args),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "qrexec-connect-generator: 1 binding, 0 errors, 0 warnings in 1 file\n",
+            "{args:?}"
+        );
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+    }
+}
