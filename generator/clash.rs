@@ -14,8 +14,9 @@
 //! `src/bin/qrexec-connect/managing/manager.rs` has the full parsing for the
 //! daemon's side. It is duplicated
 //! rather than shared so that the generator keeps its small dependency
-//! set; a value is C-escaped by systemctl (`\\`, `\ooo`, `\xNN`), undone
-//! by [`unescape`].
+//! set. systemctl C-escapes `Listen=` (`\\`, `\ooo`, `\xNN`), undone by
+//! [`unescape`]; `Id=` and `FragmentPath=` it prints as they are, and a
+//! unit name's own `\x2d` must stay as it is.
 
 use std::fmt;
 use std::process::{Command, Stdio};
@@ -170,13 +171,16 @@ fn parse_show(text: &str) -> Vec<ShownUnit> {
         let Some((name, value)) = line.split_once('=') else {
             continue;
         };
-        let value = unescape(value);
+        // Only `Listen=` is C-escaped; the other properties are printed as
+        // they are, and a unit name's own `\x2d` must stay (issue 17).
+        let value = value.to_owned();
         match name {
             "Id" => unit.id = value,
             "FragmentPath" => unit.fragment = value,
             "ActiveState" => unit.active_state = value,
             "UnitFileState" => unit.unit_file_state = value,
             "Listen" => {
+                let value = unescape(&value);
                 let address = value
                     .rsplit_once(" (")
                     .map_or(value.as_str(), |(address, _)| address);

@@ -15,6 +15,10 @@
 //! * a directory on the way that belongs to another user, or that others
 //!   can write and is not sticky, is refused: they can rename or replace
 //!   what is in it at any time;
+//! * so is a symlink on the way that belongs to another user (also one a
+//!   symlink leads through), or a file of theirs where systemd would make
+//!   a directory: even in a sticky directory they may replace their own
+//!   entry, and lead the path to a socket of theirs;
 //! * the directory the socket is made in (or the first missing directory,
 //!   which systemd creates with `DirectoryMode=0700`) gives a warning when
 //!   others can create files in it and it is sticky (`/tmp`): they cannot
@@ -168,6 +172,9 @@ pub enum Takeover {
     OwnedDirectory { dir: String, owner: Account },
     /// Others can write a directory on the way, and it is not sticky.
     WritableDirectory { dir: String, writers: Writers },
+    /// A symlink on the way (or a file where a directory must be made)
+    /// belongs to another user: in a sticky directory they may replace it.
+    OwnedLink { link: String, owner: Account },
 }
 
 impl fmt::Display for Takeover {
@@ -187,6 +194,11 @@ impl fmt::Display for Takeover {
                 f,
                 "is under {dir:?}, which {writers} can write (and it is not sticky): they can \
                  replace the socket with their own"
+            ),
+            Takeover::OwnedLink { link, owner } => write!(
+                f,
+                "goes through {link:?}, which belongs to uid {owner}: they can make it lead to \
+                 a socket of their own"
             ),
         }?;
         f.write_str("; choose a path of your own, such as one under %t/")
@@ -252,10 +264,17 @@ impl PathChecker {
 }
 
 /// The verdict on the directories a socket in `parent` depends on: every
-/// directory the kernel walks through to reach the deepest one that exists
-/// (symlinks resolved, and the directories holding the symlinks too), and
-/// that deepest one, where something is created.
+/// symlink on the way, and every directory the kernel walks through to
+/// reach the deepest one that exists (symlinks resolved, and the
+/// directories holding the symlinks too), and that deepest one, where
+/// something is created.
 fn directories_verdict(parent: &Path, ids: &Ids, printable: &impl Fn(&[u8]) -> String) -> Verdict {
+    if let Some((link, owner)) = link_of_another_user(parent, ids) {
+        return Err(Takeover::OwnedLink {
+            link: printable(link.as_os_str().as_bytes()),
+            owner: Account::user(owner),
+        });
+    }
     let Some(deepest) = parent.ancestors().find(|dir| dir.is_dir()) else {
         return Ok(None);
     };
@@ -308,6 +327,38 @@ fn directories_verdict(parent: &Path, ids: &Ids, printable: &impl Fn(&[u8]) -> S
         }
     }
     Ok(shared)
+}
+
+/// The first entry on the way to `dir` that is not a directory (a symlink,
+/// also those a symlink leads through, or a file where systemd would make
+/// a directory) and belongs to another user. Only the owner of an entry
+/// of a sticky directory may replace it, so such an entry is theirs to
+/// point anywhere; the directories themselves are judged after this.
+fn link_of_another_user(dir: &Path, ids: &Ids) -> Option<(PathBuf, u32)> {
+    // Paths to look at, each with its ancestors; symlinks add their
+    // targets. Bounded as the kernel bounds a lookup (40 links).
+    let mut pending = vec![dir.to_owned()];
+    let mut links = 0;
+    while let Some(path) = pending.pop() {
+        for entry in path.ancestors() {
+            let Ok(meta) = fs::symlink_metadata(entry) else {
+                continue;
+            };
+            if meta.is_dir() {
+                continue;
+            }
+            if ids.is_other_user(meta.uid()) {
+                return Some((entry.to_owned(), meta.uid()));
+            }
+            if meta.file_type().is_symlink() && links < 40 {
+                links += 1;
+                if let (Ok(target), Some(holder)) = (fs::read_link(entry), entry.parent()) {
+                    pending.push(holder.join(target));
+                }
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

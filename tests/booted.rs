@@ -441,15 +441,16 @@ fn a_runtime_dir_socket_belongs_to_the_user_with_mode_0600() {
     let system = installed("socket");
     let echo = EchoServer::start();
     write_policy(&system, &[echo.port]);
-    // A path whose unit name needs no escape (`qrexec-connect-runtime-
-    // qc-booted.sock.socket`): names with `\x2d`, such as those of
-    // `%t/qrexec-connect/...`, start on daemon-reload only with the fix of
-    // issue 17 (reconcile reading systemctl's quoted Wants=).
+    // The README's form: its unit name has a `\x2d`, which reconcile must
+    // read back from systemctl's quoted Wants= (issue 17).
     configure(
         &system,
-        &format!("%t/qc/booted.sock server qubes.ConnectTCP+{}\n", echo.port),
+        &format!(
+            "%t/qrexec-connect/booted-agent server qubes.ConnectTCP+{}\n",
+            echo.port
+        ),
     );
-    let socket = format!("{USER_RUNTIME_DIR}/qc/booted.sock");
+    let socket = format!("{USER_RUNTIME_DIR}/qrexec-connect/booted-agent");
     let path = system.path(&socket);
     let metadata = wait_for(&format!("{socket} to exist"), SETTLE, || {
         std::fs::symlink_metadata(&path).ok()
@@ -556,8 +557,19 @@ fn purge_stops_the_bindings_and_leaves_no_file() {
     let echo = EchoServer::start();
     write_policy(&system, &[echo.port]);
     let port = free_port();
-    configure(&system, &line(port, echo.port));
+    let agent = format!("{USER_RUNTIME_DIR}/qrexec-connect/purge-agent");
+    configure(
+        &system,
+        &format!(
+            "{}%t/qrexec-connect/purge-agent server qubes.ConnectTCP+{}\n",
+            line(port, echo.port),
+            echo.port
+        ),
+    );
     wait_forwarding(&system, port, "before the purge");
+    wait_for(&format!("{agent} to listen"), SETTLE, || {
+        std::os::unix::net::UnixStream::connect(system.path(&agent)).ok()
+    });
     let files = system.stdout(system.command("dpkg").args(["-L", "qrexec-connect"]));
     system.stdout(system.command("env").args([
         "DEBIAN_FRONTEND=noninteractive",
@@ -588,9 +600,23 @@ fn purge_stops_the_bindings_and_leaves_no_file() {
         system.path(&format!("/home/user/{CONFIG}")).exists(),
         "purge removed the user's config"
     );
-    // The session forgets the bindings at its next daemon-reload (until
-    // then the generated units stay in its runtime directory, as do the
-    // generator's records in %t/qrexec-connect/: docs/design.md, issue 18).
+    // Nor in the running session: the prerm removed, as the user, our
+    // runtime directory (state and the agent's socket) and the generated
+    // units, before any daemon-reload.
+    let session = system.stdout(system.command("find").args([
+        USER_RUNTIME_DIR,
+        "/home/user",
+        "-name",
+        "*qrexec-connect*",
+        "-not",
+        "-path",
+        "/home/user/.config/qrexec-connect",
+        "-not",
+        "-path",
+        &format!("/home/user/{CONFIG}"),
+    ]));
+    assert_eq!(session.trim(), "", "left in user's session after purge");
+    // The manager forgets the stopped units at its next daemon-reload.
     system.stdout(
         system
             .user_command("systemctl")

@@ -247,3 +247,124 @@ fn check_names_a_hand_written_unit_on_a_lines_address() {
     );
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Issue 17: a binding that listens, whose unit name has an escape (the
+/// README's `%t/qrexec-connect/...` form, `\x2d` for each `-`), is the
+/// line's own unit, not a clash: `--check` of the config that made it is
+/// clean, also in the `--check FILE` form the Salt client state uses.
+/// (`systemctl show` prints `Id=` as it is; `--check` used to unescape it
+/// and then took the unit for another one on the line's address.)
+#[test]
+fn check_is_clean_for_a_live_binding_whose_unit_name_has_an_escape() {
+    let config = ".config/qrexec-connect/agent.conf";
+    let manager = UserManager::start(&[(
+        config,
+        "%t/qrexec-connect/ssh-agent @default qubes.ConnectSSHAgent\n",
+    )]);
+    let socket = manager.ns_path("/run/user/0/qrexec-connect/ssh-agent");
+    common::wait_for("the agent's socket to listen", LIMIT, || {
+        std::os::unix::net::UnixStream::connect(&socket).ok()
+    });
+    let config_path = manager.home.path().join(config);
+    for args in [
+        vec!["--check".to_owned()],
+        vec!["--check".to_owned(), config_path.display().to_string()],
+    ] {
+        let out = common::run(
+            manager
+                .command("/usr/lib/systemd/user-generators/qrexec-connect-generator")
+                .args(&args),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "qrexec-connect-generator: 1 binding, 0 errors, 0 warnings in 1 file\n",
+            "{args:?}"
+        );
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+    }
+}
+
+/// Issue 17 §4: a symlink another user owns on the way to a socket path
+/// (in a sticky directory such as /tmp only its owner may replace it) lets
+/// them lead the path to a socket of theirs whenever they like: seen, the
+/// victim's clients connected to the other user's program. So is a file
+/// of theirs where systemd would make a directory, and a link of theirs
+/// that dangles. `--check` refuses each, naming the entry and its owner;
+/// a link of our own into a directory of our own is fine.
+#[test]
+fn a_link_another_user_owns_on_the_way_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = std::path::PathBuf::from(format!(
+        "/tmp/qrexec-connect-test-{}-links",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&base);
+    let sticky = base.join("sticky");
+    let mine = base.join("mine");
+    for (dir, mode) in [(&base, 0o755), (&sticky, 0o1777), (&mine, 0o700)] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let theirs = |name: &str, make: &dyn Fn(&std::path::Path)| {
+        let path = sticky.join(name);
+        make(&path);
+        std::os::unix::fs::lchown(&path, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+        path
+    };
+    let link = theirs("their-link", &|p| {
+        std::os::unix::fs::symlink(&mine, p).unwrap()
+    });
+    let dangling = theirs("their-dangling", &|p| {
+        std::os::unix::fs::symlink(base.join("nowhere"), p).unwrap()
+    });
+    let file = theirs("their-file", &|p| std::fs::write(p, "").unwrap());
+    // A link of ours that leads through theirs.
+    std::os::unix::fs::symlink(&link, sticky.join("our-link")).unwrap();
+    std::os::unix::fs::symlink(&mine, sticky.join("our-own")).unwrap();
+    let config = base.join("bindings.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "{0}/their-link/agent vault qubes.SshAgent\n\
+             {0}/their-dangling/agent vault qubes.SshAgent\n\
+             {0}/their-file/sub/agent vault qubes.SshAgent\n\
+             {0}/our-link/agent vault qubes.SshAgent\n\
+             {0}/our-own/agent vault qubes.SshAgent\n",
+            sticky.display()
+        ),
+    )
+    .unwrap();
+    let out = common::run(
+        std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/debug/qrexec-connect-generator"
+        ))
+        .arg("--check")
+        .arg(&config),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for (line, entry) in [(1, &link), (2, &dangling), (3, &file), (4, &link)] {
+        let expected = format!("{}:{line}: ", config.display());
+        let said = stderr
+            .lines()
+            .find(|l| l.starts_with(&expected))
+            .unwrap_or_else(|| panic!("line {line} was not refused:\n{stderr}"));
+        assert!(
+            said.contains(&format!(
+                "goes through {:?}, which belongs to uid {OTHER_UID}",
+                entry.display().to_string()
+            )),
+            "line {line}: {said}"
+        );
+    }
+    assert!(
+        !stderr.contains(&format!("{}:5: ", config.display())),
+        "our own link was refused:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("1 binding, 4 errors, 0 warnings in 1 file"),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -482,7 +482,7 @@ fn an_upgrade_restarts_the_daemon_in_a_running_session_and_keeps_live_connection
 /// Issue 17 §6: the RPM needs what user-sessions runs as root (setpriv is
 /// not in Fedora's minimal templates).
 #[test]
-fn the_rpm_requires_setpriv_and_setsid() {
+fn the_rpm_requires_setpriv_setsid_and_find() {
     let client = packages()
         .rpms
         .iter()
@@ -492,7 +492,7 @@ fn the_rpm_requires_setpriv_and_setsid() {
         })
         .expect("no qrexec-connect .rpm");
     let requires = stdout(Command::new("rpm").args(["-qp", "--requires"]).arg(client));
-    for path in ["/usr/bin/setpriv", "/usr/bin/setsid"] {
+    for path in ["/usr/bin/setpriv", "/usr/bin/setsid", "/usr/bin/find"] {
         assert!(
             requires.lines().any(|line| line.trim() == path),
             "{} does not require {path}:\n{requires}",

@@ -529,3 +529,50 @@ fn a_clash_with_our_own_old_unit_is_reported_once_not_retried() {
         );
     }
 }
+
+/// An uninstall while a recovery waits for a taken port (issue 18; the
+/// gap issue 17 left). `user-sessions stop`, as the prerm and `make
+/// uninstall` run it, stops the recovery before the sockets and waits for
+/// each stop, then removes our runtime directory: the recovery is not left
+/// waiting to start the sockets again once the port is free, no binding
+/// answers, and no file of ours is left.
+#[test]
+fn an_uninstall_during_a_recovery_stops_every_binding_for_good() {
+    let echo = EchoServer::start();
+    let (a, b) = (free_port(), free_port());
+    let squatter = OtherUser::listen(&format!("127.0.0.1:{a}"));
+    let manager = UserManager::start(&[(CONFIG, &(line(a, echo.port) + &line(b, echo.port)))]);
+    assert_eq!(wait_all_failed(&manager, &[unit_for(a)]), ["resources"]);
+    let recover = "qrexec-connect-recover.service";
+    wait_for("the recovery to wait for the taken port", LIMIT, || {
+        (manager.property(recover, "ActiveState") == "active").then_some(())
+    });
+    assert!(answers(b), "binding b does not answer");
+
+    let user_sessions = concat!(env!("CARGO_MANIFEST_DIR"), "/../units/user-sessions");
+    let out = run(manager.command("bash").args([user_sessions, "stop"]));
+    assert!(out.status.success(), "user-sessions stop: {out:?}");
+    assert_eq!(
+        manager.property(recover, "ActiveState"),
+        "inactive",
+        "the recovery still waits after the uninstall\n{}",
+        manager.messages()
+    );
+    drop(squatter);
+    assert!(!answers(b), "binding b answers after the uninstall");
+    let units = manager.systemctl(&[
+        "list-units",
+        "--all",
+        "--plain",
+        "--no-legend",
+        "--state=active,activating,reloading",
+        "qrexec-connect*",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&units.stdout).trim(),
+        "",
+        "still running after the uninstall"
+    );
+    let ours = manager.ns_path("/run/user/0/qrexec-connect");
+    assert!(!ours.exists(), "{} is left", ours.display());
+}

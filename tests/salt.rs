@@ -1094,6 +1094,11 @@ fn every_rule_grants_exactly_what_the_pillar_asks() {
             "qubes.ConnectTCP+80",
         ),
         Binding::new("work", "127.0.0.1:9000", "@adminvm", "my.Service+x.y_z-1"),
+        // A `@dispvm:T` rule also takes a call asking for `@dispvm` when T
+        // is the client's default disposable template: the `@dispvm` rule
+        // that sends such calls to another template must come first.
+        Binding::new("work", "127.0.0.1:9010", "@dispvm:web-dvm", "my.Svc"),
+        Binding::new("work", "127.0.0.1:9011", "@dispvm", "my.Svc").to("@dispvm:other-dvm"),
         Binding::new(
             "nfs-a",
             "127.0.0.1:2049",
@@ -1492,6 +1497,15 @@ fn one_nfs_address_per_server_whatever_the_target_spelling() {
             ],
             "entry 2 (client=nfs-b listen=127.0.0.1:2049): service qubes.ConnectNFS+127.0.1.1 to \
              nfs-server is already given to nfs-a (entry 1)",
+        ),
+        (
+            // dom0 is @adminvm, in a rule as in a call.
+            [
+                Binding::new("nfs-e", "127.0.0.1:2049", "@adminvm", nfs),
+                Binding::new("nfs-f", "127.0.0.1:2049", "@default", nfs).to("dom0"),
+            ],
+            "entry 2 (client=nfs-f listen=127.0.0.1:2049): service qubes.ConnectNFS+127.0.1.1 to \
+             @adminvm is already given to nfs-e (entry 1)",
         ),
         (
             [

@@ -448,3 +448,100 @@ fn user_sessions_says_loudly_that_setpriv_is_missing() {
     assert!(said.contains("setpriv is missing"), "{said}");
     assert!(sessions.calls(2001).is_empty());
 }
+
+/// Issue 18: a removed package leaves no file in a running session. The
+/// prerm's `stop` stops the watcher and the recovery before the sockets
+/// and the daemon (a recovery that ends starts sockets.target again), waits
+/// for each stop, and then, as the user, removes our runtime directory and
+/// the units our generator wrote, and nothing else: not the user's other
+/// generated units, not root's files behind a user's links.
+#[test]
+fn stop_removes_what_the_package_left_in_each_runtime_directory_as_the_user() {
+    let sessions = Sessions::start(&[(2001, "plain"), (2002, "plain")]);
+    let own =
+        |path: &PathBuf, uid: u32| std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+    // 2001: what a session with bindings holds.
+    let runtime = sessions.ns_path("/run/user/2001");
+    let state = runtime.join("qrexec-connect");
+    let generator = runtime.join("systemd/generator");
+    let wants = generator.join("sockets.target.wants");
+    std::fs::create_dir_all(&wants).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("applied"), "127.0.0.1:2222\n").unwrap();
+    drop(std::os::unix::net::UnixListener::bind(state.join("agent")).unwrap());
+    let unit = r"qrexec-connect-runtime-qrexec\x2dconnect-agent.socket";
+    std::fs::write(generator.join(unit), "[Socket]\n").unwrap();
+    std::os::unix::fs::symlink(format!("../{unit}"), wants.join(unit)).unwrap();
+    std::fs::write(generator.join("other.service"), "[Service]\n").unwrap();
+    for path in [
+        state.clone(),
+        state.join("applied"),
+        state.join("agent"),
+        generator.clone(),
+        wants.clone(),
+        generator.join(unit),
+        generator.join("other.service"),
+    ] {
+        own(&path, 2001);
+    }
+    // 2002: links to root's directories where ours would be.
+    let roots_state = sessions.ns_path("/run/roots-state");
+    let roots_generator = sessions.ns_path("/run/roots-generator");
+    for dir in [&roots_state, &roots_generator] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(roots_state.join("keep"), "root's\n").unwrap();
+    std::fs::write(
+        roots_generator.join("qrexec-connect-root.socket"),
+        "[Socket]\n",
+    )
+    .unwrap();
+    let runtime2 = sessions.ns_path("/run/user/2002");
+    std::os::unix::fs::symlink("/run/roots-state", runtime2.join("qrexec-connect")).unwrap();
+    std::os::unix::fs::symlink("/run/roots-generator", runtime2.join("systemd/generator")).unwrap();
+    for link in [
+        runtime2.join("qrexec-connect"),
+        runtime2.join("systemd/generator"),
+    ] {
+        std::os::unix::fs::lchown(&link, Some(2002), Some(2002)).unwrap();
+    }
+
+    let output = run(sessions.command(&user_sessions()).arg("stop"));
+    assert!(output.status.success(), "{output:?}");
+
+    assert!(!state.exists(), "{} is left", state.display());
+    assert!(!generator.join(unit).exists(), "the generated unit is left");
+    assert!(
+        std::fs::symlink_metadata(wants.join(unit)).is_err(),
+        "its sockets.target.wants link is left"
+    );
+    assert!(
+        generator.join("other.service").exists(),
+        "the user's other unit was removed"
+    );
+    assert!(
+        roots_state.join("keep").exists(),
+        "root's file behind a link was removed"
+    );
+    assert!(
+        roots_generator.join("qrexec-connect-root.socket").exists(),
+        "root's unit behind a link was removed"
+    );
+    // The order: nothing can start the sockets once they are stopped; and
+    // each stop waits for its jobs (no --no-block).
+    let calls: Vec<String> = sessions
+        .calls(2001)
+        .iter()
+        .map(|call| call.get("call").to_owned())
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "--user --quiet stop qrexec-connect-reconcile.path qrexec-connect-reconcile.service \
+             qrexec-connect-recover.service",
+            "--user --quiet stop qrexec-connect-*.socket qrexec-connect.service \
+             qrexec-connect-handover.service",
+        ],
+        "the stops, in order"
+    );
+}

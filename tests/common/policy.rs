@@ -448,6 +448,12 @@ pub fn evaluate(rules: &[PolicyLine], call: Call<'_>) -> Result<Verdict, String>
     Ok(Verdict::NoMatch)
 }
 
+/// Whether two SOURCE tokens may match one qube (keywords other than
+/// `@anyvm` are taken to match anything: the safe side).
+fn overlap(a: &str, b: &str) -> bool {
+    a == b || a.starts_with('@') || b.starts_with('@')
+}
+
 /// A token as qrexec reads it: `dom0` is `@adminvm`.
 fn alias(token: &str) -> &str {
     if token == "dom0" {
@@ -528,10 +534,14 @@ impl fmt::Display for Grant {
 /// followed by deny rules (which take nothing from the allow rules before
 /// them: the first match wins). An allow rule after a deny, or an `ask`
 /// rule, makes the set depend on more than the rules' patterns; that is an
-/// error, not a guess.
+/// error, not a guess. So does a `@dispvm` rule whose `target=` sends its
+/// calls elsewhere than an earlier `@dispvm:T` rule for the same calls: a
+/// call asking for `@dispvm` matches that earlier rule when the source's
+/// default disposable template is T, and then runs there.
 pub fn allowed(rules: &[PolicyLine]) -> Result<std::collections::BTreeSet<Grant>, String> {
     let mut grants = std::collections::BTreeSet::new();
     let mut denied = None;
+    let mut templates: Vec<&PolicyLine> = Vec::new();
     for rule in rules {
         match rule.action {
             Action::Ask => return Err(format!("{rule}: ask allows on a person's answer")),
@@ -541,6 +551,31 @@ pub fn allowed(rules: &[PolicyLine]) -> Result<std::collections::BTreeSet<Grant>
                     return Err(format!(
                         "{rule} follows {deny}: what it allows depends on the deny rule"
                     ));
+                }
+                let target = alias(&rule.target);
+                if target.starts_with("@dispvm:") && !target.starts_with("@dispvm:@") {
+                    templates.push(rule);
+                }
+                if target == "@dispvm" {
+                    let runs_in = rule.param("target");
+                    if let Some(earlier) = templates.iter().find(|earlier| {
+                        // Without target=, the call runs in a disposable of
+                        // the default template: T, when the earlier rule matched.
+                        runs_in.is_some_and(|qube| qube != earlier.target)
+                            && overlap(alias(&earlier.source), alias(&rule.source))
+                            && (earlier.service.is_none()
+                                || rule.service.is_none()
+                                || earlier.service == rule.service)
+                            && (earlier.argument == Argument::Any
+                                || rule.argument == Argument::Any
+                                || earlier.argument == rule.argument)
+                    }) {
+                        return Err(format!(
+                            "{rule} follows {earlier}: a call asking for @dispvm matches that \
+                             rule when the source's default disposable template is {}",
+                            &earlier.target["@dispvm:".len()..]
+                        ));
+                    }
                 }
                 grants.insert(Grant {
                     service: rule.service.clone(),

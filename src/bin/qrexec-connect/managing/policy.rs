@@ -164,8 +164,11 @@ fn service_columns(destination: &Destination) -> (&str, &str) {
 }
 
 /// The policy for `source`'s `bindings`: one rule per distinct call, in
-/// the order of the bindings; refused if any binding cannot be allowed
-/// exactly.
+/// the order of the bindings, rules for `@dispvm` first; refused if any
+/// binding cannot be allowed exactly. (A rule for `@dispvm:T` also takes
+/// a call asking for `@dispvm` when T is the qube's default disposable
+/// template. Here that sends it where its own rule would, but the Salt
+/// formula can redirect `@dispvm`, and both write one format.)
 pub fn rules(source: &QubeName, bindings: &[PolicyBinding]) -> Result<String, PolicyError> {
     let mut text = header(source);
     let source = source.as_str();
@@ -173,9 +176,12 @@ pub fn rules(source: &QubeName, bindings: &[PolicyBinding]) -> Result<String, Po
         text += "# (no bindings)\n";
         return Ok(text);
     }
+    let (dispvm, others): (Vec<&PolicyBinding>, Vec<&PolicyBinding>) = bindings
+        .iter()
+        .partition(|binding| target_tokens(&binding.destination).0 == "@dispvm");
     let mut written = HashSet::new();
     let mut services = BTreeSet::new();
-    for binding in bindings {
+    for binding in dispvm.into_iter().chain(others) {
         let (name, argument) = service_columns(&binding.destination);
         if argument == "+" && PINNED_SERVICES.contains(&name) {
             return Err(PolicyError::MissingArgument {
@@ -494,6 +500,30 @@ mod tests {
 
     fn work() -> QubeName {
         QubeName::parse("work").unwrap()
+    }
+
+    /// The format the Salt formula writes too: there, a `@dispvm` rule may
+    /// send its calls to another template than an earlier `@dispvm:T` rule,
+    /// which would otherwise take them when T is the default.
+    #[test]
+    fn rules_for_dispvm_come_first() {
+        let text = rules(
+            &work(),
+            &[
+                binding("127.0.0.1:8080", "@dispvm/web-dvm my.Svc"),
+                binding("127.0.0.1:8081", "ssh-server qubes.ConnectTCP+22"),
+                binding("127.0.0.1:8082", "$dispvm my.Svc"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            rule_lines(&text),
+            [
+                "my.Svc + work @dispvm allow",
+                "my.Svc + work @dispvm:web-dvm allow",
+                "qubes.ConnectTCP +22 work ssh-server allow",
+            ]
+        );
     }
 
     #[test]
