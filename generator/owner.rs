@@ -30,8 +30,10 @@
 //!
 //! "Others" are users other than us and root (root owns the system's
 //! directories and can take any path anyway); a group write bit counts
-//! unless the group is our own primary group. Not considered: ACLs, and
-//! changes after the generator ran (it runs at login and every reload).
+//! unless the group is our own primary group and nobody else is in it
+//! (as a listed member in /etc/group, or with it as their primary
+//! group). Not considered: ACLs, and changes after the generator ran (it
+//! runs at login and every reload).
 //! Inside a user namespace (the test fixtures), owners that do not map
 //! show as the overflow id and count as root.
 //!
@@ -54,6 +56,9 @@ pub struct Ids {
     pub gid: u32,
     /// In a user namespace other than the first: the overflow uid and gid.
     unmapped: Option<(u32, u32)>,
+    /// Other users are in our primary group (a `users` group for all):
+    /// its write bit then lets them in too.
+    shared_group: bool,
 }
 
 impl Ids {
@@ -73,11 +78,18 @@ impl Ids {
                 .and_then(|text| text.trim().parse().ok())
                 .unwrap_or(65534)
         };
+        let (uid, gid) = (effective("Uid:")?, effective("Gid:")?);
         Some(Ids {
-            uid: effective("Uid:")?,
-            gid: effective("Gid:")?,
+            uid,
+            gid,
             unmapped: (!first_namespace)
                 .then(|| (overflow("overflowuid"), overflow("overflowgid"))),
+            shared_group: group_has_others(
+                uid,
+                gid,
+                &fs::read_to_string("/etc/passwd").unwrap_or_default(),
+                &fs::read_to_string("/etc/group").unwrap_or_default(),
+            ),
         })
     }
 
@@ -87,6 +99,7 @@ impl Ids {
             uid,
             gid,
             unmapped: None,
+            shared_group: false,
         }
     }
 
@@ -95,9 +108,33 @@ impl Ids {
         uid != self.uid && uid != 0 && self.unmapped.map(|(u, _)| u) != Some(uid)
     }
 
+    /// A group other users are in: another than our primary group, or
+    /// ours when others share it.
     fn is_other_group(&self, gid: u32) -> bool {
-        gid != self.gid && self.unmapped.map(|(_, g)| g) != Some(gid)
+        (gid != self.gid || self.shared_group) && self.unmapped.map(|(_, g)| g) != Some(gid)
     }
+}
+
+/// Whether users besides `uid` are in group `gid`, as listed members in
+/// `group` (the text of /etc/group) or with it as their primary group in
+/// `passwd`. Accounts only NSS knows are not seen.
+fn group_has_others(uid: u32, gid: u32, passwd: &str, group: &str) -> bool {
+    let fields = |line: &str| -> Vec<String> { line.split(':').map(str::to_owned).collect() };
+    let our_name = passwd
+        .lines()
+        .map(fields)
+        .find_map(|f| (f.len() > 3 && f[2].parse() == Ok(uid)).then(|| f[0].clone()));
+    let listed = group.lines().map(fields).any(|f| {
+        f.len() > 3
+            && f[2].parse() == Ok(gid)
+            && f[3]
+                .split(',')
+                .any(|member| !member.is_empty() && Some(member) != our_name.as_deref())
+    });
+    let primary = passwd.lines().map(fields).any(|f| {
+        f.len() > 3 && f[3].parse() == Ok(gid) && f[2].parse::<u32>().is_ok_and(|id| id != uid)
+    });
+    listed || primary
 }
 
 /// A user or group: its id, and its name when the account file has it.
@@ -364,6 +401,28 @@ fn link_of_another_user(dir: &Path, ids: &Ids) -> Option<(PathBuf, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_is_shared_when_others_are_in_it() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n\
+                      pat:x:1001:100::/home/pat:/bin/sh\n";
+        let group = "root:x:0:\nusers:x:100:user,pat\nuser:x:1000:\nqubes:x:98:user\n";
+        // A private group: only us.
+        assert!(!group_has_others(1000, 1000, passwd, group));
+        // A group listing another member, or another user's primary group.
+        assert!(group_has_others(1000, 100, passwd, group));
+        let group = "users:x:100:user\n";
+        assert!(
+            group_has_others(1000, 100, passwd, group),
+            "pat's primary group"
+        );
+        let passwd = "user:x:1000:100::/home/user:/bin/sh\n";
+        assert!(
+            !group_has_others(1000, 100, passwd, group),
+            "only us, listed"
+        );
+        assert!(!group_has_others(1000, 100, "", ""));
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

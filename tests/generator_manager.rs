@@ -368,3 +368,64 @@ fn a_link_another_user_owns_on_the_way_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Issue 17 §4: a directory that our own primary group may write is safe
+/// only while nobody else is in that group. With another member (a
+/// `users` group for all, as some systems have), they can replace the
+/// socket: refused like any group others write. Run with an /etc/group in
+/// which root's group has a member, in a mount namespace of its own.
+#[test]
+fn a_directory_our_shared_group_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = std::path::PathBuf::from(format!(
+        "/tmp/qrexec-connect-test-{}-group",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&base);
+    let shared = base.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    for (dir, mode) in [(&base, 0o755), (&shared, 0o775)] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let gid = std::fs::metadata(&shared).unwrap().gid();
+    let config = base.join("bindings.conf");
+    std::fs::write(
+        &config,
+        format!("{}/agent vault qubes.SshAgent\n", shared.display()),
+    )
+    .unwrap();
+    let generator = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/debug/qrexec-connect-generator"
+    );
+    let check = |group: &str| {
+        let file = base.join("group");
+        std::fs::write(&file, group).unwrap();
+        common::run(std::process::Command::new("unshare").args([
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind \"$1\" /etc/group && exec \"$2\" --check \"$3\"",
+            "sh",
+            &file.display().to_string(),
+            generator,
+            &config.display().to_string(),
+        ]))
+    };
+    // Our group alone: its write bit is ours.
+    let out = check(&format!("ours:x:{gid}:\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1 binding, 0 errors"), "{stderr}");
+    // Another member: they can write there.
+    let out = check(&format!("ours:x:{gid}:mallory\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "is under {:?}, which the members of group {gid} (ours) can write (and it is not sticky)",
+            shared.display().to_string()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let _ = std::fs::remove_dir_all(&base);
+}

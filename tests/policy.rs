@@ -318,17 +318,8 @@ fn each_binding_is_allowed_exactly_its_call_and_nothing_more() {
             "nfs-server",
             "qubes.ConnectNFS+127.0.1.1".into(),
         ),
-        // Unicode the config accepts in a path, shown in the @default comment.
-        (
-            "%t/\u{202e}gpj.exe @default my.Agent".into(),
-            "@default",
-            "my.Agent".into(),
-        ),
-        (
-            "%t/a\u{200b}b\u{feff} '' my.Agent".into(),
-            "",
-            "my.Agent".into(),
-        ),
+        // (Paths beyond ASCII are refused lines since systemd loses their
+        // sockets at a daemon-reload: `refused_lines_get_no_rule`.)
     ];
     let mut failures = Failures::default();
     let mut all_lines = String::new();
@@ -599,7 +590,10 @@ fn nfs_without_its_address_is_refused_with_file_and_line() {
 /// a LISTEN. The output stays comments and exact rules.
 #[test]
 fn no_comment_carries_a_raw_control_or_a_rule() {
-    let client = Client::new(&[("a.conf", "%t/\u{202e}x\u{200b} @default my.Agent\n")]);
+    let client = Client::new(&[(
+        "a.conf",
+        "%t/\u{202e}x\u{200b} @default my.Refused\n%t/agent @default my.Agent\n",
+    )]);
     client.write_config(
         OsStr::new("b\nqubes.ConnectTCP * @anyvm @anyvm allow\n.conf"),
         "%t/other @default my.Other\n",
@@ -612,10 +606,19 @@ fn no_comment_carries_a_raw_control_or_a_rule() {
     let expected = grants("work", &[("@default", "my.Agent")]);
     assert_ok("hostile file names", exactly(&output, &expected));
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("%t/\\u{202e}x\\u{200b} ("), "{stdout}");
+    assert!(stdout.contains("%t/agent ("), "{stdout}");
     assert!(!stdout.contains("@anyvm"), "{stdout}");
+    assert!(
+        !stdout.contains(['\r', '\u{202e}', '\u{200b}']),
+        "{stdout:?}"
+    );
+    // The two files and the refused line are counted (`--check` names them).
     let stderr = text(&output.stderr);
-    assert!(!stderr.contains(['\r', '\u{202e}']), "{stderr:?}");
+    assert!(stderr.contains("3 problem(s) in the config"), "{stderr}");
+    assert!(
+        !stderr.contains(['\r', '\u{202e}', '\u{200b}']),
+        "{stderr:?}"
+    );
 
     // The whole config directory under a name with a newline: every file
     // is refused, so no rule at all.
@@ -637,6 +640,29 @@ fn no_comment_carries_a_raw_control_or_a_rule() {
         "hostile XDG_CONFIG_HOME",
         exactly(&output, &BTreeSet::new()),
     );
+}
+
+/// A line whose socket systemd would lose at the first daemon-reload (a
+/// path or abstract name beyond ASCII, or with a quote or a backslash) is
+/// refused by the generator, so no rule allows its call; the others of the
+/// same file get theirs.
+#[test]
+fn refused_lines_get_no_rule() {
+    let client = Client::new(&[(
+        "a.conf",
+        "%t/\u{202e}gpj.exe @default my.Agent\n\
+         %t/a\u{200b}b\u{feff} '' my.Agent2\n\
+         %t/café vault my.Cafe\n\
+         @back\\slash vault my.Back\n\
+         %t/fine vault my.Fine\n",
+    )]);
+    let output = client.policy(&["--source", "work"]);
+    assert_ok(
+        "refused lines",
+        exactly(&output, &grants("work", &[("vault", "my.Fine")])),
+    );
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("4 problem(s) in the config"), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------

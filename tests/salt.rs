@@ -1121,7 +1121,7 @@ fn every_rule_grants_exactly_what_the_pillar_asks() {
         ),
         Binding::new(
             longest_client,
-            "%t/qrexec-connect/café-ß€😀",
+            "%t/qrexec-connect/longest-client",
             "z_-9",
             &longest_service,
         ),
@@ -1720,4 +1720,42 @@ fn a_runtime_dir_line_passes_the_check_while_the_user_is_logged_in() {
         "%t/qrexec-connect/ssh-agent @default qubes.ConnectSSHAgent\n\
          %h/.gnupg-split @dispvm qubes.Gpg\n"
     );
+}
+
+/// A LISTEN whose socket systemd (252) loses at every daemon-reload (a
+/// quote, a backslash or a character beyond ASCII; the generator refuses
+/// such a line in the client) fails the state, naming the entry: dom0 must
+/// not allow a call for a binding no client can keep.
+#[test]
+fn a_listen_systemd_would_lose_fails_the_state() {
+    let salt = SaltRoot::new();
+    let listens = ["%t/café", "%t/it's", "@back\\slash", "/tmp/q\"x", "%t/fine"];
+    let bindings: Vec<String> = listens
+        .iter()
+        .map(|listen| Binding::new("work", listen, "vault", "my.Agent").yaml())
+        .collect();
+    salt.set_pillar(&bindings_pillar(&bindings));
+    for (id, sls, path) in [
+        ("dom0", "qrexec-connect.policy", POLICY),
+        ("work", "qrexec-connect.client", SALT_CONF),
+    ] {
+        let run = salt.apply(id, sls);
+        assert!(!run.success, "{sls} succeeded:\n{}", run.output);
+        for entry in 1..=4 {
+            let said = format!(
+                "entry {entry} (client=work listen={}): listen",
+                listens[entry - 1]
+            );
+            assert!(
+                run.output
+                    .lines()
+                    .any(|line| line.contains(&format!("entry {entry} (client=work"))
+                        && line.contains("loses such a socket at every daemon-reload")),
+                "{sls}: no {said:?}:\n{}",
+                run.output
+            );
+        }
+        assert!(!run.output.contains("entry 5 "), "{sls}:\n{}", run.output);
+        assert!(!salt.exists(path), "{sls} wrote {path}");
+    }
 }

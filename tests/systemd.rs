@@ -180,3 +180,62 @@ fn a_client_keeps_logging_to_the_journal_after_the_daemon_restarts() {
     assert_eq!(reply, "after the restart\n");
     manager.wait_journal(&[], "late stderr: after the restart", LIMIT);
 }
+
+/// The fact behind the generator's refusal of socket names beyond plain
+/// ASCII (`lost_on_reload` in generator/config.rs): systemd 252 keeps a
+/// socket across a daemon-reload by its address, written with C escapes,
+/// and does not find one whose name has a quote, a backslash or a byte
+/// beyond ASCII again. It closes it, and the unit still says it listens.
+/// Units of their own, so nothing of ours is involved. If a later systemd
+/// keeps them, this test fails, and the refusal can name the versions.
+#[test]
+fn systemd_loses_a_socket_whose_name_is_not_plain_ascii_at_a_daemon_reload() {
+    let names = ["plain-name", "caf\u{e9}", "quo\"te", "back\\slash"];
+    let mut files: Vec<(String, String)> = Vec::new();
+    for (index, name) in names.iter().enumerate() {
+        files.push((
+            format!(".config/systemd/user/fact{index}.socket"),
+            format!(
+                "[Socket]\nListenStream=@qrexec-connect-fact-{name}\n\
+                 [Install]\nWantedBy=sockets.target\n"
+            ),
+        ));
+        files.push((
+            format!(".config/systemd/user/fact{index}.service"),
+            "[Service]\nExecStart=/bin/true\n".to_owned(),
+        ));
+    }
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(path, text)| (path.as_str(), text.as_str()))
+        .collect();
+    let manager = UserManager::start(&files);
+    let listening = |name: &str| {
+        let table =
+            std::fs::read_to_string(format!("/proc/{}/net/unix", manager.ns_pid())).unwrap();
+        // Listening (flags 00010000), abstract names shown with '@'.
+        table.lines().any(|line| {
+            line.split_whitespace().nth(3) == Some("00010000")
+                && line.ends_with(&format!(" @qrexec-connect-fact-{name}"))
+        })
+    };
+    for (index, name) in names.iter().enumerate() {
+        manager.systemctl_ok(&["start", &format!("fact{index}.socket")]);
+        assert!(listening(name), "{name} does not listen after its start");
+    }
+    manager.daemon_reload();
+    manager.settle();
+    let kept: Vec<bool> = names.iter().map(|name| listening(name)).collect();
+    assert_eq!(
+        kept,
+        [true, false, false, false],
+        "{names:?} after a daemon-reload"
+    );
+    for index in 0..names.len() {
+        assert_eq!(
+            manager.property(&format!("fact{index}.socket"), "SubState"),
+            "listening",
+            "fact{index}.socket"
+        );
+    }
+}
