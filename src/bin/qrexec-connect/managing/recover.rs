@@ -1129,8 +1129,13 @@ fn read_when_starts_end(before: Failures) -> Failures {
 
 /// Whether a job (a start, typically) of one of our sockets is pending.
 fn sockets_have_jobs() -> bool {
-    systemctl(&["list-jobs", "--plain", "--no-legend", "qrexec-connect-*.socket"])
-        .is_ok_and(|jobs| !jobs.trim().is_empty())
+    systemctl(&[
+        "list-jobs",
+        "--plain",
+        "--no-legend",
+        "qrexec-connect-*.socket",
+    ])
+    .is_ok_and(|jobs| !jobs.trim().is_empty())
 }
 
 fn read_again(before: Failures) -> Failures {
