@@ -11,6 +11,8 @@
 //! are overlays: the host is never touched.
 
 mod common;
+#[path = "common/other_user.rs"]
+mod other_user;
 
 use std::collections::BTreeSet;
 use std::net::TcpStream;
@@ -477,6 +479,50 @@ fn an_upgrade_restarts_the_daemon_in_a_running_session_and_keeps_live_connection
     );
     assert_eq!(echoed(&mut held, b"after"), b"after", "the held connection");
     wait_forwarding(&manager, port, "after the upgrade");
+}
+
+/// An upgrade while a recovery waits for an address another user holds
+/// (it may wait for minutes): the new package's postinst restarts the
+/// recovery too (try-restart), so it runs the installed binary, not the
+/// one the upgrade replaced. (Found by the audit of issue 17.)
+#[test]
+fn an_upgrade_restarts_a_waiting_recovery() {
+    use std::os::unix::fs::MetadataExt;
+
+    let client = deb("qrexec-connect");
+    let manager = UserManager::start_full(Product::NotYet, &[], &[]);
+    dpkg_install(&manager, &[client]);
+    let echo = EchoServer::start();
+    let taken = free_port();
+    let _squatter = other_user::OtherUser::listen(&format!("127.0.0.1:{taken}"));
+    let config = manager.home.path().join(CONFIG);
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "127.0.0.1:{taken} @default qubes.ConnectTCP+{}\n",
+            echo.port
+        ),
+    )
+    .unwrap();
+    manager.daemon_reload();
+    let recover = "qrexec-connect-recover.service";
+    let old = wait_for("the recovery to wait for the taken port", SETTLE, || {
+        manager.main_pid(recover)
+    });
+    let newer = newer_deb(client, manager.scratch.path());
+    dpkg_install(&manager, &[&newer]);
+    let runs_installed = |pid: u32| {
+        let installed = std::fs::metadata(manager.ns_path("/usr/bin/qrexec-connect")).unwrap();
+        std::fs::metadata(format!("/proc/{pid}/exe")).is_ok_and(|running| {
+            (running.dev(), running.ino()) == (installed.dev(), installed.ino())
+        })
+    };
+    wait_for("the recovery to run the installed binary", SETTLE, || {
+        manager
+            .main_pid(recover)
+            .filter(|&pid| pid != old && runs_installed(pid))
+    });
 }
 
 /// Issue 17 §6: the RPM needs what user-sessions runs as root (setpriv is

@@ -935,6 +935,9 @@ impl Told {
 pub fn run() -> io::Result<()> {
     let mut failures = Failures::read()?;
     if failures.is_empty() {
+        failures = read_when_starts_end(failures);
+    }
+    if failures.is_empty() {
         // Run by hand, or everything came back meanwhile.
         println!(
             "<6>qrexec-connect recover: no binding socket and not the reload watcher is in \
@@ -952,6 +955,9 @@ pub fn run() -> io::Result<()> {
         }
         if failures.unset.is_empty() {
             schedule.check_at = None;
+        }
+        if failures.is_empty() {
+            failures = read_when_starts_end(failures);
         }
         if failures.is_empty() {
             // Back meanwhile (a daemon-reload starts wanted sockets).
@@ -1101,6 +1107,37 @@ fn next_check(dir: &RuntimeDir) -> Duration {
 /// The failed units now; if the manager cannot be asked (busy with a
 /// reload, say), what was read before, so that a run that may last long
 /// does not end on a passing error.
+/// How long a run that found nothing failed waits for starts of our
+/// sockets under way, at most.
+const STARTS_UNDER_WAY: Duration = Duration::from_secs(10);
+
+/// Reads the failed units again once no job of one of our sockets is
+/// pending (at most [`STARTS_UNDER_WAY`]). A run ends when it reads nothing
+/// failed; a socket whose start is under way then (a reconcile's) may fail
+/// a moment later, and its `OnFailure=` start of this unit is merged into
+/// the ending run and lost: the socket stays failed with nobody checking.
+/// Waiting for those jobs first means their failures are read here.
+fn read_when_starts_end(before: Failures) -> Failures {
+    let deadline = Instant::now() + STARTS_UNDER_WAY;
+    while Instant::now() < deadline && sockets_have_jobs() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Also when no job was pending: one may have begun and failed since
+    // the first read.
+    read_again(before)
+}
+
+/// Whether a job (a start, typically) of one of our sockets is pending.
+fn sockets_have_jobs() -> bool {
+    systemctl(&[
+        "list-jobs",
+        "--plain",
+        "--no-legend",
+        "qrexec-connect-*.socket",
+    ])
+    .is_ok_and(|jobs| !jobs.trim().is_empty())
+}
+
 fn read_again(before: Failures) -> Failures {
     match Failures::read() {
         Ok(now) => now,
