@@ -726,3 +726,74 @@ fn wait_for_or<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Opti
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A test process killed outright (a CI timeout, Ctrl-C) runs no Drop:
+/// nspawn dies with it, but the container's systemd, its user manager and
+/// any binding on the host's network would live on. The harness's reaper
+/// ends them, removes the container's cgroups and its overlay. Run as two
+/// processes: this test runs itself again (`QREXEC_CONNECT_BOOT_AND_HANG`)
+/// to boot a system and wait, kills that process with SIGKILL, and checks
+/// that nothing of the system is left.
+#[test]
+fn a_killed_test_process_leaves_no_system_behind() {
+    if inside_fresh_root("booted") {
+        return;
+    }
+    if std::env::var_os("QREXEC_CONNECT_BOOT_AND_HANG").is_some() {
+        let mut system = Booted::new(root(), "killed");
+        system.boot();
+        println!("booted {} {}", system.leader(), system.run_dir().display());
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_killed_test_process_leaves_no_system_behind",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("QREXEC_CONNECT_BOOT_AND_HANG", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let booted = stdout
+        .lines()
+        .map_while(Result::ok)
+        // After libtest's "test NAME ... " on the same line.
+        .find_map(|line| line.split_once("booted ").map(|(_, rest)| rest.to_owned()))
+        .expect("the child process did not boot a system");
+    let (leader, overlay) = booted.split_once(' ').unwrap();
+    let leader: u32 = leader.parse().unwrap();
+    assert!(Path::new(&format!("/proc/{leader}")).exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stem = format!("qrexec-connect-test-booted-{}-", child.id());
+    let left = || {
+        let mut left = Vec::new();
+        if Path::new(&format!("/proc/{leader}")).exists() {
+            left.push(format!("the system's PID 1 ({leader})"));
+        }
+        if Path::new(overlay).exists() {
+            left.push(overlay.to_owned());
+        }
+        for hierarchy in [
+            "/sys/fs/cgroup/systemd",
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup",
+        ] {
+            for entry in std::fs::read_dir(hierarchy).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&stem) {
+                    left.push(entry.path().display().to_string());
+                }
+            }
+        }
+        left
+    };
+    let gone = wait_for_or(Duration::from_secs(30), || left().is_empty().then_some(()));
+    assert!(gone.is_some(), "left 30 s after the kill: {:#?}", left());
+}

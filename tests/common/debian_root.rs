@@ -491,6 +491,9 @@ pub struct Booted {
     machine: String,
     cgroups: Vec<PathBuf>,
     nspawn: Option<std::process::Child>,
+    /// Cleans up after this test process if it is killed (see
+    /// [`Booted::spawn_reaper`]).
+    reaper: Option<std::process::Child>,
     leader: u32,
     boots: u32,
 }
@@ -519,9 +522,72 @@ impl Booted {
             machine: format!("qc-test-{}-{n}", std::process::id()),
             cgroups: Vec::new(),
             nspawn: None,
+            reaper: None,
             leader: 0,
             boots: 0,
         }
+    }
+
+    /// The cgroups of this system's boots are named `STEM` + the boot's
+    /// number.
+    fn cgroup_stem(&self) -> String {
+        format!(
+            "{CGROUP_PREFIX}{}-{}-",
+            std::process::id(),
+            self.machine.rsplit('-').next().unwrap()
+        )
+    }
+
+    /// A process of its own session that outlives this test process on
+    /// purpose: when this process ends without its Drop (killed by a
+    /// signal, a CI timeout), it does what Drop would. nspawn dies with us
+    /// (`--pdeathsig`), but the container's systemd, its user manager and
+    /// the bindings on the host's network would live on, reparented.
+    /// It kills what is left in this system's cgroups, removes them and the
+    /// overlay. Drop ends it first.
+    fn spawn_reaper(&mut self) {
+        let script = "test=$1 dir=$2 stem=$3
+            shift 3
+            while kill -0 \"$test\" 2>/dev/null; do sleep 1; done
+            for round in 1 2 3 4 5 6 7 8 9 10; do
+                pids=
+                for h in \"$@\"; do
+                    for cg in \"$h/$stem\"*; do
+                        [ -d \"$cg\" ] || continue
+                        pids=\"$pids $(find \"$cg\" -name cgroup.procs -exec cat {} +)\"
+                    done
+                done
+                pids=$(echo $pids)
+                [ -z \"$pids\" ] && break
+                kill -KILL $pids 2>/dev/null
+                sleep 0.2
+            done
+            # A cgroup goes once its last process is reaped: try again.
+            for round in 1 2 3 4 5 6 7 8 9 10; do
+                left=
+                for h in \"$@\"; do
+                    for cg in \"$h/$stem\"*; do
+                        [ -d \"$cg\" ] || continue
+                        find \"$cg\" -depth -type d -exec rmdir {} + 2>/dev/null
+                        [ -d \"$cg\" ] && left=yes
+                    done
+                done
+                [ -z \"$left\" ] && break
+                sleep 0.5
+            done
+            rm -rf \"$dir\"";
+        let reaper = Command::new("setsid")
+            .args(["sh", "-c", script, "reaper"])
+            .arg(std::process::id().to_string())
+            .arg(&self.dir)
+            .arg(self.cgroup_stem())
+            .args(cgroup_hierarchies())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("setsid runs (util-linux)");
+        self.reaper = Some(reaper);
     }
 
     /// Puts a file into the system before it boots (root-owned).
@@ -542,13 +608,11 @@ impl Booted {
     pub fn boot(&mut self) {
         assert!(self.nspawn.is_none(), "already booted");
         end_orphaned_cgroups();
+        if self.reaper.is_none() {
+            self.spawn_reaper();
+        }
         self.boots += 1;
-        let name = format!(
-            "{CGROUP_PREFIX}{}-{}-{}",
-            std::process::id(),
-            self.machine.rsplit('-').next().unwrap(),
-            self.boots
-        );
+        let name = format!("{}{}", self.cgroup_stem(), self.boots);
         self.cgroups = cgroup_hierarchies()
             .into_iter()
             .map(|hierarchy| hierarchy.join(&name))
@@ -665,6 +729,11 @@ impl Booted {
         self.leader
     }
 
+    /// The directory of this system's overlay (and console log) on the host.
+    pub fn run_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A path of the running system, reachable from the host.
     pub fn path(&self, path: &str) -> PathBuf {
         PathBuf::from(format!("/proc/{}/root{path}", self.leader))
@@ -743,6 +812,10 @@ impl Booted {
 
 impl Drop for Booted {
     fn drop(&mut self) {
+        if let Some(mut reaper) = self.reaper.take() {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
         self.shutdown();
         end_cgroup(&self.cgroups);
         // The overlay was mounted in nspawn's namespace only, gone with it.
