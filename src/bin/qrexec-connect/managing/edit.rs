@@ -384,6 +384,18 @@ fn our_uid() -> Result<u32, Failure> {
         .ok_or_else(|| fail("cannot tell who you are (/proc/self/status is not readable)"))
 }
 
+/// Refuses `path` unless `owner` is us; `outcome` says what was not done.
+fn must_be_ours(path: &Path, owner: u32, outcome: &str) -> Result<(), Failure> {
+    let uid = our_uid()?;
+    if owner == uid {
+        return Ok(());
+    }
+    Err(fail(format!(
+        "{} belongs to uid {owner}, not to you (uid {uid}): {outcome}",
+        shown_path(path)
+    )))
+}
+
 /// Opens (creating it when asked) and locks the user config directory. It
 /// may be a symlink to a directory, which must be ours and writable by no
 /// one else: a file written there is a binding of ours.
@@ -397,17 +409,14 @@ fn open_user_dir(dirs: &ConfigDirs, create: bool) -> Result<Option<UserDir>, Fai
         use std::os::unix::fs::DirBuilderExt;
         // Run with another user's HOME (sudo keeps it), we would make a
         // directory of ours in their home: refused.
-        let uid = our_uid()?;
         let existing = path.ancestors().find(|dir| dir.exists());
         if let Some(owner) = existing.and_then(|dir| std::fs::metadata(dir).ok()) {
             use std::os::unix::fs::MetadataExt;
-            if owner.uid() != uid {
-                return Err(fail(format!(
-                    "{} belongs to uid {}, not to you (uid {uid}): nothing created there",
-                    shown_path(existing.unwrap_or(&path)),
-                    owner.uid()
-                )));
-            }
+            must_be_ours(
+                existing.unwrap_or(&path),
+                owner.uid(),
+                "nothing created there",
+            )?;
         }
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -428,14 +437,7 @@ fn open_user_dir(dirs: &ConfigDirs, create: bool) -> Result<Option<UserDir>, Fai
         }
     };
     let stat = rustix::fs::fstat(&fd).map_err(|e| fail(io::Error::from(e).to_string()))?;
-    let uid = our_uid()?;
-    if stat.st_uid != uid {
-        return Err(fail(format!(
-            "{} belongs to uid {}, not to you (uid {uid}): not edited",
-            shown_path(&path),
-            stat.st_uid
-        )));
-    }
+    must_be_ours(&path, stat.st_uid, "not edited")?;
     if stat.st_mode & 0o022 != 0 {
         return Err(fail(format!(
             "{} is writable by other users (mode {:o}): not edited; 'chmod go-w' it",
@@ -482,14 +484,7 @@ fn read_file(dir: &UserDir, name: &str) -> Result<Option<(Vec<u8>, u32)>, Failur
             shown_path(&path)
         )));
     }
-    let uid = our_uid()?;
-    if stat.st_uid != uid {
-        return Err(fail(format!(
-            "{} belongs to uid {}, not to you (uid {uid}): not edited",
-            shown_path(&path),
-            stat.st_uid
-        )));
-    }
+    must_be_ours(&path, stat.st_uid, "not edited")?;
     let mut text = Vec::new();
     File::from(fd)
         .read_to_end(&mut text)

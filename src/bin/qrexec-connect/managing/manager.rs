@@ -66,6 +66,16 @@ pub fn socket_units() -> io::Result<Vec<ListedUnit>> {
         .collect())
 }
 
+/// What reconcile and `policy` ask `show` about a socket unit: its state,
+/// addresses and fd name (`policy` adds `FragmentPath`).
+pub const SOCKET_PROPERTIES: [&str; 5] = [
+    "Id",
+    "LoadState",
+    "ActiveState",
+    "Listen",
+    "FileDescriptorName",
+];
+
 /// `systemctl show -p P... -- UNITS`: one block of `KEY=VALUE` lines per
 /// unit, separated by blank lines (nothing for no units).
 pub fn show(properties: &[&str], units: &[&str]) -> io::Result<String> {

@@ -438,14 +438,8 @@ fn hand_written(config_units: &HashSet<&str>) -> std::io::Result<Vec<PolicyBindi
         .map(|unit| unit.name.as_str())
         .filter(|name| !config_units.contains(name))
         .collect();
-    let properties = [
-        "Id",
-        "LoadState",
-        "ActiveState",
-        "Listen",
-        "FileDescriptorName",
-        "FragmentPath",
-    ];
+    let mut properties = manager::SOCKET_PROPERTIES.to_vec();
+    properties.push("FragmentPath");
     let text = manager::show(&properties, &others)?;
     Ok(text.split("\n\n").filter_map(hand_written_unit).collect())
 }

@@ -285,14 +285,10 @@ fn socket_units(dir: &RuntimeDir) -> io::Result<Vec<SocketUnit>> {
         }
     }
     let ask: Vec<&str> = ask.iter().map(String::as_str).collect();
-    let properties = [
-        "Id",
-        "LoadState",
-        "ActiveState",
-        "Listen",
-        "FileDescriptorName",
-    ];
-    units.extend(parse_show(&manager::show(&properties, &ask)?));
+    units.extend(parse_show(&manager::show(
+        &manager::SOCKET_PROPERTIES,
+        &ask,
+    )?));
     Ok(units)
 }
 
